@@ -1,0 +1,13 @@
+"""sparseattn: fused block-sparse attention kernels (Triton) behind a thin PyTorch layer.
+
+    >>> import sparseattn as sa
+    >>> out = sa.scaled_dot_product_attention(q, k, v, is_causal=True)      # drop-in for torch's
+    >>> out = sa.sparse_attention(q, k, v, layout)                           # any BlockLayout
+"""
+from . import reference
+from .attention import last_backend, scaled_dot_product_attention, sparse_attention
+from .layout import BlockLayout
+
+__version__ = "0.1.0"
+
+__all__ = ["BlockLayout", "last_backend", "reference", "scaled_dot_product_attention", "sparse_attention"]

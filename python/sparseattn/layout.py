@@ -1,0 +1,335 @@
+"""BlockLayout: the one sparse format every pattern and kernel of sparseattn uses."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+_CAUSAL_KINDS = (None, "top_left", "bottom_right")
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _check_block_size(block_size) -> Tuple[int, int]:
+    if isinstance(block_size, int):
+        block_size = (block_size, block_size)
+    if (not isinstance(block_size, (tuple, list)) or len(block_size) != 2
+            or not all(isinstance(b, int) for b in block_size)):
+        raise TypeError(f"block_size: expected an int or a pair of ints, got {block_size!r}")
+    for b in block_size:
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"block_size: expected powers of two >= 16, got {tuple(block_size)}")
+    return int(block_size[0]), int(block_size[1])
+
+
+def _check_seq_lens(seq_lens) -> Tuple[int, int]:
+    if (not isinstance(seq_lens, (tuple, list)) or len(seq_lens) != 2
+            or not all(isinstance(s, int) for s in seq_lens)):
+        raise TypeError(f"seq_lens: expected a pair of ints (Lq, Lk), got {seq_lens!r}")
+    if seq_lens[0] < 1 or seq_lens[1] < 1:
+        raise ValueError(f"seq_lens: expected lengths >= 1, got {tuple(seq_lens)}")
+    return int(seq_lens[0]), int(seq_lens[1])
+
+
+def _mask_to_lists(mask: torch.Tensor, width: Optional[int] = None):
+    """bool [..., n_rows, n] -> (counts int32 [..., n_rows], sorted indices int32 [..., n_rows, width]).
+
+    Row r lists the columns where mask is True, ascending, then pads with columns where it is
+    False (still in range, never read). width defaults to the largest count (at least 1).
+    """
+    n = mask.shape[-1]
+    counts = mask.sum(-1, dtype=torch.int32)
+    if width is None:
+        width = n if _is_compiling() else max(1, int(counts.max())) if counts.numel() else 1
+    cols = torch.arange(n, device=mask.device, dtype=torch.int32)
+    key = torch.where(mask, cols, cols + n)
+    idx = key.sort(dim=-1).values[..., :width]
+    idx = torch.where(idx >= n, idx - n, idx).to(torch.int32)
+    return counts, idx.contiguous()
+
+
+class BlockLayout:
+    """Which key blocks each query block attends to: the one sparse format of sparseattn.
+
+    The score matrix of one (batch, head) is cut into tiles of ``block_size = (BLOCK_Q, BLOCK_K)``
+    over sequence lengths ``seq_lens = (Lq, Lk)``: ``nQ = ceil(Lq / BLOCK_Q)`` query blocks and
+    ``nK = ceil(Lk / BLOCK_K)`` key blocks. Every listed tile is one of two kinds:
+
+    * **full**: every (query, key) pair in it is attended; kernels run it with no mask arithmetic;
+    * **partial**: pairs inside it are masked by the in-block mask kinds below.
+
+    Tiles not listed are skipped entirely: no load, no FLOP.
+
+    Lists (all int32, sorted ascending within a row; entries past the count are padding, in range
+    but never read):
+
+    * ``kv_num_blocks [Bl, Hl, nQ]``, ``kv_indices [Bl, Hl, nQ, maxK]``: partial key blocks of each
+      query block; ``full_kv_num_blocks``, ``full_kv_indices``: its full key blocks;
+    * ``q_num_blocks [Bl, Hl, nK]``, ``q_indices [Bl, Hl, nK, maxQ]`` and ``full_q_*``: the transposed
+      lists (query blocks of each key block), used by the dK/dV pass of the backward.
+
+    ``Bl`` is 1 or the batch size and ``Hl`` is 1 or the number of query heads; a size-1 dimension
+    broadcasts (the kernels read it with stride 0, nothing is copied).
+
+    In-block mask kinds, evaluated inside partial tiles by the kernels:
+
+    * sequence bounds: rows >= Lq and columns >= Lk are never attended (tiles that cross a bound are
+      always partial);
+    * causal: key j is visible to query i iff ``j <= i + causal_offset``; ``causal="top_left"`` gives
+      offset 0 (torch's ``is_causal``), ``"bottom_right"`` gives ``Lk - Lq`` (queries are the last
+      Lq positions, as in decode and prefill with a cached prefix);
+    * an element mask ``mask`` (bool ``[Bl|1, Hl|1, Lq, Lk]``, True = attend), read only in partial
+      tiles: what an arbitrary boolean ``attn_mask`` of scaled_dot_product_attention becomes.
+
+    Build one with :meth:`from_block_mask` or :meth:`from_indices`; both validate their input.
+    ``to_dense_mask()`` gives the element mask (for oracles and plots), ``density`` the fraction of
+    attended (query, key) pairs.
+
+    Example::
+
+        >>> import torch, sparseattn as sa
+        >>> bm = torch.rand(1, 1, 4, 4) < 0.5                      # [B|1, H|1, nQ, nK]
+        >>> layout = sa.BlockLayout.from_block_mask(bm, block_size=(64, 64), seq_lens=(256, 200))
+        >>> layout.to_dense_mask().shape
+        torch.Size([1, 1, 256, 200])
+    """
+
+    def __init__(self, *, block_size, seq_lens, kv_num_blocks, kv_indices, full_kv_num_blocks,
+                 full_kv_indices, q_num_blocks, q_indices, full_q_num_blocks, full_q_indices,
+                 causal_offset: Optional[int] = None, mask: Optional[torch.Tensor] = None):
+        # Internal: use from_block_mask / from_indices, which validate and build the lists.
+        self.block_size = block_size
+        self.seq_lens = seq_lens
+        self.kv_num_blocks = kv_num_blocks
+        self.kv_indices = kv_indices
+        self.full_kv_num_blocks = full_kv_num_blocks
+        self.full_kv_indices = full_kv_indices
+        self.q_num_blocks = q_num_blocks
+        self.q_indices = q_indices
+        self.full_q_num_blocks = full_q_num_blocks
+        self.full_q_indices = full_q_indices
+        self.causal_offset = causal_offset
+        self.mask = mask
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_block_mask(cls, block_mask: torch.Tensor, block_size=(64, 64), seq_lens=None,
+                        causal: Optional[str] = None, mask: Optional[torch.Tensor] = None,
+                        partial_blocks: Optional[torch.Tensor] = None) -> "BlockLayout":
+        """Build a layout from a block mask.
+
+        Args:
+            block_mask: bool ``[B|1, H|1, nQ, nK]``, True = the tile is attended.
+            block_size: ``(BLOCK_Q, BLOCK_K)`` or one int; powers of two >= 16.
+            seq_lens: ``(Lq, Lk)``; default ``(nQ * BLOCK_Q, nK * BLOCK_K)``. Must give exactly
+                ``nQ`` and ``nK`` blocks.
+            causal: None, ``"top_left"`` or ``"bottom_right"``: an in-block causal mask on top of
+                the block mask (tiles entirely above the diagonal are dropped).
+            mask: optional element mask, bool ``[B|1, H|1, Lq, Lk]`` (True = attend), applied in
+                partial tiles. Tiles where it is mixed must be marked in ``partial_blocks``.
+            partial_blocks: optional bool like ``block_mask``: tiles that need the element mask.
+
+        Returns:
+            BlockLayout. Tiles crossing a sequence bound or the causal diagonal are partial,
+            the others full.
+        """
+        if not isinstance(block_mask, torch.Tensor):
+            raise TypeError(f"block_mask: expected a torch.Tensor, got {type(block_mask).__name__}")
+        if block_mask.dtype != torch.bool:
+            raise TypeError(f"block_mask: expected dtype torch.bool, got {block_mask.dtype}")
+        if block_mask.dim() != 4:
+            raise ValueError(f"block_mask: expected 4 dims [B|1, H|1, nQ, nK], got shape {tuple(block_mask.shape)}")
+        bq, bk = _check_block_size(block_size)
+        nq, nk = block_mask.shape[-2:]
+        if seq_lens is None:
+            seq_lens = (nq * bq, nk * bk)
+        lq, lk = _check_seq_lens(seq_lens)
+        if (math.ceil(lq / bq), math.ceil(lk / bk)) != (nq, nk):
+            raise ValueError(
+                f"block_mask: expected [..., {math.ceil(lq / bq)}, {math.ceil(lk / bk)}] blocks for "
+                f"seq_lens={(lq, lk)} and block_size={(bq, bk)}, got shape {tuple(block_mask.shape)}")
+        if causal not in _CAUSAL_KINDS:
+            raise ValueError(f"causal: expected one of {_CAUSAL_KINDS}, got {causal!r}")
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                raise TypeError(f"mask: expected a bool tensor, got {getattr(mask, 'dtype', type(mask))}")
+            if mask.dim() != 4 or tuple(mask.shape[-2:]) != (lq, lk):
+                raise ValueError(f"mask: expected shape [B|1, H|1, {lq}, {lk}], got {tuple(mask.shape)}")
+            for d, name in ((0, "B"), (1, "H")):
+                if 1 not in (mask.shape[d], block_mask.shape[d]) and mask.shape[d] != block_mask.shape[d]:
+                    raise ValueError(f"mask: dim {d} ({name}) must be 1 or {block_mask.shape[d]}, got {mask.shape[d]}")
+        offset = None if causal is None else (0 if causal == "top_left" else lk - lq)
+        dev = block_mask.device
+
+        # Tile geometry, vectorised: first/last valid row of each query block, first/last column
+        # of each key block.
+        qi = torch.arange(nq, device=dev)
+        kj = torch.arange(nk, device=dev)
+        r0, r1 = qi * bq, torch.clamp((qi + 1) * bq, max=lq) - 1
+        c0, c1 = kj * bk, torch.clamp((kj + 1) * bk, max=lk) - 1
+        ragged = ((qi + 1) * bq > lq)[:, None] | ((kj + 1) * bk > lk)[None, :]
+        attended = block_mask
+        partial = ragged.expand(nq, nk)
+        if offset is not None:
+            empty = c0[None, :] > r1[:, None] + offset
+            crosses = c1[None, :] > r0[:, None] + offset
+            attended = attended & ~empty
+            partial = partial | crosses
+        if partial_blocks is not None:
+            partial = partial | partial_blocks
+        if mask is not None and partial_blocks is None:
+            partial = torch.ones_like(partial)
+        full_mask = attended & ~partial
+        partial_mask = attended & partial
+        if mask is not None:
+            # The lists and the element mask share one (Bl, Hl).
+            bl, hl = torch.broadcast_shapes(tuple(mask.shape[:2]), tuple(block_mask.shape[:2]))
+            mask = mask.expand(bl, hl, lq, lk)
+            partial_mask = partial_mask.expand(bl, hl, nq, nk)
+            full_mask = full_mask.expand(bl, hl, nq, nk)
+        return cls._from_tile_masks(partial_mask, full_mask, (bq, bk), (lq, lk), offset, mask)
+
+    @classmethod
+    def from_indices(cls, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, block_size=(64, 64),
+                     seq_lens=None, causal: Optional[str] = None) -> "BlockLayout":
+        """Build a layout from FlexAttention-style lists.
+
+        Args:
+            kv_num_blocks: int ``[B|1, H|1, nQ]``: how many key blocks query block i attends.
+            kv_indices: int ``[B|1, H|1, nQ, maxK]``: those key blocks (any order, first
+                ``kv_num_blocks`` entries of each row are read, each in ``[0, nK)``).
+            block_size, seq_lens, causal: as in :meth:`from_block_mask`; ``seq_lens`` is required.
+        """
+        for name, t in (("kv_num_blocks", kv_num_blocks), ("kv_indices", kv_indices)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+            if t.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"{name}: expected dtype torch.int32 or torch.int64, got {t.dtype}")
+        if seq_lens is None:
+            raise ValueError("seq_lens: required by from_indices, got None")
+        bq, bk = _check_block_size(block_size)
+        lq, lk = _check_seq_lens(seq_lens)
+        nq, nk = math.ceil(lq / bq), math.ceil(lk / bk)
+        if kv_num_blocks.dim() != 3 or kv_num_blocks.shape[-1] != nq:
+            raise ValueError(f"kv_num_blocks: expected shape [B|1, H|1, {nq}], got {tuple(kv_num_blocks.shape)}")
+        if kv_indices.dim() != 4 or tuple(kv_indices.shape[:3]) != tuple(kv_num_blocks.shape):
+            raise ValueError(f"kv_indices: expected shape [{', '.join(map(str, kv_num_blocks.shape))}, maxK], "
+                             f"got {tuple(kv_indices.shape)}")
+        width = kv_indices.shape[-1]
+        if not _is_compiling():
+            used = torch.arange(width, device=kv_indices.device) < kv_num_blocks[..., None]
+            if bool(((kv_num_blocks < 0) | (kv_num_blocks > min(width, nk))).any()):
+                raise ValueError(f"kv_num_blocks: expected values in [0, {min(width, nk)}], got "
+                                 f"[{int(kv_num_blocks.min())}, {int(kv_num_blocks.max())}]")
+            bad = used & ((kv_indices < 0) | (kv_indices >= nk))
+            if bool(bad.any()):
+                raise ValueError(f"kv_indices: expected block indices in [0, {nk}) for seq_lens={(lq, lk)} "
+                                 f"and block_size={(bq, bk)}, got {int(kv_indices[bad][0])}")
+        block_mask = cls._rows_to_mask(kv_num_blocks, kv_indices, nk)
+        return cls.from_block_mask(block_mask, (bq, bk), (lq, lk), causal=causal)
+
+    @classmethod
+    def _from_tile_masks(cls, partial_mask, full_mask, block_size, seq_lens, causal_offset, mask):
+        kv_n, kv_i = _mask_to_lists(partial_mask)
+        fkv_n, fkv_i = _mask_to_lists(full_mask)
+        q_n, q_i = _mask_to_lists(partial_mask.transpose(-1, -2))
+        fq_n, fq_i = _mask_to_lists(full_mask.transpose(-1, -2))
+        return cls(block_size=block_size, seq_lens=seq_lens, kv_num_blocks=kv_n, kv_indices=kv_i,
+                   full_kv_num_blocks=fkv_n, full_kv_indices=fkv_i, q_num_blocks=q_n, q_indices=q_i,
+                   full_q_num_blocks=fq_n, full_q_indices=fq_i, causal_offset=causal_offset, mask=mask)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def num_blocks(self) -> Tuple[int, int]:
+        """(nQ, nK)."""
+        return self.kv_num_blocks.shape[-1], self.q_num_blocks.shape[-1]
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        """(Bl, Hl): the batch and head sizes of the lists (1 = broadcast)."""
+        return self.kv_num_blocks.shape[0], self.kv_num_blocks.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_num_blocks.device
+
+    def lists(self):
+        """The eight list tensors in the order the custom ops take them."""
+        return [self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices,
+                self.q_num_blocks, self.q_indices, self.full_q_num_blocks, self.full_q_indices]
+
+    def to(self, device) -> "BlockLayout":
+        t = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return BlockLayout(block_size=self.block_size, seq_lens=self.seq_lens,
+                           **{k: t(getattr(self, k)) for k in (
+                               "kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                               "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices", "mask")},
+                           causal_offset=self.causal_offset)
+
+    def _tile_masks(self):
+        """(partial, full) bool [Bl, Hl, nQ, nK] rebuilt from the lists."""
+        nk = self.num_blocks[1]
+        return tuple(self._rows_to_mask(num, idx, nk) for num, idx in (
+            (self.kv_num_blocks, self.kv_indices), (self.full_kv_num_blocks, self.full_kv_indices)))
+
+    @staticmethod
+    def _rows_to_mask(num, idx, nk):
+        used = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
+        m = torch.zeros(*num.shape, nk + 1, dtype=torch.bool, device=idx.device)
+        m.scatter_(-1, torch.where(used, idx.long(), nk), True)
+        return m[..., :nk]
+
+    def element_mask(self, rows: torch.Tensor, cols: torch.Tensor, b=None, h=None) -> torch.Tensor:
+        """The in-block mask kinds at query positions ``rows`` and key positions ``cols``
+        (broadcasting index tensors; ``b``/``h`` index the element mask when there is one)."""
+        lq, lk = self.seq_lens
+        keep = (rows < lq) & (cols < lk)
+        if self.causal_offset is not None:
+            keep = keep & (cols <= rows + self.causal_offset)
+        if self.mask is not None:
+            mb = 0 if self.mask.shape[0] == 1 or b is None else b
+            mh = 0 if self.mask.shape[1] == 1 or h is None else h
+            keep = keep & self.mask[mb, mh, rows.clamp(max=lq - 1), cols.clamp(max=lk - 1)]
+        return keep
+
+    def to_dense_mask(self) -> torch.Tensor:
+        """bool ``[Bl, Hl, Lq, Lk]``, True = attend. O(Lq * Lk): for oracles and plots."""
+        bq, bk = self.block_size
+        lq, lk = self.seq_lens
+        partial, full = self._tile_masks()
+        tiles = (partial | full).repeat_interleave(bq, -2)[..., :lq, :].repeat_interleave(bk, -1)[..., :lk]
+        dev = tiles.device
+        rows = torch.arange(lq, device=dev)[:, None]
+        cols = torch.arange(lk, device=dev)[None, :]
+        if self.mask is None:
+            return tiles & self.element_mask(rows, cols)
+        b = torch.arange(self.mask.shape[0], device=dev)[:, None, None, None]
+        h = torch.arange(self.mask.shape[1], device=dev)[None, :, None, None]
+        return tiles & self.element_mask(rows, cols, b, h)
+
+    @property
+    def density(self) -> float:
+        """Fraction of (query, key) pairs attended, over all (batch, head) of the lists."""
+        bq, bk = self.block_size
+        lq, lk = self.seq_lens
+        bl, hl = self.shape
+        total = bl * hl * lq * lk
+        n_full = int(self.full_kv_num_blocks.sum()) * bq * bk  # full tiles never cross a bound
+        partial, _ = self._tile_masks()
+        idx = partial.nonzero()
+        if idx.numel() == 0:
+            return n_full / total
+        count = 0
+        for chunk in idx.split(max(1, (1 << 22) // (bq * bk))):
+            rows = chunk[:, 2, None, None] * bq + torch.arange(bq, device=idx.device)[:, None]
+            cols = chunk[:, 3, None, None] * bk + torch.arange(bk, device=idx.device)[None, :]
+            count += int(self.element_mask(rows, cols, chunk[:, 0, None, None], chunk[:, 1, None, None]).sum())
+        return (n_full + count) / total
+
+    def __repr__(self) -> str:
+        return (f"BlockLayout(block_size={self.block_size}, seq_lens={self.seq_lens}, shape={self.shape}, "
+                f"causal_offset={self.causal_offset}, mask={'yes' if self.mask is not None else 'no'}, "
+                f"device={self.device})")

@@ -1,0 +1,5 @@
+"""sparseattn's Triton kernels and their launchers (installed as ``sparseattn.triton_kernels``)."""
+from .attention import sparse_attention_bwd, sparse_attention_fwd
+from .common import INTERPRET
+
+__all__ = ["INTERPRET", "sparse_attention_fwd", "sparse_attention_bwd"]

@@ -1,0 +1,125 @@
+"""Pieces shared by the Triton kernels: interpreter detection, config choice (pinning, pruning,
+timing) and small jitted helpers. Kernels trust their inputs; every check happens in Python."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton decides interpreter-or-compiler when a kernel is decorated, i.e. when the kernel modules
+# are imported; this records that decision for the dispatcher.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Shared memory per block, bytes (H100: 227 KB, A100: 163 KB).
+SMEM_LIMIT = {90: 232448, 80: 166912}
+
+CONFIG_ENV = "SPARSEATTN_CONFIG"
+
+
+def pinned_config() -> Optional[Dict[str, int]]:
+    """Parse SPARSEATTN_CONFIG, e.g. ``BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=3``."""
+    text = os.environ.get(CONFIG_ENV, "").strip()
+    if not text:
+        return None
+    out = {}
+    for item in text.split(","):
+        key, sep, val = item.partition("=")
+        if not sep or not val.strip().isdigit():
+            raise ValueError(f"{CONFIG_ENV}: expected 'KEY=INT,...', got {text!r}")
+        out[key.strip()] = int(val)
+    return out
+
+
+def device_smem_limit(device: Optional[torch.device] = None) -> int:
+    """Shared memory per block of the device that will run the kernel."""
+    if INTERPRET or not torch.cuda.is_available():
+        return SMEM_LIMIT[90]
+    index = torch.cuda.current_device() if device is None or device.index is None else device.index
+    return int(torch.cuda.get_device_properties(index).shared_memory_per_block_optin)
+
+
+class Tuner:
+    """Config choice of one kernel: its configs sit beside the kernel, ``fits(cfg, **problem)``
+    prunes tiles that cannot work, and the survivors are timed once per key on a GPU.
+
+    A config is a dict of tile constexprs (``BLOCK_M``, ``BLOCK_N``) plus ``num_warps`` and
+    ``num_stages``. Under the interpreter one config runs: the largest tile that fits (fewest
+    interpreted iterations). ``SPARSEATTN_CONFIG`` pins one config for reproducible benchmarks.
+    """
+
+    def __init__(self, name: str, configs: List[Dict[str, int]], fits: Callable[..., bool]):
+        self.name = name
+        self.configs = configs
+        self.fits = fits
+        self.cache: Dict[Tuple, Dict[str, int]] = {}
+
+    def candidates(self, **problem) -> List[Dict[str, int]]:
+        """The configs this problem can select (what the compile gate compiles)."""
+        pin = pinned_config()
+        if pin is not None:
+            cfg = {"num_warps": 4, "num_stages": 2, **pin}
+            if not self.fits(cfg, **problem):
+                raise ValueError(f"{CONFIG_ENV}: config {pin} does not fit {self.name} for {problem}")
+            return [cfg]
+        ok = [c for c in self.configs if self.fits(c, **problem)]
+        if not ok:
+            ok = [self.smallest(**problem)]
+        if INTERPRET:
+            return [max(ok, key=lambda c: c["BLOCK_M"] * c["BLOCK_N"])]
+        return ok
+
+    @staticmethod
+    def smallest(**problem) -> Dict[str, int]:
+        """A config that always fits: the layout block capped at 32, one stage."""
+        return {"BLOCK_M": min(problem["layout_bq"], 32), "BLOCK_N": min(problem["layout_bk"], 32),
+                "num_warps": 4, "num_stages": 1}
+
+    def pick(self, launch: Callable[[Dict[str, int]], None], **problem) -> Dict[str, int]:
+        """The config to run: the only candidate, or the fastest one timed on this GPU."""
+        cands = self.candidates(**problem)
+        if len(cands) == 1:
+            return cands[0]
+        key = tuple(sorted(problem.items()))
+        if key not in self.cache:
+            times = []
+            for cfg in cands:
+                try:
+                    times.append(triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20))
+                except triton.runtime.errors.OutOfResources:
+                    times.append(float("inf"))
+            self.cache[key] = cands[min(range(len(cands)), key=times.__getitem__)]
+        return self.cache[key]
+
+
+def attention_tile_fits(cfg: Dict[str, int], *, layout_bq: int, layout_bk: int, block_d: int,
+                        elem: int, smem: int, staged_rows: str) -> bool:
+    """Prune of the attention kernels: the kernel tile must divide the layout block, and the
+    resident tile plus ``num_stages`` copies of the streamed tiles must fit shared memory.
+
+    ``staged_rows`` names the streamed dimension: ``"N"`` (forward and dQ stream K/V tiles of
+    BLOCK_N rows against a resident BLOCK_M tile) or ``"M"`` (dK/dV streams Q/dO tiles).
+    """
+    m, n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    if layout_bq % m or layout_bk % n:
+        return False
+    resident, streamed = (m, n) if staged_rows == "N" else (n, m)
+    need = elem * block_d * (2 * resident + 2 * streamed * max(1, cfg["num_stages"]))
+    return need <= smem
+
+
+@triton.jit
+def load_tile(ptrs, row_ok, col_ok, ROW_MASK: tl.constexpr, COL_MASK: tl.constexpr):
+    """Load a 2-D tile, masking rows and/or columns only when asked (full tiles load unmasked)."""
+    if ROW_MASK:
+        if COL_MASK:
+            return tl.load(ptrs, mask=row_ok & col_ok, other=0.0)
+        else:
+            return tl.load(ptrs, mask=row_ok, other=0.0)
+    else:
+        if COL_MASK:
+            return tl.load(ptrs, mask=col_ok, other=0.0)
+        else:
+            return tl.load(ptrs)
