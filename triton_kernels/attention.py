@@ -445,3 +445,57 @@ def sparse_attention_bwd(do, dlse, q, k, v, out, lse, layout_lists: List[torch.T
     launch_dkdv(DKDV_TUNER.pick(launch_dkdv, **prob, **key))
     launch_dq(DQ_TUNER.pick(launch_dq, **prob, **key))
     return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- compile gate
+GATE_HEAD_DIMS = (16, 32, 64, 128, 256)
+GATE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def compile_specs(cc: int):
+    """Every attention kernel at every config its prune can select on sm_<cc>, for each head dim
+    and dtype, with all in-kernel features on (the largest code) and off (the dense fast path)."""
+    import inspect
+
+    from .common import SMEM_LIMIT
+    from .gate import Spec
+
+    def signature(kernel, ptr_types):
+        names = [n for n, p in inspect.signature(kernel.fn).parameters.items()
+                 if p.annotation is not tl.constexpr and "constexpr" not in str(p.annotation)]
+        sig = {}
+        for n in names:
+            if n in ptr_types:
+                sig[n] = ptr_types[n]
+            elif n in ("qk_scale", "sm_scale"):
+                sig[n] = "fp32"
+            else:
+                sig[n] = "i32"
+        return sig
+
+    for tname, dtype in GATE_DTYPES.items():
+        ptr = "*" + tname
+        tensors = {n: ptr for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "Bias")}
+        tensors.update({n: "*fp32" for n in ("LSE", "DELTA", "DLSE")})
+        tensors.update({n: "*i32" for n in ("KVN", "KVI", "FKVN", "FKVI", "QN", "QI", "FQN", "FQI")})
+        tensors["Mask"] = "*u8"
+        elem = torch.empty((), dtype=dtype).element_size()
+        for d in GATE_HEAD_DIMS:
+            prob = dict(layout_bq=128, layout_bk=128, block_d=block_d_of(d), elem=elem, smem=SMEM_LIMIT[cc])
+            # All features on is the largest code (every masked path); bf16 also compiles the
+            # plain dense variant, the GPU fast path.
+            for features in ((True, False) if tname == "bf16" else (True,)):
+                flags = dict(HEAD_DIM=d, BLOCK_D=block_d_of(d), LAYOUT_BQ=128, LAYOUT_BK=128, CAUSAL=features,
+                             HAS_MASK=features, HAS_BIAS=features, PRECISION="ieee")
+                for name, kernel, tuner in (("fwd", _sparse_attention_fwd_kernel, FWD_TUNER),
+                                            ("dkdv", _sparse_attention_bwd_dkdv_kernel, DKDV_TUNER),
+                                            ("dq", _sparse_attention_bwd_dq_kernel, DQ_TUNER)):
+                    for cfg in tuner.candidates(**prob):
+                        tiles = {k: v for k, v in cfg.items() if k.isupper()}
+                        yield Spec(name, kernel, signature(kernel, tensors), {**flags, **tiles},
+                                   cfg["num_warps"], cfg["num_stages"],
+                                   tags={"dtype": tname, "D": d, "features": features, **cfg})
+            yield Spec("preprocess", _sparse_attention_bwd_preprocess_kernel,
+                       signature(_sparse_attention_bwd_preprocess_kernel, tensors),
+                       dict(HEAD_DIM=d, BLOCK_D=block_d_of(d), BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=True), 4, 1,
+                       tags={"dtype": tname, "D": d})

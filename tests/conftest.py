@@ -1,0 +1,10 @@
+"""Test setup: without a GPU, run the real Triton kernels through the interpreter.
+
+Triton reads TRITON_INTERPRET when a kernel is decorated, so it is set here, before any test
+module imports sparseattn (and with it the kernels)."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
