@@ -8,3 +8,6 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Fresh outputs of every launcher are NaN-filled: an unwritten element fails loudly.
+os.environ["SPARSEATTN_NAN_FILL"] = "1"

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._alloc import empty
 from .common import Tuner, attention_tile_fits, device_smem_limit, load_tile
 
 LOG2E = 1.4426950408889634
@@ -380,8 +381,8 @@ def sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks,
     """Launch the forward. Returns (out [B, Hq, Lq, D] like q's dtype, lse [B, Hq, Lq] float32)."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    out = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
-    lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    out = empty(B, H, Lq, D, dtype=q.dtype, device=q.device)
+    lse = empty(B, H, Lq, dtype=torch.float32, device=q.device)
     mask_t, ms = _bcast_strides(None if mask is None else mask.view(torch.uint8), q)
     bias_t, bs = _bcast_strides(bias, q)
     l_sb, l_sh = _layout_strides(kv_num_blocks)
@@ -412,13 +413,13 @@ def sparse_attention_bwd(do, dlse, q, k, v, out, lse, layout_lists: List[torch.T
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     block_d = block_d_of(D)
-    delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    delta = empty(B, H, Lq, dtype=torch.float32, device=q.device)
     _sparse_attention_bwd_preprocess_kernel[(triton.cdiv(Lq, PREPROCESS_BLOCK_M), B * H)](
         out, do, dlse if dlse is not None else delta, delta, H, Lq, HEAD_DIM=D, BLOCK_D=block_d,
         BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=dlse is not None)
-    dq = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
-    dk = torch.empty((B, Hkv, Lk, D), device=q.device, dtype=k.dtype)
-    dv = torch.empty((B, Hkv, Lk, D), device=q.device, dtype=v.dtype)
+    dq = empty(B, H, Lq, D, dtype=q.dtype, device=q.device)
+    dk = empty(B, Hkv, Lk, D, dtype=k.dtype, device=q.device)
+    dv = empty(B, Hkv, Lk, D, dtype=v.dtype, device=q.device)
     mask_t, ms = _bcast_strides(None if mask is None else mask.view(torch.uint8), q)
     bias_t, bs = _bcast_strides(bias, q)
     l_sb, l_sh = _layout_strides(kvn)

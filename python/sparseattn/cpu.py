@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import torch
 
+from ._alloc import empty
 from .layout import BlockLayout
 
 # Elements of the gathered score tile of one chunk (~64 MB of fp32).
@@ -89,8 +90,8 @@ def sparse_attention_fwd_cpu(q, k, v, lists: List[torch.Tensor], mask: Optional[
     lk = k.shape[2]
     ct = _compute_dtype(q)
     layout = _layout(lists, mask, layout_bq, layout_bk, lq, lk, causal_offset)
-    out = torch.empty(B, H, lq, d, dtype=q.dtype)
-    lse = torch.empty(B, H, lq, dtype=torch.float32)
+    out = empty(B, H, lq, d, dtype=q.dtype, device=q.device)
+    lse = empty(B, H, lq, dtype=torch.float32, device=q.device)
     kf, vf = k.to(ct), v.to(ct)
     for r0, r1, tok, ok in _chunks(q, k, lists, layout_bq, layout_bk):
         kk, vv, _ = _gather(kf, vf, tok, H // k.shape[1])
@@ -99,10 +100,10 @@ def sparse_attention_fwd_cpu(q, k, v, lists: List[torch.Tensor], mask: Optional[
         m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
         p = torch.exp(s - m)
         l = p.sum(-1, keepdim=True)
-        empty = l == 0
-        l_safe = torch.where(empty, torch.ones_like(l), l)
+        unseen = l == 0  # rows with no visible key
+        l_safe = torch.where(unseen, torch.ones_like(l), l)
         o_c = torch.einsum("bhrqs,bhrsd->bhrqd", p / l_safe, vv)
-        l_c = torch.where(empty, torch.full_like(l, float("-inf")), m + torch.log(l_safe)).squeeze(-1)
+        l_c = torch.where(unseen, torch.full_like(l, float("-inf")), m + torch.log(l_safe)).squeeze(-1)
         n = min(lq, r1 * layout_bq) - r0 * layout_bq
         out[:, :, r0 * layout_bq:r1 * layout_bq] = o_c.flatten(2, 3)[:, :, :n].to(q.dtype)
         lse[:, :, r0 * layout_bq:r1 * layout_bq] = l_c.flatten(2, 3)[:, :, :n].float()

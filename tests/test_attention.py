@@ -1,0 +1,145 @@
+"""sparse_attention against the float64 oracle: random layouts, GQA, awkward sizes, strides,
+head dims, LSE, gradients; on the Triton kernels and on the PyTorch CPU path."""
+import math
+
+import pytest
+import torch
+
+import sparseattn as sa
+from utils import DEVICE, DTYPES, assert_oracle, randn, strided
+
+
+@pytest.fixture(params=["kernel", "cpu_path"])
+def backend(request, monkeypatch):
+    """'kernel': the Triton kernels (CUDA, or the interpreter on CPU); 'cpu_path': the PyTorch CPU path."""
+    if request.param == "cpu_path":
+        monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")
+        return "cpu", "cpu"
+    return DEVICE, "triton"
+
+
+def _inputs(B, Hq, Hkv, Lq, Lk, D, dtype, device, non_contiguous=False):
+    q = randn(B, Hq, Lq, D, dtype=dtype, device=device, requires_grad=True)
+    k = randn(B, Hkv, Lk, D, dtype=dtype, device=device, requires_grad=True)
+    v = randn(B, Hkv, Lk, D, dtype=dtype, device=device, requires_grad=True)
+    if non_contiguous:
+        q, k, v = (strided(t.detach()).requires_grad_() for t in (q, k, v))
+    return q, k, v
+
+
+def check(q, k, v, layout, expected_backend, scale=None, use_lse=True):
+    """Output, LSE and gradients of q, k, v against float64, with the same-dtype baseline."""
+    out, lse = sa.sparse_attention(q, k, v, layout, scale=scale, return_lse=True)
+    assert sa.last_backend() == expected_backend
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    dout = torch.randn_like(out)
+    dlse = torch.randn_like(lse) if use_lse else None
+    loss = (out.float() * dout.float()).sum()
+    if use_lse:
+        loss = loss + (torch.where(torch.isinf(lse), 0.0, lse) * dlse).sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+
+    mask = layout.to_dense_mask()
+    results = {}
+    for dt in (torch.float64, q.dtype):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        o, l = sa.reference.attention(*leaves, mask=mask, scale=scale, return_lse=True, dtype=dt)
+        rl = (o.double() * dout.double()).sum()
+        if use_lse:
+            rl = rl + (torch.where(torch.isinf(l), 0.0, l).double() * dlse.double()).sum()
+        results[dt] = (o, l, *torch.autograd.grad(rl, leaves))
+    ref, base = results[torch.float64], results[q.dtype]
+    assert_oracle("out", out, ref[0], base[0])
+    fin = torch.isfinite(ref[1])
+    assert torch.equal(torch.isfinite(lse).cpu(), fin.cpu()), "lse must be -inf exactly where a row sees nothing"
+    assert_oracle("lse", torch.where(fin, lse, 0.0), torch.where(fin, ref[1], 0.0).to(torch.float32),
+                  torch.where(fin, base[1].float(), 0.0))
+    for name, g, r, b in zip(("dq", "dk", "dv"), grads, ref[2:], base[2:]):
+        assert_oracle(name, g, r, b)
+    return out, lse, grads
+
+
+def _random_layout(B, H, Lq, Lk, bs, density=0.5, empty_row=True, device=DEVICE, shape=None):
+    nq, nk = math.ceil(Lq / bs[0]), math.ceil(Lk / bs[1])
+    bm = torch.rand(*(shape or (B, H)), nq, nk, device=device) < density
+    if empty_row:
+        bm[..., nq // 2, :] = False
+    return sa.BlockLayout.from_block_mask(bm, bs, (Lq, Lk))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Lq,Lk", [(1, 63), (63, 97), (200, 200), (97, 200), (200, 63)])
+def test_random_layout(backend, dtype, Lq, Lk):
+    device, name = backend
+    q, k, v = _inputs(2, 4, 2, Lq, Lk, 32, dtype, device)
+    layout = _random_layout(2, 4, Lq, Lk, (64, 64), device=device)
+    check(q, k, v, layout, name if dtype != torch.bfloat16 or device == "cuda" else "cpu")
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 1), (1, 4)])
+@pytest.mark.parametrize("Hkv", [4, 2, 1])
+def test_gqa_and_layout_broadcast(backend, shape, Hkv):
+    device, name = backend
+    q, k, v = _inputs(2, 4, Hkv, 130, 150, 16, torch.float32, device)
+    layout = _random_layout(2, 4, 130, 150, (32, 64), density=0.6, device=device, shape=shape)
+    check(q, k, v, layout, name)
+
+
+@pytest.mark.parametrize("causal", ["top_left", "bottom_right"])
+@pytest.mark.parametrize("Lq,Lk", [(97, 200), (200, 97)])
+def test_causal_kinds(backend, causal, Lq, Lk):
+    device, name = backend
+    q, k, v = _inputs(1, 2, 1, Lq, Lk, 32, torch.float16, device)
+    nq, nk = math.ceil(Lq / 64), math.ceil(Lk / 64)
+    layout = sa.BlockLayout.from_block_mask(torch.ones(1, 1, nq, nk, dtype=torch.bool, device=device), 64,
+                                            (Lq, Lk), causal=causal)
+    out, lse, grads = check(q, k, v, layout, name)
+    if causal == "bottom_right" and Lq > Lk:  # the first Lq - Lk rows see no key
+        assert torch.all(out[:, :, : Lq - Lk] == 0) and torch.all(lse[:, :, : Lq - Lk] == float("-inf"))
+        assert torch.all(grads[0][:, :, : Lq - Lk] == 0)
+
+
+def test_empty_layout_gives_zeros(backend):
+    device, name = backend
+    q, k, v = _inputs(2, 2, 2, 100, 70, 32, torch.float32, device)
+    layout = sa.BlockLayout.from_block_mask(torch.zeros(1, 1, 2, 2, dtype=torch.bool, device=device), 64, (100, 70))
+    out, lse = sa.sparse_attention(q, k, v, layout, return_lse=True)
+    assert sa.last_backend() == name
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+    grads = torch.autograd.grad(out.sum() + torch.where(torch.isinf(lse), 0.0, lse).sum(), (q, k, v))
+    for g in grads:
+        assert torch.all(g == 0)
+
+
+@pytest.mark.parametrize("D", [16, 40, 128, 256])
+def test_head_dims(backend, D):
+    device, name = backend
+    q, k, v = _inputs(1, 2, 1, 70, 90, D, torch.float16, device)
+    check(q, k, v, _random_layout(1, 2, 70, 90, (64, 64), density=0.7, empty_row=False, device=device), name,
+          scale=0.3 / math.sqrt(D))
+
+
+def test_non_contiguous_inputs(backend):
+    device, name = backend
+    q, k, v = _inputs(2, 4, 2, 97, 120, 32, torch.float16, device, non_contiguous=True)
+    assert not q.is_contiguous()
+    check(q, k, v, _random_layout(2, 4, 97, 120, (64, 32), device=device), name)
+
+
+def test_layout_blocks_split_into_kernel_tiles(backend):
+    """A 128-wide layout block runs as several kernel tiles when the config tile is smaller."""
+    device, name = backend
+    q, k, v = _inputs(1, 2, 2, 250, 300, 32, torch.float32, device)
+    check(q, k, v, _random_layout(1, 2, 250, 300, (128, 128), density=0.7, device=device), name)
+
+
+def test_element_mask_layout(backend):
+    device, name = backend
+    q, k, v = _inputs(2, 2, 1, 100, 90, 32, torch.float32, device)
+    mask = torch.rand(2, 1, 100, 90, device=device) < 0.4
+    mask[:, :, :, :32] = True
+    mask[0, :, 5] = False  # a fully masked row
+    layout = sa.BlockLayout.from_block_mask(torch.ones(1, 1, 4, 3, dtype=torch.bool, device=device), 32,
+                                            (100, 90), mask=mask)
+    out, lse, _ = check(q, k, v, layout, name)
+    assert torch.all(out[0, :, 5] == 0)

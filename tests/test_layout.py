@@ -1,0 +1,132 @@
+"""BlockLayout: lists, full/partial split, transposed lists, broadcast, dense mask, validation."""
+import math
+
+import pytest
+import torch
+
+import sparseattn as sa
+
+
+def _definition(block_mask, bq, bk, lq, lk, causal):
+    """Element mask written independently of the library: tile (i // bq, j // bk) listed, in
+    bounds, and j <= i + offset when causal."""
+    bl, hl = block_mask.shape[:2]
+    out = torch.zeros(bl, hl, lq, lk, dtype=torch.bool)
+    off = {None: None, "top_left": 0, "bottom_right": lk - lq}[causal]
+    for i in range(lq):
+        for j in range(lk):
+            if off is not None and j > i + off:
+                continue
+            out[:, :, i, j] = block_mask[:, :, i // bq, j // bk]
+    return out
+
+
+def _rows(num, idx):
+    return [sorted(idx[..., r, : num[..., r]].tolist()) for r in range(num.shape[-1])]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 1), (1, 3), (2, 3)])
+@pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
+@pytest.mark.parametrize("lens,bs", [((200, 200), (64, 64)), ((97, 250), (32, 64)), ((130, 63), (64, 16))])
+def test_lists_match_definition(shape, causal, lens, bs):
+    lq, lk = lens
+    bq, bk = bs
+    nq, nk = math.ceil(lq / bq), math.ceil(lk / bk)
+    bm = torch.rand(*shape, nq, nk) < 0.6
+    bm[..., 0, :] = False  # an empty query-block row
+    layout = sa.BlockLayout.from_block_mask(bm, bs, lens, causal=causal)
+    dense = _definition(bm, bq, bk, lq, lk, causal)
+    assert torch.equal(layout.to_dense_mask(), dense)
+    assert layout.density == pytest.approx(dense.float().mean().item())
+    for lists in ((layout.kv_num_blocks, layout.kv_indices), (layout.full_kv_num_blocks, layout.full_kv_indices),
+                  (layout.q_num_blocks, layout.q_indices), (layout.full_q_num_blocks, layout.full_q_indices)):
+        assert lists[0].dtype == torch.int32 and lists[1].dtype == torch.int32
+        assert tuple(lists[0].shape[:2]) == shape
+    for b in range(shape[0]):
+        for h in range(shape[1]):
+            for r in range(nq):
+                part = layout.kv_indices[b, h, r, : layout.kv_num_blocks[b, h, r]].tolist()
+                full = layout.full_kv_indices[b, h, r, : layout.full_kv_num_blocks[b, h, r]].tolist()
+                assert part == sorted(part) and full == sorted(full), "lists must be sorted"
+                assert not set(part) & set(full)
+                for c in range(nk):
+                    tile = dense[b, h, r * bq:(r + 1) * bq, c * bk:(c + 1) * bk]
+                    whole = tile.shape == (bq, bk) and bool(tile.all())
+                    if c in full:
+                        assert whole, f"full tile {(r, c)} is not fully attended"
+                    elif tile.any():
+                        assert c in part, f"tile {(r, c)} with attended pairs is not listed"
+                    else:
+                        assert c not in part, f"tile {(r, c)} with nothing attended is listed"
+            # Transposed lists hold the same tiles.
+            for c in range(nk):
+                tp = layout.q_indices[b, h, c, : layout.q_num_blocks[b, h, c]].tolist()
+                tf = layout.full_q_indices[b, h, c, : layout.full_q_num_blocks[b, h, c]].tolist()
+                assert tp == sorted(tp) and tf == sorted(tf)
+                assert set(tp) == {r for r in range(nq) if c in layout.kv_indices[b, h, r, : layout.kv_num_blocks[b, h, r]].tolist()}
+                assert set(tf) == {r for r in range(nq) if c in layout.full_kv_indices[b, h, r, : layout.full_kv_num_blocks[b, h, r]].tolist()}
+
+
+def test_from_indices_round_trip():
+    lq, lk, bs = 300, 170, (64, 32)
+    nq, nk = 5, 6
+    bm = torch.rand(2, 1, nq, nk) < 0.5
+    counts = bm.sum(-1).int()
+    idx = torch.zeros(2, 1, nq, nk, dtype=torch.int32)
+    for b in range(2):
+        for r in range(nq):
+            cols = torch.nonzero(bm[b, 0, r]).flatten()
+            idx[b, 0, r, : len(cols)] = cols.flip(0).int()  # any order is accepted
+    a = sa.BlockLayout.from_indices(counts, idx, bs, (lq, lk))
+    b = sa.BlockLayout.from_block_mask(bm, bs, (lq, lk))
+    assert torch.equal(a.to_dense_mask(), b.to_dense_mask())
+    for x, y in zip(a.lists(), b.lists()):
+        assert torch.equal(x, y)
+
+
+def test_element_mask_and_partial_tiles():
+    lq, lk = 100, 90
+    mask = torch.rand(1, 2, lq, lk) < 0.5
+    mask[:, :, :, :32] = True   # whole tiles attended
+    mask[:, :, :, 64:] = False  # whole tiles skipped
+    bm = torch.ones(1, 2, 4, 3, dtype=torch.bool)
+    layout = sa.BlockLayout.from_block_mask(bm, 32, (lq, lk), mask=mask)
+    assert torch.equal(layout.to_dense_mask(), mask)
+    assert layout.density == pytest.approx(mask.float().mean().item())
+
+
+def test_default_seq_lens_and_repr():
+    layout = sa.BlockLayout.from_block_mask(torch.ones(1, 1, 2, 3, dtype=torch.bool), (16, 32))
+    assert layout.seq_lens == (32, 96)
+    assert layout.density == 1.0
+    assert "BlockLayout" in repr(layout)
+
+
+@pytest.mark.parametrize("kwargs,exc,words", [
+    (dict(block_mask=torch.ones(1, 1, 2, 2, dtype=torch.int32)), TypeError, "torch.bool"),
+    (dict(block_mask=torch.ones(2, 2, dtype=torch.bool)), ValueError, "4 dims"),
+    (dict(block_size=48), ValueError, "powers of two"),
+    (dict(block_size=8), ValueError, "powers of two"),
+    (dict(seq_lens=(200, 128)), ValueError, "blocks for seq_lens"),
+    (dict(causal="diagonal"), ValueError, "causal"),
+    (dict(mask=torch.ones(1, 1, 10, 10, dtype=torch.bool)), ValueError, "mask"),
+    (dict(mask=torch.ones(1, 1, 128, 128)), TypeError, "bool"),
+])
+def test_from_block_mask_rejects(kwargs, exc, words):
+    args = dict(block_mask=torch.ones(1, 1, 2, 2, dtype=torch.bool), block_size=64, seq_lens=(128, 128))
+    args.update(kwargs)
+    with pytest.raises(exc, match=words):
+        sa.BlockLayout.from_block_mask(args.pop("block_mask"), **args)
+
+
+def test_from_indices_rejects_out_of_range():
+    counts = torch.tensor([[[1, 2]]], dtype=torch.int32)
+    idx = torch.tensor([[[[0, 0], [1, 2]]]], dtype=torch.int32)  # block 2 does not exist (nK = 2)
+    with pytest.raises(ValueError, match=r"kv_indices: expected block indices in \[0, 2\)"):
+        sa.BlockLayout.from_indices(counts, idx, 64, (128, 128))
+    with pytest.raises(ValueError, match="kv_num_blocks"):
+        sa.BlockLayout.from_indices(torch.tensor([[[3, 0]]], dtype=torch.int32), idx, 64, (128, 128))
+    with pytest.raises(TypeError, match="kv_indices"):
+        sa.BlockLayout.from_indices(counts, idx.float(), 64, (128, 128))
+    with pytest.raises(ValueError, match="kv_num_blocks: expected shape"):
+        sa.BlockLayout.from_indices(counts, idx, 64, (300, 128))

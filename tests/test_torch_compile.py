@@ -1,0 +1,65 @@
+"""torch.compile(fullgraph=True) sees one custom op (no graph break), forward and backward;
+torch.library.opcheck validates the op registration."""
+import math
+
+import pytest
+import torch
+
+import sparseattn as sa
+from sparseattn import ops
+from utils import DEVICE, randn
+
+
+def _qkv(dtype=torch.float32):
+    return [randn(1, 2, 70, 16, dtype=dtype, requires_grad=True) for _ in range(3)]
+
+
+def _grads(fn, args):
+    out = fn(*args)
+    return (out, *torch.autograd.grad(out.float().pow(2).sum(), args))
+
+
+@pytest.mark.parametrize("what", ["causal", "bool_mask", "float_mask", "layout"])
+def test_compile_fullgraph_forward_backward(what):
+    torch._dynamo.reset()
+    mask = torch.rand(70, 70, device=DEVICE) < 0.6
+    bias = torch.randn(1, 2, 70, 70, device=DEVICE)
+    lay = sa.BlockLayout.from_block_mask(torch.rand(1, 2, 2, 2, device=DEVICE) < 0.7, 64, (70, 70))
+
+    def f(q, k, v):
+        if what == "causal":
+            return sa.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if what == "bool_mask":
+            return sa.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if what == "float_mask":
+            return sa.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return sa.sparse_attention(q, k, v, lay)
+
+    args = _qkv()
+    eager = _grads(f, args)
+    compiled = _grads(torch.compile(f, fullgraph=True, backend="aot_eager"), args)
+    for a, b in zip(eager, compiled):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    assert sa.last_backend() == "triton"
+
+
+def test_compile_inductor():
+    torch._dynamo.reset()
+
+    def f(q, k, v):
+        return sa.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
+
+    args = _qkv()
+    eager = _grads(f, args)
+    compiled = _grads(torch.compile(f, fullgraph=True), args)
+    for a, b in zip(eager, compiled):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_opcheck():
+    q, k, v = _qkv()
+    lay = sa.BlockLayout.from_block_mask(torch.rand(1, 1, 2, 2, device=DEVICE) < 0.7, 64, (70, 70), causal="top_left")
+    args = (q, k, v, lay.lists(), None, None, 1.0 / math.sqrt(16), 64, 64, lay.causal_offset)
+    torch.library.opcheck(ops.sparse_attention_fwd, args)
+    bias = randn(1, 1, 70, 70)
+    torch.library.opcheck(ops.sparse_attention_fwd, (q, k, v, lay.lists(), None, bias, 0.5, 64, 64, None))
