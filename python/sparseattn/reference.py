@@ -69,3 +69,63 @@ def sparse_attention(q, k, v, layout, scale: Optional[float] = None, return_lse:
                      dtype: torch.dtype = torch.float64):
     """Oracle of :func:`sparseattn.sparse_attention`: dense attention under ``layout.to_dense_mask()``."""
     return attention(q, k, v, mask=layout.to_dense_mask(), scale=scale, return_lse=return_lse, dtype=dtype)
+
+
+# Absolute floor of the oracle tolerance per dtype (covers a baseline that happens to be exact).
+TOLERANCE_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 2e-5, torch.float64: 1e-12}
+TOLERANCE_FACTOR = 3.0
+
+
+def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, base: torch.Tensor) -> None:
+    """The oracle rule of sparseattn's tests and benchmarks:
+    ``max|out - ref| <= TOLERANCE_FACTOR * max|base - ref| + TOLERANCE_FLOOR[dtype]``, where ``ref``
+    is the float64 oracle and ``base`` the same computation in ``out``'s dtype (the error any
+    same-precision implementation makes). Raises AssertionError with the numbers."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert not torch.isnan(out).any(), f"{name}: NaN in output"
+    ref = ref.double()
+    err = (out.double() - ref).abs().max().item() if out.numel() else 0.0
+    base_err = (base.double() - ref).abs().nan_to_num(0.0).max().item() if out.numel() else 0.0
+    tol = TOLERANCE_FACTOR * base_err + TOLERANCE_FLOOR[out.dtype]
+    assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g} (baseline error {base_err:.3g})"
+
+
+def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: Optional[torch.Tensor] = None,
+                        scale: Optional[float] = None, initial_state: Optional[torch.Tensor] = None,
+                        dtype: torch.dtype = torch.float64):
+    """Oracle of :func:`sparseattn.lightning_attention`: the step-by-step recurrence in ``dtype``
+    (default float64), ``S_t = lambda S_{t-1} + k_t^T v_t`` from ``S_{-1} = S0`` (or zeros),
+    ``o_t = scale q_t S_t``, with ``lambda_h = exp(-slopes[h])`` (1 when slopes is None).
+
+    Args:
+        q, k: ``[B, H, L, Dk]``; v: ``[B, H, L, Dv]``; slopes ``[H]`` or None; scale default
+            ``1 / sqrt(Dk)``; initial_state ``[B, H, Dk, Dv]`` or None.
+        dtype: compute dtype (state included); pass the inputs' dtype for a same-precision baseline.
+
+    Returns:
+        (o ``[B, H, L, Dv]``, final state ``[B, H, Dk, Dv]``), both in ``dtype``. Differentiable.
+
+    Example::
+
+        >>> q = k = v = torch.randn(1, 2, 8, 16)
+        >>> o, s = lightning_attention(q, k, v, torch.tensor([0.5, 0.1]))
+        >>> o.dtype, s.shape
+        (torch.float64, torch.Size([1, 2, 16, 16]))
+    """
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    B, H, L, Dk = q.shape
+    scale = 1.0 / math.sqrt(Dk) if scale is None else scale
+    state = (initial_state.to(dtype) if initial_state is not None
+             else torch.zeros(B, H, Dk, v.shape[-1], dtype=dtype, device=q.device))
+    lam = None if slopes is None else torch.exp(-slopes.reshape(H).to(dtype)).view(1, H, 1, 1)
+    outs = []
+    for t in range(L):
+        if lam is not None:
+            state = lam * state
+        state = state + k[:, :, t, :, None] * v[:, :, t, None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t], state) * scale)
+    o = torch.stack(outs, 2) if outs else q.new_empty(B, H, 0, v.shape[-1])
+    return o, state
+
+
+__all__ += ["lightning_attention"]

@@ -1,0 +1,390 @@
+"""``python -m sparseattn.bench`` (also ``sparseattn-bench``): sparseattn's main job.
+
+On a GPU it times every op against its anchors measured in the same run (torch SDPA with each
+backend available, FlexAttention with the same block mask, ...), and prints and saves a table
+(JSON + Markdown) of ms, TFLOP/s (counted on the non-masked work) and the ratio of each anchor's
+time to ours (> 1: sparseattn is faster). Every op is checked against its float64 oracle first;
+an op that fails the check is refused, not reported.
+
+On a CPU it runs the same table with sparseattn's PyTorch CPU path against torch SDPA on CPU at
+small sizes, and says that the GPU kernels were not timed.
+
+Suites register in :data:`SUITES`; a suite is ``fn(device, quick, args) -> iterable of Case``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Case:
+    """One row of the table.
+
+    ``run`` calls sparseattn; ``anchors`` maps an anchor's name to a callable doing the same work
+    (None: not available here, shown as n/a). ``flops``: useful FLOPs of one call (0: not a FLOP
+    op); ``bytes``: bytes that must move (0: not reported). ``check`` raises AssertionError when
+    sparseattn's result is wrong: the case is then refused.
+    """
+    op: str
+    params: Dict[str, object]
+    run: Callable[[], object]
+    anchors: Dict[str, Optional[Callable[[], object]]] = field(default_factory=dict)
+    flops: float = 0.0
+    bytes: float = 0.0
+    check: Optional[Callable[[], None]] = None
+
+
+# ----------------------------------------------------------------------------- timing
+def time_ms(fn: Callable[[], object], device: str) -> float:
+    """Median time of one call in ms: CUDA events via triton.testing.do_bench on a GPU (it warms
+    up and flushes L2 between calls), wall clock over a few calls on a CPU."""
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+class Rotating:
+    """Cycle through copies of a case's inputs, so that no call finds them in L2 (GPU)."""
+
+    def __init__(self, make: Callable[[], tuple], device: str, min_bytes: int = 256 << 20, max_copies: int = 4):
+        first = make()
+        size = sum(t.numel() * t.element_size() for t in first if isinstance(t, torch.Tensor))
+        n = 1 if device != "cuda" else max(1, min(max_copies, math.ceil(min_bytes / max(size, 1))))
+        self.sets = [first] + [make() for _ in range(n - 1)]
+        self.i = 0
+
+    def __call__(self) -> tuple:
+        self.i = (self.i + 1) % len(self.sets)
+        return self.sets[self.i]
+
+
+# ----------------------------------------------------------------------------- attention suite
+def _sdpa_anchors(device: str, L: int, mask_available: bool):
+    """torch SDPA, one anchor per backend available on this device."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if device != "cuda":
+        return {"torch sdpa (cpu)": None}
+    backends = {"sdpa flash": SDPBackend.FLASH_ATTENTION, "sdpa efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "sdpa cudnn": SDPBackend.CUDNN_ATTENTION}
+    if L <= 4096:
+        backends["sdpa math"] = SDPBackend.MATH
+    return {name: (lambda b=b: sdpa_kernel(b)) for name, b in backends.items()}
+
+
+def _flex(device):
+    if device != "cuda":
+        return None
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    return torch.compile(flex_attention, dynamic=False), create_block_mask
+
+
+def attention_suite(device: str, quick: bool, args) -> Iterable[Case]:
+    """Dense causal, dense non-causal and a 10%-density block layout; forward and forward+backward."""
+    import sparseattn as sa
+
+    if device == "cuda":
+        dtype, lengths, dims = torch.bfloat16, [1024, 2048, 4096, 8192, 16384, 32768], [64, 128]
+        tokens = 16384
+    else:
+        dtype, lengths, dims = torch.float32, [256, 512, 1024], [64]
+        tokens = 1024
+    if quick:
+        lengths, dims = lengths[:2], dims[-1:]
+    lengths = args.lengths or lengths
+    dims = args.head_dims or dims
+    flex = _flex(device)
+    bs = 128
+    for D in dims:
+        H = 2048 // D if device == "cuda" else 4
+        for L in lengths:
+            B = max(1, tokens // L)
+            n = math.ceil(L / bs)
+            gen = torch.Generator(device="cpu").manual_seed(L)
+            table = torch.rand(n, n, generator=gen) < 0.1
+            table |= torch.eye(n, dtype=torch.bool)  # every query block sees at least its diagonal
+            table = table.to(device)
+            for pattern in ("causal", "dense", "block 10%"):
+                if pattern == "block 10%":
+                    layout = sa.BlockLayout.from_block_mask(table[None, None], bs, (L, L))
+                    pairs = layout.density * L * L
+                else:
+                    layout = None
+                    pairs = L * (L + 1) / 2 if pattern == "causal" else L * L
+                for direction in ("fwd", "fwd+bwd"):
+                    yield _attention_case(sa, device, dtype, B, H, L, D, pattern, direction, layout, table, bs,
+                                          pairs, flex)
+
+
+def _attention_case(sa, device, dtype, B, H, L, D, pattern, direction, layout, table, bs, pairs, flex):
+    bwd = direction == "fwd+bwd"
+    causal = pattern == "causal"
+
+    def make():
+        return tuple(torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=bwd) for _ in range(3))
+
+    inputs = Rotating(make, device)
+    dense_mask = layout.to_dense_mask() if layout is not None else None
+
+    def step(attn):
+        q, k, v = inputs()
+        out = attn(q, k, v)
+        if bwd:
+            out.backward(out)  # any gradient of the right shape
+        return out
+
+    def ours(q, k, v):
+        if layout is not None:
+            return sa.sparse_attention(q, k, v, layout)
+        return sa.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    anchors = {}
+    for name, ctx in _sdpa_anchors(device, L, True).items():
+        if ctx is None:
+            anchors[name] = lambda: step(lambda q, k, v: F.scaled_dot_product_attention(
+                q, k, v, attn_mask=dense_mask, is_causal=causal))
+            continue
+
+        def run_sdpa(ctx=ctx):
+            with ctx():
+                return step(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask,
+                                                                           is_causal=causal))
+        anchors[name] = run_sdpa
+    if flex is not None:
+        flex_fn, create_block_mask = flex
+        if pattern == "causal":
+            def mask_mod(b, h, q, kv):
+                return q >= kv
+        elif pattern == "dense":
+            def mask_mod(b, h, q, kv):
+                return q >= 0
+        else:
+            def mask_mod(b, h, q, kv):
+                return table[q // bs, kv // bs]
+        block_mask = create_block_mask(mask_mod, None, None, L, L, device=device, BLOCK_SIZE=bs)
+        anchors["flex attention"] = lambda: step(lambda q, k, v: flex_fn(q, k, v, block_mask=block_mask))
+    else:
+        anchors["flex attention"] = None
+
+    def check():
+        Lc = min(L, 1024)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v = (torch.randn(1, 2, Lc, D, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
+        if layout is not None:
+            nc = math.ceil(Lc / bs)
+            lay = sa.BlockLayout.from_block_mask(table[None, None, :nc, :nc].contiguous(), bs, (Lc, Lc))
+            got = sa.sparse_attention(q, k, v, lay)
+            mask = lay.to_dense_mask()
+        else:
+            got = sa.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            mask = None
+        ref = sa.reference.attention(q, k, v, mask=mask, is_causal=causal)
+        base = sa.reference.attention(q, k, v, mask=mask, is_causal=causal, dtype=dtype if device == "cuda" else torch.float32)
+        sa.reference.assert_close(f"attention {pattern}", got, ref, base)
+
+    flops = 4.0 * B * H * D * pairs * (3.5 if bwd else 1.0)
+    return Case(op=f"attention {pattern}", params=dict(direction=direction, B=B, H=H, L=L, D=D,
+                                                       dtype=str(dtype).replace("torch.", "")),
+                run=lambda: step(ours), anchors=anchors, flops=flops, check=check)
+
+
+SUITES: Dict[str, Callable[..., Iterable[Case]]] = {"attention": attention_suite}
+
+
+def _register_optional_suites() -> None:
+    """Suites of other ops live beside them; each registers here when its module exists."""
+    for mod, name, fn in (("bench_lightning", "lightning", "lightning_suite"),
+                          ("bench_decode", "decode", "decode_suite")):
+        try:
+            module = __import__(f"{__package__}.{mod}", fromlist=[fn])
+        except ImportError:
+            continue
+        SUITES.setdefault(name, getattr(module, fn))
+
+
+# ----------------------------------------------------------------------------- harness
+class _Progress:
+    def __init__(self, total: int):
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="case", file=sys.stderr)
+        except ImportError:
+            self.bar = None
+        self.total, self.done = total, 0
+
+    def step(self, label: str):
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_description(label[:40])
+            self.bar.update(1)
+        else:
+            filled = int(30 * self.done / max(1, self.total))
+            print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {label[:50]:<50}",
+                  end="", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            print(file=sys.stderr)
+
+
+def _environment(device: str) -> dict:
+    import sparseattn
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    env = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device,
+           "torch": torch.__version__, "triton": triton_version, "sparseattn": sparseattn.__version__,
+           "commit": commit, "python": platform.python_version()}
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=props.name, sm=f"{props.major}{props.minor}", sms=props.multi_processor_count,
+                   cuda=torch.version.cuda)
+    else:
+        env.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                   note="no GPU: sparseattn's PyTorch CPU path was timed against torch SDPA on CPU; "
+                        "the GPU kernels were not timed")
+    return env
+
+
+def run_cases(cases: List[Case], device: str) -> List[dict]:
+    rows, checked = [], {}
+    progress = _Progress(len(cases))
+    for case in cases:
+        label = f"{case.op} {case.params.get('direction', '')} L={case.params.get('L', '')}"
+        row = {"op": case.op, **case.params}
+        key = (case.op, tuple(sorted((k, v) for k, v in case.params.items() if k not in ("L", "B", "direction"))))
+        if case.check is not None and key not in checked:
+            try:
+                case.check()
+                checked[key] = None
+            except AssertionError as e:
+                checked[key] = str(e)
+        if checked.get(key):
+            row["refused"] = f"correctness check failed: {checked[key]}"
+            rows.append(row)
+            progress.step(label)
+            continue
+        try:
+            ms = time_ms(case.run, device)
+        except torch.cuda.OutOfMemoryError:
+            row["refused"] = "out of memory"
+            rows.append(row)
+            progress.step(label)
+            continue
+        row.update(ms=ms, tflops=case.flops / ms / 1e9 if case.flops else None,
+                   gbps=case.bytes / ms / 1e6 if case.bytes else None, anchors={})
+        for name, fn in case.anchors.items():
+            if fn is None:
+                row["anchors"][name] = None
+                continue
+            try:
+                a_ms = time_ms(fn, device)
+                row["anchors"][name] = {"ms": a_ms, "ratio": a_ms / ms}
+            except Exception as e:  # noqa: BLE001 - an anchor that cannot run this case is n/a, with why
+                row["anchors"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        progress.step(label)
+    progress.close()
+    return rows
+
+
+def to_markdown(env: dict, rows: List[dict]) -> str:
+    lines = ["# sparseattn benchmark", ""]
+    lines += [f"- {k}: {v}" for k, v in env.items() if v is not None]
+    lines += ["", "Ratio = anchor time / sparseattn time (> 1: sparseattn is faster). TFLOP/s counts only "
+                  "attended (query, key) pairs; fwd+bwd counts 3.5x the forward FLOPs.", ""]
+    anchor_names = sorted({a for r in rows for a in r.get("anchors", {})})
+    param_names = [k for k in ("direction", "B", "H", "L", "D", "dtype", "Lq", "cache", "density")
+                   if any(k in r for r in rows)]
+    header = ["op", *param_names, "ms", "TFLOP/s", "GB/s", *[f"{a} (ms / ratio)" for a in anchor_names]]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for r in rows:
+        cells = [r["op"], *[str(r.get(k, "")) for k in param_names]]
+        if "refused" in r:
+            cells += [f"refused: {r['refused'][:80]}", "", ""] + [""] * len(anchor_names)
+        else:
+            cells += [f"{r['ms']:.3f}", f"{r['tflops']:.3g}" if r.get("tflops") else "",
+                      f"{r['gbps']:.0f}" if r.get("gbps") else ""]
+            for a in anchor_names:
+                info = r["anchors"].get(a)
+                if info is None:
+                    cells.append("n/a")
+                elif "error" in info:
+                    cells.append("unsupported")
+                else:
+                    cells.append(f"{info['ms']:.3f} / {info['ratio']:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    _register_optional_suites()
+    ap = argparse.ArgumentParser(prog="python -m sparseattn.bench", description=__doc__.split("\n\n")[1])
+    ap.add_argument("--suite", action="append", choices=sorted(SUITES), help="suites to run (default: all)")
+    ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 1024,4096")
+    ap.add_argument("--head-dims", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 64,128")
+    ap.add_argument("--quick", action="store_true", help="a few sizes only")
+    ap.add_argument("--out", default="bench_out", help="folder for the JSON and Markdown results")
+    ap.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    args = ap.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        os.environ["SPARSEATTN_CPU_PATH"] = "1"  # time the CPU path, never the Triton interpreter
+    env = _environment(device)
+    cases = [c for name in (args.suite or sorted(SUITES)) for c in SUITES[name](device, args.quick, args)]
+    rows = run_cases(cases, device)
+    md = to_markdown(env, rows)
+    os.makedirs(args.out, exist_ok=True)
+    stem = f"{env['date'][:10]}-{(env.get('gpu') or 'cpu').replace(' ', '_')}"
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
+        json.dump({"environment": env, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
+        f.write(md)
+    print(md)
+    if device == "cpu":
+        print("No GPU here: the GPU kernels were not timed; the table times sparseattn's PyTorch CPU path.")
+    print(f"saved {os.path.join(args.out, stem)}.json and .md")
+    return 1 if any("refused" in r and r["refused"].startswith("correctness") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""The main job's harness: a quick CPU run writes its tables; a failing check refuses a case."""
+import json
+import os
+
+from sparseattn import bench
+
+
+def test_quick_cpu_run_writes_tables(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")  # restored after the test (main sets it for CPU runs)
+    rc = bench.main(["--suite", "attention", "--quick", "--lengths", "128", "--device", "cpu",
+                     "--out", str(tmp_path)])
+    assert rc == 0
+    files = sorted(os.listdir(tmp_path))
+    assert [f.rsplit(".", 1)[1] for f in files] == ["json", "md"]
+    data = json.load(open(tmp_path / files[0]))
+    rows = data["rows"]
+    assert {r["op"] for r in rows} == {"attention causal", "attention dense", "attention block 10%"}
+    for r in rows:
+        assert "refused" not in r and r["ms"] > 0
+        assert r["anchors"]["torch sdpa (cpu)"]["ratio"] > 0
+    assert "GPU kernels were not timed" in capsys.readouterr().out
+    assert "not timed" in data["environment"]["note"]
+
+
+def test_failed_check_refuses_case():
+    def wrong():
+        raise AssertionError("max error 1 > 0.01")
+
+    ok = bench.Case(op="good", params={"L": 1}, run=lambda: None, anchors={"a": lambda: None}, flops=1.0)
+    bad = bench.Case(op="bad", params={"L": 1}, run=lambda: None, check=wrong)
+    rows = bench.run_cases([ok, bad], "cpu")
+    assert "refused" not in rows[0] and rows[0]["anchors"]["a"]["ratio"] > 0
+    assert rows[1]["refused"].startswith("correctness check failed: max error")
+    assert "refused" in bench.to_markdown({"device": "cpu"}, rows)
