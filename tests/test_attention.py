@@ -143,3 +143,32 @@ def test_element_mask_layout(backend):
                                             (100, 90), mask=mask)
     out, lse, _ = check(q, k, v, layout, name)
     assert torch.all(out[0, :, 5] == 0)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs > 2^31-element tensors: a GPU with >= 40 GB")
+def test_64bit_offsets():
+    """q, k, v of 2^31 + 12800 elements each: element offsets pass int32; only the last query
+    block attends (key blocks 0 and last), so the work stays small."""
+    L, D, bs = (1 << 24) + 100, 128, 64
+    n = math.ceil(L / bs)
+    q, k, v = (randn(1, 1, L, D, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    counts = torch.zeros(1, 1, n, dtype=torch.int32, device=DEVICE)
+    counts[..., -1] = 2
+    idx = torch.zeros(1, 1, n, 2, dtype=torch.int32, device=DEVICE)
+    idx[..., -1, 1] = n - 1
+    layout = sa.BlockLayout.from_indices(counts, idx, bs, (L, L))
+    out = sa.sparse_attention(q, k, v, layout)
+    dout = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad((out * dout).sum(), (q, k, v))
+    rows = slice((n - 1) * bs, L)
+    keys = torch.cat([torch.arange(bs), torch.arange((n - 1) * bs, L)]).to(DEVICE)
+    assert torch.all(out[:, :, : (n - 1) * bs] == 0)
+    res = {}
+    for dt in (torch.float64, torch.float16):
+        leaves = [q[:, :, rows].detach().to(dt).requires_grad_(), k[:, :, keys].detach().to(dt).requires_grad_(),
+                  v[:, :, keys].detach().to(dt).requires_grad_()]
+        o = sa.reference.attention(*leaves, dtype=dt)
+        res[dt] = (o, *torch.autograd.grad((o.double() * dout[:, :, rows].double()).sum(), leaves))
+    got = (out[:, :, rows], dq[:, :, rows], dk[:, :, keys], dv[:, :, keys])
+    for name, g, r, b in zip(("out", "dq", "dk", "dv"), got, res[torch.float64], res[torch.float16]):
+        assert_oracle(name, g, r, b)

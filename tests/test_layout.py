@@ -67,21 +67,42 @@ def test_lists_match_definition(shape, causal, lens, bs):
                 assert set(tf) == {r for r in range(nq) if c in layout.full_kv_indices[b, h, r, : layout.full_kv_num_blocks[b, h, r]].tolist()}
 
 
-def test_from_indices_round_trip():
+@pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3)])
+def test_from_indices_matches_from_block_mask(causal, shape):
     lq, lk, bs = 300, 170, (64, 32)
     nq, nk = 5, 6
-    bm = torch.rand(2, 1, nq, nk) < 0.5
-    counts = bm.sum(-1).int()
-    idx = torch.zeros(2, 1, nq, nk, dtype=torch.int32)
-    for b in range(2):
-        for r in range(nq):
-            cols = torch.nonzero(bm[b, 0, r]).flatten()
-            idx[b, 0, r, : len(cols)] = cols.flip(0).int()  # any order is accepted
-    a = sa.BlockLayout.from_indices(counts, idx, bs, (lq, lk))
-    b = sa.BlockLayout.from_block_mask(bm, bs, (lq, lk))
+    bm = torch.rand(*shape, nq, nk) < 0.5
+    counts = torch.zeros(*shape, nq, dtype=torch.int32)
+    idx = torch.zeros(*shape, nq, nk + 1, dtype=torch.int64)
+    for b in range(shape[0]):
+        for h in range(shape[1]):
+            for r in range(nq):
+                cols = torch.nonzero(bm[b, h, r]).flatten().flip(0)  # any order is accepted
+                if len(cols):
+                    cols = torch.cat([cols, cols[:1]])  # and duplicates
+                idx[b, h, r, : len(cols)] = cols
+                counts[b, h, r] = len(cols)
+    a = sa.BlockLayout.from_indices(counts, idx, bs, (lq, lk), causal=causal)
+    b = sa.BlockLayout.from_block_mask(bm, bs, (lq, lk), causal=causal)
     assert torch.equal(a.to_dense_mask(), b.to_dense_mask())
+    assert a.causal_offset == b.causal_offset
     for x, y in zip(a.lists(), b.lists()):
         assert torch.equal(x, y)
+
+
+def test_from_indices_is_linear_in_listed_blocks():
+    """4M tokens in 64-blocks, a band of 2 blocks per row: an nQ x nK mask would be 4.3 G
+    elements; the lists are built from the listed blocks alone (padded to the widest row)."""
+    nq = 1 << 16
+    rows = torch.arange(nq)
+    idx = torch.stack([(rows - 1).clamp(min=0), rows, rows], -1)[None, None].int()
+    counts = torch.full((1, 1, nq), 3, dtype=torch.int32)
+    layout = sa.BlockLayout.from_indices(counts, idx, 64, (nq * 64, nq * 64), causal="top_left")
+    assert int(layout.kv_num_blocks.sum() + layout.full_kv_num_blocks.sum()) == 2 * nq - 1  # duplicates dropped
+    assert torch.all(layout.kv_num_blocks == 1)  # the diagonal block is partial (causal)
+    assert layout.full_kv_indices.shape[-1] == 1 and layout.q_indices.shape[-1] == 1
+    assert torch.equal(layout.full_kv_indices[0, 0, 1:, 0], rows[:-1].int())
 
 
 def test_element_mask_and_partial_tiles():

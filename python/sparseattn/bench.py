@@ -66,18 +66,33 @@ def time_ms(fn: Callable[[], object], device: str) -> float:
 
 
 class Rotating:
-    """Cycle through copies of a case's inputs, so that no call finds them in L2 (GPU)."""
+    """Cycle through copies of a case's inputs, so that no call finds them in L2 (GPU).
+    Created on the first call: a case holds no memory until it runs."""
 
     def __init__(self, make: Callable[[], tuple], device: str, min_bytes: int = 256 << 20, max_copies: int = 4):
-        first = make()
-        size = sum(t.numel() * t.element_size() for t in first if isinstance(t, torch.Tensor))
-        n = 1 if device != "cuda" else max(1, min(max_copies, math.ceil(min_bytes / max(size, 1))))
-        self.sets = [first] + [make() for _ in range(n - 1)]
+        self.make, self.device, self.min_bytes, self.max_copies = make, device, min_bytes, max_copies
+        self.sets: List[tuple] = []
         self.i = 0
 
     def __call__(self) -> tuple:
+        if not self.sets:
+            first = self.make()
+            size = sum(t.numel() * t.element_size() for t in first if isinstance(t, torch.Tensor))
+            n = 1 if self.device != "cuda" else max(1, min(self.max_copies, math.ceil(self.min_bytes / max(size, 1))))
+            self.sets = [first] + [self.make() for _ in range(n - 1)]
         self.i = (self.i + 1) % len(self.sets)
         return self.sets[self.i]
+
+
+def lazy(make: Callable[[], object]) -> Callable[[], object]:
+    """A value built on first use (large masks and anchors' block masks of a case)."""
+    box = []
+
+    def get():
+        if not box:
+            box.append(make())
+        return box[0]
+    return get
 
 
 # ----------------------------------------------------------------------------- attention suite
@@ -149,7 +164,7 @@ def _attention_case(sa, device, dtype, B, H, L, D, pattern, direction, layout, t
         return tuple(torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=bwd) for _ in range(3))
 
     inputs = Rotating(make, device)
-    dense_mask = layout.to_dense_mask() if layout is not None else None
+    dense_mask = lazy(lambda: layout.to_dense_mask() if layout is not None else None)
 
     def step(attn):
         q, k, v = inputs()
@@ -167,12 +182,12 @@ def _attention_case(sa, device, dtype, B, H, L, D, pattern, direction, layout, t
     for name, ctx in _sdpa_anchors(device, L, True).items():
         if ctx is None:
             anchors[name] = lambda: step(lambda q, k, v: F.scaled_dot_product_attention(
-                q, k, v, attn_mask=dense_mask, is_causal=causal))
+                q, k, v, attn_mask=dense_mask(), is_causal=causal))
             continue
 
         def run_sdpa(ctx=ctx):
             with ctx():
-                return step(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask,
+                return step(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(),
                                                                            is_causal=causal))
         anchors[name] = run_sdpa
     if flex is not None:
@@ -186,8 +201,8 @@ def _attention_case(sa, device, dtype, B, H, L, D, pattern, direction, layout, t
         else:
             def mask_mod(b, h, q, kv):
                 return table[q // bs, kv // bs]
-        block_mask = create_block_mask(mask_mod, None, None, L, L, device=device, BLOCK_SIZE=bs)
-        anchors["flex attention"] = lambda: step(lambda q, k, v: flex_fn(q, k, v, block_mask=block_mask))
+        block_mask = lazy(lambda: create_block_mask(mask_mod, None, None, L, L, device=device, BLOCK_SIZE=bs))
+        anchors["flex attention"] = lambda: step(lambda q, k, v: flex_fn(q, k, v, block_mask=block_mask()))
     else:
         anchors["flex attention"] = None
 
@@ -285,7 +300,8 @@ def _environment(device: str) -> dict:
 def run_cases(cases: List[Case], device: str) -> List[dict]:
     rows, checked = [], {}
     progress = _Progress(len(cases))
-    for case in cases:
+    for i, case in enumerate(cases):
+        cases[i] = None  # the case's inputs are freed once it has run
         label = f"{case.op} {case.params.get('direction', '')} L={case.params.get('L', '')}"
         row = {"op": case.op, **case.params}
         key = (case.op, tuple(sorted((k, v) for k, v in case.params.items() if k not in ("L", "B", "direction"))))
@@ -318,10 +334,11 @@ def run_cases(cases: List[Case], device: str) -> List[dict]:
                 row["anchors"][name] = {"ms": a_ms, "ratio": a_ms / ms}
             except Exception as e:  # noqa: BLE001 - an anchor that cannot run this case is n/a, with why
                 row["anchors"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
-            if device == "cuda":
-                torch.cuda.empty_cache()
         rows.append(row)
         progress.step(label)
+        del case
+        if device == "cuda":
+            torch.cuda.empty_cache()
     progress.close()
     return rows
 
