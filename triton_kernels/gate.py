@@ -19,7 +19,7 @@ from typing import Dict
 from .common import INTERPRET, SMEM_LIMIT
 
 # Kernel modules that take part in the gate (each defines compile_specs(cc)).
-MODULES = ["attention"]
+MODULES = ["attention", "lightning"]
 
 
 @dataclass

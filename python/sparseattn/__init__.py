@@ -7,7 +7,13 @@
 from . import reference
 from .attention import last_backend, scaled_dot_product_attention, sparse_attention
 from .layout import BlockLayout
+from ._cuda import cuda_available, cuda_unavailable_reason
+from .decode import decode_attention
+from .lightning import lightning_attention, lightning_attention_step, lightning_slopes
+from . import distributed
 
 __version__ = "0.1.0"
 
 __all__ = ["BlockLayout", "last_backend", "reference", "scaled_dot_product_attention", "sparse_attention"]
+__all__ += ["cuda_available", "cuda_unavailable_reason", "decode_attention"]
+__all__ += ["distributed", "lightning_attention", "lightning_attention_step", "lightning_slopes"]

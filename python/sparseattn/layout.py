@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -37,8 +38,8 @@ def _check_seq_lens(seq_lens) -> Tuple[int, int]:
 def _mask_to_lists(mask: torch.Tensor, width: Optional[int] = None):
     """bool [..., n_rows, n] -> (counts int32 [..., n_rows], sorted indices int32 [..., n_rows, width]).
 
-    Row r lists the columns where mask is True, ascending, then pads with columns where it is
-    False (still in range, never read). width defaults to the largest count (at least 1).
+    Row r lists the columns where mask is True, ascending, then pads with 0 (in range, never
+    read). width defaults to the largest count (at least 1), or n under torch.compile.
     """
     n = mask.shape[-1]
     counts = mask.sum(-1, dtype=torch.int32)
@@ -47,8 +48,45 @@ def _mask_to_lists(mask: torch.Tensor, width: Optional[int] = None):
     cols = torch.arange(n, device=mask.device, dtype=torch.int32)
     key = torch.where(mask, cols, cols + n)
     idx = key.sort(dim=-1).values[..., :width]
-    idx = torch.where(idx >= n, idx - n, idx).to(torch.int32)
+    idx = torch.where(idx >= n, 0, idx).to(torch.int32)  # padding is 0, as in _entries_to_lists
     return counts, idx.contiguous()
+
+
+def _classify_tiles(r, c, block_size, seq_lens, causal_offset):
+    """(attended, partial) of tiles at query-block ``r`` and key-block ``c`` (broadcasting index
+    tensors) under the built-in kinds: a tile crossing a sequence bound or the causal diagonal
+    is partial; a tile entirely above the diagonal is not attended."""
+    (bq, bk), (lq, lk) = block_size, seq_lens
+    r0, r1 = r * bq, torch.clamp((r + 1) * bq, max=lq) - 1
+    c0, c1 = c * bk, torch.clamp((c + 1) * bk, max=lk) - 1
+    partial = ((r + 1) * bq > lq) | ((c + 1) * bk > lk)
+    attended = torch.ones_like(partial)
+    if causal_offset is not None:
+        attended = c0 <= r1 + causal_offset
+        partial = partial | (c1 > r0 + causal_offset)
+    return attended, partial
+
+
+def _entries_to_lists(row, col, n_rows: int, n_cols: int):
+    """Entries (row, col) -> (counts int32 [n_rows], indices int32 [n_rows, width]): each row's
+    distinct columns, ascending, zero-padded. O(entries log entries)."""
+    key = torch.unique(row * n_cols + col)  # sorted, duplicates dropped
+    row, col = key // n_cols, key % n_cols
+    counts = torch.bincount(row, minlength=n_rows)
+    width = max(1, int(counts.max())) if counts.numel() else 1
+    pos = torch.arange(key.numel(), device=key.device) - (torch.cumsum(counts, 0) - counts)[row]
+    idx = torch.zeros(n_rows, width, dtype=torch.int32, device=key.device)
+    idx[row, pos] = col.to(torch.int32)
+    return counts.to(torch.int32), idx
+
+
+def _gpu_lists(masks):
+    """The CUDA layout builder (``sparseattn._C``, identical lists) for CUDA masks when the
+    extension is built and usable and ``SPARSEATTN_GPU_LAYOUT`` is not ``0``; else None."""
+    if not masks[0].is_cuda or _is_compiling() or os.environ.get("SPARSEATTN_GPU_LAYOUT") == "0":
+        return None
+    from . import _cuda
+    return _cuda.mask_to_lists(masks) if _cuda.cuda_available(masks[0].device) else None
 
 
 class BlockLayout:
@@ -67,9 +105,12 @@ class BlockLayout:
     but never read):
 
     * ``kv_num_blocks [Bl, Hl, nQ]``, ``kv_indices [Bl, Hl, nQ, maxK]``: partial key blocks of each
-      query block; ``full_kv_num_blocks``, ``full_kv_indices``: its full key blocks;
+      query block; ``full_kv_num_blocks``, ``full_kv_indices``: its full key blocks (padding is 0);
     * ``q_num_blocks [Bl, Hl, nK]``, ``q_indices [Bl, Hl, nK, maxQ]`` and ``full_q_*``: the transposed
       lists (query blocks of each key block), used by the dK/dV pass of the backward.
+
+    ``maxK`` / ``maxQ`` are the widest row of each list, so a key block that every query block
+    attends (a sink) makes the transposed lists ``nQ`` wide.
 
     ``Bl`` is 1 or the batch size and ``Hl`` is 1 or the number of query heads; a size-1 dimension
     broadcasts (the kernels read it with stride 0, nothing is copied).
@@ -164,20 +205,9 @@ class BlockLayout:
         offset = None if causal is None else (0 if causal == "top_left" else lk - lq)
         dev = block_mask.device
 
-        # Tile geometry, vectorised: first/last valid row of each query block, first/last column
-        # of each key block.
-        qi = torch.arange(nq, device=dev)
-        kj = torch.arange(nk, device=dev)
-        r0, r1 = qi * bq, torch.clamp((qi + 1) * bq, max=lq) - 1
-        c0, c1 = kj * bk, torch.clamp((kj + 1) * bk, max=lk) - 1
-        ragged = ((qi + 1) * bq > lq)[:, None] | ((kj + 1) * bk > lk)[None, :]
-        attended = block_mask
-        partial = ragged.expand(nq, nk)
-        if offset is not None:
-            empty = c0[None, :] > r1[:, None] + offset
-            crosses = c1[None, :] > r0[:, None] + offset
-            attended = attended & ~empty
-            partial = partial | crosses
+        attended, partial = _classify_tiles(torch.arange(nq, device=dev)[:, None], torch.arange(nk, device=dev)[None, :],
+                                            (bq, bk), (lq, lk), offset)
+        attended = block_mask & attended
         if partial_blocks is not None:
             partial = partial | partial_blocks
         if mask is not None and partial_blocks is None:
@@ -199,8 +229,8 @@ class BlockLayout:
 
         Args:
             kv_num_blocks: int ``[B|1, H|1, nQ]``: how many key blocks query block i attends.
-            kv_indices: int ``[B|1, H|1, nQ, maxK]``: those key blocks (any order, first
-                ``kv_num_blocks`` entries of each row are read, each in ``[0, nK)``).
+            kv_indices: int ``[B|1, H|1, nQ, maxK]``: those key blocks (any order, duplicates
+                allowed; the first ``kv_num_blocks`` entries of each row are read, each in ``[0, nK)``).
             block_size, seq_lens, causal: as in :meth:`from_block_mask`; ``seq_lens`` is required.
         """
         for name, t in (("kv_num_blocks", kv_num_blocks), ("kv_indices", kv_indices)):
@@ -219,24 +249,38 @@ class BlockLayout:
             raise ValueError(f"kv_indices: expected shape [{', '.join(map(str, kv_num_blocks.shape))}, maxK], "
                              f"got {tuple(kv_indices.shape)}")
         width = kv_indices.shape[-1]
+        used = torch.arange(width, device=kv_indices.device) < kv_num_blocks[..., None]
         if not _is_compiling():
-            used = torch.arange(width, device=kv_indices.device) < kv_num_blocks[..., None]
-            if bool(((kv_num_blocks < 0) | (kv_num_blocks > min(width, nk))).any()):
-                raise ValueError(f"kv_num_blocks: expected values in [0, {min(width, nk)}], got "
+            if bool(((kv_num_blocks < 0) | (kv_num_blocks > width)).any()):
+                raise ValueError(f"kv_num_blocks: expected values in [0, {width}] (kv_indices' last dim), got "
                                  f"[{int(kv_num_blocks.min())}, {int(kv_num_blocks.max())}]")
             bad = used & ((kv_indices < 0) | (kv_indices >= nk))
             if bool(bad.any()):
                 raise ValueError(f"kv_indices: expected block indices in [0, {nk}) for seq_lens={(lq, lk)} "
                                  f"and block_size={(bq, bk)}, got {int(kv_indices[bad][0])}")
-        block_mask = cls._rows_to_mask(kv_num_blocks, kv_indices, nk)
-        return cls.from_block_mask(block_mask, (bq, bk), (lq, lk), causal=causal)
+        if causal not in _CAUSAL_KINDS:
+            raise ValueError(f"causal: expected one of {_CAUSAL_KINDS}, got {causal!r}")
+        offset = None if causal is None else (0 if causal == "top_left" else lk - lq)
+        # O(listed blocks): the entries (plane, row, col), never an nQ x nK mask.
+        bl, hl = kv_num_blocks.shape[:2]
+        b, h, r, slot = used.nonzero(as_tuple=True)
+        c = kv_indices[b, h, r, slot].long()
+        attended, partial = _classify_tiles(r, c, (bq, bk), (lq, lk), offset)
+        plane, r, c, partial = (b * hl + h)[attended], r[attended], c[attended], partial[attended]
+        lists = []
+        for major, minor, n_major, n_minor in ((r, c, nq, nk), (c, r, nk, nq)):
+            for sel in (partial, ~partial):
+                cnt, idx = _entries_to_lists(plane[sel] * n_major + major[sel], minor[sel], bl * hl * n_major, n_minor)
+                lists += [cnt.view(bl, hl, n_major), idx.view(bl, hl, n_major, -1)]
+        return cls(block_size=(bq, bk), seq_lens=(lq, lk), kv_num_blocks=lists[0], kv_indices=lists[1],
+                   full_kv_num_blocks=lists[2], full_kv_indices=lists[3], q_num_blocks=lists[4], q_indices=lists[5],
+                   full_q_num_blocks=lists[6], full_q_indices=lists[7], causal_offset=offset)
 
     @classmethod
     def _from_tile_masks(cls, partial_mask, full_mask, block_size, seq_lens, causal_offset, mask):
-        kv_n, kv_i = _mask_to_lists(partial_mask)
-        fkv_n, fkv_i = _mask_to_lists(full_mask)
-        q_n, q_i = _mask_to_lists(partial_mask.transpose(-1, -2))
-        fq_n, fq_i = _mask_to_lists(full_mask.transpose(-1, -2))
+        masks = (partial_mask, full_mask, partial_mask.transpose(-1, -2), full_mask.transpose(-1, -2))
+        lists = _gpu_lists(masks) or [_mask_to_lists(m) for m in masks]
+        (kv_n, kv_i), (fkv_n, fkv_i), (q_n, q_i), (fq_n, fq_i) = lists
         return cls(block_size=block_size, seq_lens=seq_lens, kv_num_blocks=kv_n, kv_indices=kv_i,
                    full_kv_num_blocks=fkv_n, full_kv_indices=fkv_i, q_num_blocks=q_n, q_indices=q_i,
                    full_q_num_blocks=fq_n, full_q_indices=fq_i, causal_offset=causal_offset, mask=mask)

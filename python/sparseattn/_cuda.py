@@ -1,0 +1,167 @@
+"""The CUDA extension ``sparseattn._C`` (built from ``csrc/`` when nvcc was present at install):
+availability, and the launchers that hand it ``data_ptr()``s, strides and the current stream.
+
+Importing this module never fails: without the extension, or without a usable GPU, every launcher
+raises ``RuntimeError("no usable CUDA device: <reason>")`` and :func:`cuda_available` is False.
+Launchers allocate outputs and launch; inputs were validated by the public functions (the C++ code
+checks them again, cheaply, and raises instead of asserting).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ._alloc import empty
+
+try:
+    from . import _C
+    _IMPORT_ERROR: Optional[str] = None
+except ImportError as e:  # not built (no nvcc at install time, or SPARSEATTN_BUILD_CUDA=0)
+    _C = None
+    _IMPORT_ERROR = str(e)
+
+_reasons: Dict[int, str] = {}
+_sms: Dict[int, int] = {}
+
+
+def extension_built() -> bool:
+    """True when ``sparseattn._C`` was built and imports."""
+    return _C is not None
+
+
+def _device_index(device) -> int:
+    if device is None:
+        return torch.cuda.current_device()
+    device = torch.device(device)
+    if device.type != "cuda":
+        return -1
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
+def cuda_unavailable_reason(device=None) -> Optional[str]:
+    """None when the CUDA extension can run on ``device`` (default: the current CUDA device),
+    else one line saying why not: not built, no driver, no device, or an unsupported GPU."""
+    if _C is None:
+        return (f"the CUDA extension sparseattn._C is not built ({_IMPORT_ERROR}); reinstall with nvcc on PATH "
+                "or SPARSEATTN_BUILD_CUDA=1")
+    if device is not None and torch.device(device).type != "cuda":
+        return f"{torch.device(device)} is not a CUDA device"
+    if not torch.cuda.is_available():
+        reason = _C.device_unavailable_reason(0)
+        return reason or (f"torch.cuda.is_available() is False (torch {torch.__version__}, "
+                          f"built with CUDA {torch.version.cuda})")
+    index = _device_index(device)
+    if index not in _reasons:
+        _reasons[index] = _C.device_unavailable_reason(index)
+    return _reasons[index] or None
+
+
+def cuda_available(device=None) -> bool:
+    """True when the CUDA extension is built AND ``device`` (default: the current one) can run it."""
+    return cuda_unavailable_reason(device) is None
+
+
+def require(device=None) -> int:
+    """The device index, or RuntimeError("no usable CUDA device: <reason>")."""
+    reason = cuda_unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"no usable CUDA device: {reason}")
+    return _device_index(device)
+
+
+def _stream(index: int) -> int:
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+def num_sms(index: int) -> int:
+    if index not in _sms:
+        _sms[index] = _C.num_sms(index)
+    return _sms[index]
+
+
+# ----------------------------------------------------------------------------- layout builder
+def mask_to_lists(masks: Sequence[torch.Tensor]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """The GPU layout builder: bool masks ``[Bl, Hl, rows, cols]`` (any strides, broadcast views
+    included) -> ``(counts int32 [Bl, Hl, rows], indices int32 [Bl, Hl, rows, width])`` each,
+    identical to ``sparseattn.layout._mask_to_lists``. Two launches for up to 4 masks and one
+    host read of the widths."""
+    dev = masks[0].device
+    index = require(dev)
+    out = []
+    for start in range(0, len(masks), 4):
+        group = masks[start:start + 4]
+        jobs, counts = [], []
+        for m in group:
+            if m.dtype != torch.bool or m.dim() != 4 or m.device != dev:
+                raise ValueError(f"mask_to_lists: expected 4-D bool tensors on {dev}, got {m.dtype} "
+                                 f"{tuple(m.shape)} on {m.device}")
+            bl, hl, rows, cols = m.shape
+            c = torch.empty(bl, hl, rows, dtype=torch.int32, device=dev)
+            counts.append(c)
+            jobs.append([m.data_ptr(), bl, hl, rows, cols, *m.stride(), c.data_ptr(), 0, 0])
+        max_counts = torch.empty(len(group), dtype=torch.int32, device=dev)
+        stream = _stream(index)
+        _C.build_lists_count([tuple(j) for j in jobs], max_counts.data_ptr(), index, stream)
+        widths = [max(1, w) for w in max_counts.tolist()]  # the one host round trip
+        indices = []
+        for j, m, w in zip(jobs, group, widths):
+            idx = torch.empty(*m.shape[:3], w, dtype=torch.int32, device=dev)
+            indices.append(idx)
+            j[10], j[11] = idx.data_ptr(), w
+        _C.build_lists_fill([tuple(j) for j in jobs], index, stream)
+        out.extend(zip(counts, indices))
+    return out
+
+
+# ----------------------------------------------------------------------------- decode
+def _aligned(t: torch.Tensor, elems: int) -> bool:
+    """Unit stride in the last dim, other strides multiples of ``elems``, data 2*elems-byte aligned."""
+    return (t.stride(-1) == 1 and all(s % elems == 0 for s in t.stride()[:-1])
+            and t.data_ptr() % (t.element_size() * elems) == 0)
+
+
+def decode_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor,
+                         blk_num: Optional[torch.Tensor], blk_idx: Optional[torch.Tensor], block_k: int,
+                         head_mask: Optional[torch.Tensor], scale: float):
+    """Launch the split-KV decode kernels. q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lmax, D]`` fp16/bf16,
+    D in {64, 128, 256}; seqlens int32 ``[B]``; optional union block lists ``blk_num [B, Hkv]``,
+    ``blk_idx [B, Hkv, W]`` and per-head block mask ``head_mask`` uint8 ``[Bl, Hl, nK]``.
+    Returns (out ``[B, Hq, Lq, D]`` q's dtype, lse ``[B, Hq, Lq]`` float32)."""
+    index = require(q.device)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lmax = k.shape[1], k.shape[2]
+    # The kernels read 4-byte words of q and 16-byte vectors of K/V rows: copy only if needed.
+    q = q if _aligned(q, 2) else q.contiguous()
+    k = k if _aligned(k, 8) else k.contiguous()
+    v = v if _aligned(v, 8) else v.contiguous()
+    seqlens = seqlens.contiguous()
+    max_keys = Lmax if blk_idx is None else blk_idx.shape[-1] * block_k
+    splits = _C.decode_num_splits(num_sms(index), B, Hq, Hkv, Lq, max_keys)
+    out = empty(B, Hq, Lq, D, dtype=q.dtype, device=q.device)
+    lse = empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
+    o_part = torch.empty(splits, B, Hq, Lq, D, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(splits, B, Hq, Lq, dtype=torch.float32, device=q.device)
+    p = _C.DecodeParams()
+    p.q, p.k, p.v = q.data_ptr(), k.data_ptr(), v.data_ptr()
+    p.q_sb, p.q_sh, p.q_sl = q.stride()[:3]
+    p.k_sb, p.k_sh, p.k_sl = k.stride()[:3]
+    p.v_sb, p.v_sh, p.v_sl = v.stride()[:3]
+    p.out, p.lse = out.data_ptr(), lse.data_ptr()
+    p.o_sb, p.o_sh, p.o_sl = out.stride()[:3]
+    p.o_part, p.lse_part = o_part.data_ptr(), lse_part.data_ptr()
+    p.seqlens = seqlens.data_ptr()
+    if blk_idx is not None:
+        blk_num, blk_idx = blk_num.contiguous(), blk_idx.contiguous()
+        p.blk_num, p.blk_idx, p.blk_width = blk_num.data_ptr(), blk_idx.data_ptr(), blk_idx.shape[-1]
+    p.block_k = block_k
+    if head_mask is not None:
+        head_mask = head_mask.contiguous()
+        p.head_mask = head_mask.data_ptr()
+        p.mask_b, p.mask_h, p.n_kblocks = head_mask.shape
+    p.B, p.Hq, p.Hkv, p.Lq, p.Lmax, p.D = B, Hq, Hkv, Lq, Lmax, D
+    p.scale = scale
+    p.num_splits = splits
+    p.dtype = _C.DType.bfloat16 if q.dtype == torch.bfloat16 else _C.DType.float16
+    _C.decode_attention(p, index, _stream(index))
+    return out, lse

@@ -1,0 +1,322 @@
+"""Lightning attention: chunked linear attention with per-head decay (forward, backward, decode step).
+
+Naming chain: ``_lightning_attention_fwd_kernel`` -> launcher ``lightning_attention_fwd`` -> custom op
+``sparseattn::lightning_attention_fwd`` -> public ``sparseattn.lightning_attention`` -> oracle
+``sparseattn.reference.lightning_attention`` (likewise ``lightning_attention_bwd`` and the decode
+``_lightning_attention_step_kernel`` -> ``lightning_attention_step``).
+
+Definition, per head with decay ``lambda = exp(-slope)``:
+``S_t = lambda S_{t-1} + k_t^T v_t`` (``S_{-1} = S0``), ``o_t = scale q_t S_t``.
+
+One program owns one (batch, head, value tile) and walks the sequence chunk by chunk, keeping the
+``[Dk, BLOCK_N]`` state in fp32 registers. Inside a chunk the decay is a matrix of
+``exp((i - j) * log lambda)``, exponents of position differences bounded by the chunk size: no
+running product of lambda ever underflows, whatever the length or slope.
+
+The backward reuses the same kernel three times (no separate backward kernels):
+
+* ``dq`` is the forward of ``(do, v, k)`` with initial state ``S0^T``;
+* ``dk`` and ``dv`` are forwards over the *reversed* sequence of ``(v, do, q)`` and ``(k, q, do)``
+  whose initial state is the gradient of the final state ``dS_L`` (``S0_SHIFT``: that state enters
+  one decay step later), and the final state of the ``dv`` pass is ``dS0 / lambda``.
+
+Offsets are 64-bit; any strides; any L (the last chunk is masked).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._alloc import empty
+from .common import Tuner, device_smem_limit
+
+# Autotune configs, beside the kernel: BLOCK_M is the chunk (rows per step), BLOCK_N the value
+# columns one program owns. The prune is _fits.
+LIGHTNING_CONFIGS = [
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},  # Dk = 256
+    {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},  # Dk = 256, A100
+    {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2},  # Dv = 16
+]
+STEP_BLOCK_N = 32
+
+
+def _fits(cfg, *, block_dk, block_dv, elem, smem, **_):
+    """A config fits when its value tile is no wider than the head (16-wide only for Dv <= 16),
+    its fp32 state tile stays within ~64 registers per thread, and the staged q/k/v tiles plus the
+    chunk's score tile fit shared memory. The single-stage tiles exist for Dk = 256 only."""
+    m, n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    if n > max(16, block_dv) or (n == 16 and block_dv > 16):
+        return False
+    if cfg["num_stages"] == 1 and block_dk < 256:
+        return False
+    if block_dk * n > 64 * 32 * cfg["num_warps"]:
+        return False
+    need = elem * (2 * m * block_dk + m * n) * max(1, cfg["num_stages"]) + 4 * (block_dk * n + m * m)
+    return need <= smem
+
+
+TUNER = Tuner("lightning_attention", LIGHTNING_CONFIGS, _fits)
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _lightning_attention_fwd_kernel(
+        Q, K, V, S0, O, SF, SLOPES,
+        sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
+        ssb, ssh, ssk, ssv, sob, soh, sot, sod, sfb, sfh, sfk, sfv,
+        H, L, scale, inter_scale, kv_scale,
+        DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, STORE_SF: tl.constexpr,
+        REVERSE: tl.constexpr, S0_SHIFT: tl.constexpr, LOWP_STATE: tl.constexpr,
+        PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr):
+    """out_t = scale * sum_{j<=t in chunk} lambda^(t-j) (q_t.k_j) v_j
+               + inter_scale * lambda^(i+1) q_t S_chunk            (i: position in the chunk)
+    S_next = lambda^n S_chunk + kv_scale * sum_j lambda^(n-1-j) k_j^T v_j; S before the first
+    chunk is S0 (fp32). With REVERSE, chunk position p reads row L-1-p. With S0_SHIFT, the first
+    chunk's state carries one decay step less (exponents i and n-1)."""
+    pid_v = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_c = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_DK)
+    offs_v = pid_v * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = offs_k < DK
+    v_ok = offs_v < DV
+    if HAS_DECAY:
+        log_lam = -tl.load(SLOPES + h).to(tl.float32)
+    else:
+        log_lam = 0.0
+    st_ok = k_ok[:, None] & v_ok[None, :]
+    if HAS_S0:
+        state = tl.load(S0 + b * ssb + h * ssh + offs_k[:, None] * ssk + offs_v[None, :] * ssv,
+                        mask=st_ok, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros([BLOCK_DK, BLOCK_N], dtype=tl.float32)
+    Q_base = Q + b * sqb + h * sqh
+    K_base = K + b * skb + h * skh
+    V_base = V + b * svb + h * svh
+    O_base = O + b * sob + h * soh
+    causal = offs_c[:, None] >= offs_c[None, :]
+    if HAS_DECAY:
+        # exp of (position difference x log lambda), masked to 0 above the diagonal
+        dmat = tl.exp(tl.where(causal, (offs_c[:, None] - offs_c[None, :]).to(tl.float32) * log_lam,
+                               float("-inf")))
+    for c in range(tl.cdiv(L, BLOCK_M)):
+        pos = c * BLOCK_M + offs_c
+        n = tl.minimum(L - c * BLOCK_M, BLOCK_M)
+        valid = offs_c < n
+        if REVERSE:
+            row = (L - 1 - pos).to(tl.int64)
+        else:
+            row = pos.to(tl.int64)
+        q = tl.load(Q_base + row[:, None] * sqt + offs_k[None, :] * sqd, mask=valid[:, None] & k_ok[None, :],
+                    other=0.0)
+        k = tl.load(K_base + row[:, None] * skt + offs_k[None, :] * skd, mask=valid[:, None] & k_ok[None, :],
+                    other=0.0)
+        v = tl.load(V_base + row[:, None] * svt + offs_v[None, :] * svd, mask=valid[:, None] & v_ok[None, :],
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)                              # [M, M]
+        if HAS_DECAY:
+            s = s * dmat
+        else:
+            s = tl.where(causal, s, 0.0)
+        acc = tl.dot((s * scale).to(v.dtype), v, input_precision=PRECISION)                # intra-chunk
+        if HAS_DECAY:
+            shift = S0_SHIFT * (1 - tl.minimum(c, 1))  # the first chunk only
+            q_dec = tl.exp((offs_c + 1 - shift).to(tl.float32) * log_lam) * inter_scale
+            k_dec = tl.where(valid, tl.exp(tl.maximum(n - 1 - offs_c, 0).to(tl.float32) * log_lam), 0.0)
+            s_dec = tl.exp((n - shift).to(tl.float32) * log_lam)
+            qd = q.to(tl.float32) * q_dec[:, None]
+            kd = (k.to(tl.float32) * k_dec[:, None]).to(k.dtype)
+        else:
+            qd = q.to(tl.float32) * inter_scale
+            kd = k
+            s_dec = 1.0
+        if LOWP_STATE:  # bf16: the state enters the tensor cores in bf16 (fp32 range, as FLA)
+            acc = tl.dot(qd.to(q.dtype), state.to(q.dtype), acc)
+        else:  # fp16 (tf32: fp16's mantissa with fp32's range) and fp32 (ieee)
+            acc = tl.dot(qd, state, acc, input_precision=STATE_PRECISION)
+        tl.store(O_base + row[:, None] * sot + offs_v[None, :] * sod, acc.to(O.dtype.element_ty),
+                 mask=valid[:, None] & v_ok[None, :])
+        state = state * s_dec + tl.dot(tl.trans(kd), v, input_precision=PRECISION) * kv_scale
+    if STORE_SF:
+        tl.store(SF + b * sfb + h * sfh + offs_k[:, None] * sfk + offs_v[None, :] * sfv, state, mask=st_ok)
+
+
+@triton.jit
+def _lightning_attention_step_kernel(
+        Q, K, V, S, O, SN, SLOPES,
+        sqb, sqh, sqd, skb, skh, skd, svb, svh, svd, ssb, ssh, ssk, ssv, sob, soh, sod,
+        H, scale,
+        DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_DECAY: tl.constexpr):
+    """One decode token: S' = lambda S + k^T v (fp32, written to SN contiguous), o = scale q S'."""
+    pid_v = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_DK)
+    offs_v = pid_v * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = offs_k < DK
+    v_ok = offs_v < DV
+    ok = k_ok[:, None] & v_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_k * sqd, mask=k_ok, other=0.0).to(tl.float32)
+    k = tl.load(K + b * skb + h * skh + offs_k * skd, mask=k_ok, other=0.0).to(tl.float32)
+    v = tl.load(V + b * svb + h * svh + offs_v * svd, mask=v_ok, other=0.0).to(tl.float32)
+    state = tl.load(S + b * ssb + h * ssh + offs_k[:, None] * ssk + offs_v[None, :] * ssv, mask=ok,
+                    other=0.0).to(tl.float32)
+    if HAS_DECAY:
+        state = state * tl.exp(-tl.load(SLOPES + h).to(tl.float32))
+    state = state + k[:, None] * v[None, :]
+    o = tl.sum(q[:, None] * state, 0) * scale
+    tl.store(O + b * sob + h * soh + offs_v * sod, o.to(O.dtype.element_ty), mask=v_ok)
+    tl.store(SN + ((b * H + h) * DK + offs_k[:, None]) * DV + offs_v[None, :], state, mask=ok)
+
+
+# ----------------------------------------------------------------------------- launchers
+def block_d_of(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _problem(dk, dv, elem, smem):
+    """What the prune looks at (layout_* size the Tuner's always-fitting fallback: 32 x 32 tiles)."""
+    return dict(block_dk=block_d_of(dk), block_dv=block_d_of(dv), elem=elem, smem=smem, layout_bq=32,
+                layout_bk=32)
+
+
+def _flags(q, dk, dv):
+    return dict(DK=dk, DV=dv, BLOCK_DK=block_d_of(dk), LOWP_STATE=q.dtype == torch.bfloat16,
+                PRECISION="ieee", STATE_PRECISION="tf32" if q.dtype == torch.float16 else "ieee")
+
+
+def lightning_attention_pass(q, k, v, slopes: Optional[torch.Tensor], s0: Optional[torch.Tensor],
+                             scale: float, inter_scale: float, kv_scale: float, reverse: bool = False,
+                             s0_shift: bool = False, store_sf: bool = True, s0_transposed: bool = False):
+    """One chunked pass of the kernel (the forward, or one of the three backward passes).
+
+    q, k ``[B, H, L, Dk]``, v ``[B, H, L, Dv]`` (any strides); s0 ``[B, H, Dk, Dv]`` (or
+    ``[B, H, Dv, Dk]`` read transposed with ``s0_transposed``). Returns (out ``[B, H, L, Dv]`` in
+    v's dtype, final state ``[B, H, Dk, Dv]`` fp32 or None)."""
+    B, H, L, Dk = q.shape
+    Dv = v.shape[-1]
+    out = empty(B, H, L, Dv, dtype=v.dtype, device=q.device)
+    sf = empty(B, H, Dk, Dv, dtype=torch.float32, device=q.device) if store_sf else out
+    s0_t = s0 if s0 is not None else out
+    if s0 is None:
+        s0_strides = (0, 0, 0, 0)
+    elif s0_transposed:
+        s0_strides = (s0.stride(0), s0.stride(1), s0.stride(3), s0.stride(2))
+    else:
+        s0_strides = s0.stride()
+    sf_strides = sf.stride() if store_sf else (0, 0, 0, 0)
+    flags = _flags(q, Dk, Dv)
+    flags.update(HAS_DECAY=slopes is not None, HAS_S0=s0 is not None, STORE_SF=store_sf, REVERSE=reverse,
+                 S0_SHIFT=int(s0_shift))
+    slopes_t = slopes if slopes is not None else out
+
+    def launch(cfg):
+        grid = (triton.cdiv(Dv, cfg["BLOCK_N"]), B * H)
+        _lightning_attention_fwd_kernel[grid](
+            q, k, v, s0_t, out, sf, slopes_t, *q.stride(), *k.stride(), *v.stride(), *s0_strides,
+            *out.stride(), *sf_strides, H, L, scale, inter_scale, kv_scale, **flags, **cfg)
+
+    prob = _problem(Dk, Dv, q.element_size(), device_smem_limit(q.device))
+    key = {"dtype": str(q.dtype), "L": triton.next_power_of_2(L), "BH": B * H,
+           **{k_: v_ for k_, v_ in flags.items() if k_ not in ("PRECISION", "STATE_PRECISION")}}
+    launch(TUNER.pick(launch, **prob, **key))
+    return out, (sf if store_sf else None)
+
+
+def lightning_attention_fwd(q, k, v, slopes: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
+                            scale: float):
+    """Launch the forward. Returns (o ``[B, H, L, Dv]`` in q's dtype, final state
+    ``[B, H, Dk, Dv]`` fp32)."""
+    return lightning_attention_pass(q, k, v, slopes, initial_state, scale, scale, 1.0)
+
+
+def lightning_attention_bwd(do, dsf: Optional[torch.Tensor], q, k, v, slopes: Optional[torch.Tensor],
+                            initial_state: Optional[torch.Tensor], scale: float):
+    """Launch the backward: three passes of the forward kernel. ``dsf`` is the gradient of the
+    final state (or None). Returns (dq, dk, dv, d initial_state fp32 or None)."""
+    dq, _ = lightning_attention_pass(do, v, k, slopes, initial_state, scale, scale, 1.0, store_sf=False,
+                                     s0_transposed=True)
+    dk, _ = lightning_attention_pass(v, do, q, slopes, dsf, scale, 1.0, scale, reverse=True, s0_shift=True,
+                                     store_sf=False, s0_transposed=True)
+    dv, ds0 = lightning_attention_pass(k, q, do, slopes, dsf, scale, 1.0, scale, reverse=True, s0_shift=True,
+                                       store_sf=initial_state is not None)
+    if ds0 is not None and slopes is not None:
+        ds0 = ds0 * torch.exp(-slopes.float())[None, :, None, None]  # the pass ends one decay step early
+    return dq, dk, dv, ds0
+
+
+def lightning_attention_step(q, k, v, state, slopes: Optional[torch.Tensor], scale: float):
+    """Launch one decode step: q, k ``[B, H, Dk]``, v ``[B, H, Dv]``, state ``[B, H, Dk, Dv]``.
+    Returns (o ``[B, H, Dv]`` in q's dtype, new state fp32 contiguous)."""
+    B, H, Dk = q.shape
+    Dv = v.shape[-1]
+    out = empty(B, H, Dv, dtype=q.dtype, device=q.device)
+    new = empty(B, H, Dk, Dv, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(Dv, STEP_BLOCK_N), B * H)
+    _lightning_attention_step_kernel[grid](
+        q, k, v, state, out, new, slopes if slopes is not None else out,
+        *q.stride(), *k.stride(), *v.stride(), *state.stride(), *out.stride(), H, scale,
+        DK=Dk, DV=Dv, BLOCK_DK=block_d_of(Dk), BLOCK_N=STEP_BLOCK_N, HAS_DECAY=slopes is not None)
+    return out, new
+
+
+# ----------------------------------------------------------------------------- compile gate
+GATE_HEAD_DIMS = (16, 32, 64, 128, 256)
+GATE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def compile_specs(cc: int):
+    """The chunk kernel at every config its prune can select on sm_<cc> for Dk = Dv in
+    {16..256} and each dtype (decay, S0, final state and reversal on: the largest code; bf16 at
+    D = 128, the benchmark case, also without them), plus the decode step kernel per dtype."""
+    import inspect
+
+    from .common import SMEM_LIMIT
+    from .gate import Spec
+
+    def signature(kernel, ptr):
+        sig = {}
+        for n, p in inspect.signature(kernel.fn).parameters.items():
+            if p.annotation is tl.constexpr or "constexpr" in str(p.annotation):
+                continue
+            if n in ("Q", "K", "V", "O"):
+                sig[n] = ptr
+            elif n in ("S0", "SF", "S", "SN", "SLOPES"):
+                sig[n] = "*fp32"
+            elif n in ("scale", "inter_scale", "kv_scale"):
+                sig[n] = "fp32"
+            else:
+                sig[n] = "i32"
+        return sig
+
+    for tname, dtype in GATE_DTYPES.items():
+        ptr = "*" + tname
+        elem = torch.empty((), dtype=dtype).element_size()
+        q = torch.empty(0, dtype=dtype)
+        for d in GATE_HEAD_DIMS:
+            prob = _problem(d, d, elem, SMEM_LIMIT[cc])
+            for features in ((True, False) if (tname, d) == ("bf16", 128) else (True,)):
+                flags = dict(_flags(q, d, d), HAS_DECAY=features, HAS_S0=features, STORE_SF=features,
+                             REVERSE=features, S0_SHIFT=int(features))
+                for cfg in TUNER.candidates(**prob):
+                    tiles = {k: v for k, v in cfg.items() if k.isupper()}
+                    yield Spec("lightning_fwd", _lightning_attention_fwd_kernel,
+                               signature(_lightning_attention_fwd_kernel, ptr), {**flags, **tiles},
+                               cfg["num_warps"], cfg["num_stages"],
+                               tags={"dtype": tname, "D": d, "features": features, **cfg})
+        for d in (64, 256):
+            yield Spec("lightning_step", _lightning_attention_step_kernel,
+                       signature(_lightning_attention_step_kernel, ptr),
+                       dict(DK=d, DV=d, BLOCK_DK=block_d_of(d), BLOCK_N=STEP_BLOCK_N, HAS_DECAY=True), 4, 1,
+                       tags={"dtype": tname, "D": d})
