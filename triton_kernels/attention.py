@@ -46,16 +46,16 @@ DQ_CONFIGS = [
 PREPROCESS_BLOCK_M = 64
 
 
-def _fits(staged_rows):
+def _fits(kernel):
     def fits(cfg, *, layout_bq, layout_bk, block_d, elem, smem, **_):
-        return attention_tile_fits(cfg, layout_bq=layout_bq, layout_bk=layout_bk, block_d=block_d,
-                                   elem=elem, smem=smem, staged_rows=staged_rows)
+        return attention_tile_fits(cfg, kernel=kernel, layout_bq=layout_bq, layout_bk=layout_bk, block_d=block_d,
+                                   elem=elem, smem=smem)
     return fits
 
 
-FWD_TUNER = Tuner("sparse_attention_fwd", FWD_CONFIGS, _fits("N"))
-DKDV_TUNER = Tuner("sparse_attention_bwd_dkdv", DKDV_CONFIGS, _fits("M"))
-DQ_TUNER = Tuner("sparse_attention_bwd_dq", DQ_CONFIGS, _fits("N"))
+FWD_TUNER = Tuner("sparse_attention_fwd", FWD_CONFIGS, _fits("fwd"))
+DKDV_TUNER = Tuner("sparse_attention_bwd_dkdv", DKDV_CONFIGS, _fits("dkdv"))
+DQ_TUNER = Tuner("sparse_attention_bwd_dq", DQ_CONFIGS, _fits("dq"))
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -455,7 +455,8 @@ GATE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 
 def compile_specs(cc: int):
     """Every attention kernel at every config its prune can select on sm_<cc>, for each head dim
-    and dtype, with all in-kernel features on (the largest code) and off (the dense fast path)."""
+    and dtype (fp16 at D 64 and 128 only), with all in-kernel features on (the largest code), and
+    off (the dense fast path) for bf16 at D 64 and 128."""
     import inspect
 
     from .common import SMEM_LIMIT
@@ -482,10 +483,12 @@ def compile_specs(cc: int):
         tensors["Mask"] = "*u8"
         elem = torch.empty((), dtype=dtype).element_size()
         for d in GATE_HEAD_DIMS:
+            if tname == "fp16" and d not in (64, 128):
+                continue  # fp16 tiles and code equal bf16's but for the MMA type: two head dims suffice
             prob = dict(layout_bq=128, layout_bk=128, block_d=block_d_of(d), elem=elem, smem=SMEM_LIMIT[cc])
-            # All features on is the largest code (every masked path); bf16 also compiles the
-            # plain dense variant, the GPU fast path.
-            for features in ((True, False) if tname == "bf16" else (True,)):
+            # All features on is the largest code (every masked path); bf16 at D 64 and 128 also
+            # compiles the plain dense variant, the GPU fast path.
+            for features in ((True, False) if tname == "bf16" and d in (64, 128) else (True,)):
                 flags = dict(HEAD_DIM=d, BLOCK_D=block_d_of(d), LAYOUT_BQ=128, LAYOUT_BK=128, CAUSAL=features,
                              HAS_MASK=features, HAS_BIAS=features, PRECISION="ieee")
                 for name, kernel, tuner in (("fwd", _sparse_attention_fwd_kernel, FWD_TUNER),
