@@ -457,30 +457,15 @@ def compile_specs(cc: int):
     """Every attention kernel at every config its prune can select on sm_<cc>, for each head dim
     and dtype (fp16 at D 64 and 128 only), with all in-kernel features on (the largest code), and
     off (the dense fast path) for bf16 at D 64 and 128."""
-    import inspect
-
     from .common import SMEM_LIMIT
-    from .gate import Spec
-
-    def signature(kernel, ptr_types):
-        names = [n for n, p in inspect.signature(kernel.fn).parameters.items()
-                 if p.annotation is not tl.constexpr and "constexpr" not in str(p.annotation)]
-        sig = {}
-        for n in names:
-            if n in ptr_types:
-                sig[n] = ptr_types[n]
-            elif n in ("qk_scale", "sm_scale"):
-                sig[n] = "fp32"
-            else:
-                sig[n] = "i32"
-        return sig
+    from .gate import Spec, signature
 
     for tname, dtype in GATE_DTYPES.items():
         ptr = "*" + tname
         tensors = {n: ptr for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "Bias")}
         tensors.update({n: "*fp32" for n in ("LSE", "DELTA", "DLSE")})
         tensors.update({n: "*i32" for n in ("KVN", "KVI", "FKVN", "FKVI", "QN", "QI", "FQN", "FQI")})
-        tensors["Mask"] = "*u8"
+        tensors.update(Mask="*u8", qk_scale="fp32", sm_scale="fp32")
         elem = torch.empty((), dtype=dtype).element_size()
         for d in GATE_HEAD_DIMS:
             if tname == "fp16" and d not in (64, 128):

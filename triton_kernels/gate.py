@@ -33,6 +33,16 @@ class Spec:
     tags: Dict[str, object] = field(default_factory=dict)
 
 
+def signature(kernel, types: Dict[str, str]) -> Dict[str, str]:
+    """Triton types of a kernel's runtime arguments: ``types`` by name, "i32" for the rest
+    (sizes and strides); constexpr parameters are left out."""
+    import inspect
+
+    fn = getattr(kernel, "fn", kernel)
+    return {n: types.get(n, "i32") for n, p in inspect.signature(fn).parameters.items()
+            if "constexpr" not in str(p.annotation)}
+
+
 def compile_spec(spec: Spec, cc: int):
     import triton
     from triton.backends.compiler import GPUTarget

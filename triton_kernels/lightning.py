@@ -280,28 +280,13 @@ def compile_specs(cc: int):
     """The chunk kernel at every config its prune can select on sm_<cc> for Dk = Dv in
     {16..256} and each dtype (decay, S0, final state and reversal on: the largest code; bf16 at
     D = 128, the benchmark case, also without them), plus the decode step kernel per dtype."""
-    import inspect
-
     from .common import SMEM_LIMIT
-    from .gate import Spec
-
-    def signature(kernel, ptr):
-        sig = {}
-        for n, p in inspect.signature(kernel.fn).parameters.items():
-            if p.annotation is tl.constexpr or "constexpr" in str(p.annotation):
-                continue
-            if n in ("Q", "K", "V", "O"):
-                sig[n] = ptr
-            elif n in ("S0", "SF", "S", "SN", "SLOPES"):
-                sig[n] = "*fp32"
-            elif n in ("scale", "inter_scale", "kv_scale"):
-                sig[n] = "fp32"
-            else:
-                sig[n] = "i32"
-        return sig
+    from .gate import Spec, signature
 
     for tname, dtype in GATE_DTYPES.items():
         ptr = "*" + tname
+        types = {**{n: ptr for n in ("Q", "K", "V", "O")}, **{n: "*fp32" for n in ("S0", "SF", "S", "SN", "SLOPES")},
+                 **{n: "fp32" for n in ("scale", "inter_scale", "kv_scale")}}
         elem = torch.empty((), dtype=dtype).element_size()
         q = torch.empty(0, dtype=dtype)
         for d in GATE_HEAD_DIMS:
@@ -312,11 +297,11 @@ def compile_specs(cc: int):
                 for cfg in TUNER.candidates(**prob):
                     tiles = {k: v for k, v in cfg.items() if k.isupper()}
                     yield Spec("lightning_fwd", _lightning_attention_fwd_kernel,
-                               signature(_lightning_attention_fwd_kernel, ptr), {**flags, **tiles},
+                               signature(_lightning_attention_fwd_kernel, types), {**flags, **tiles},
                                cfg["num_warps"], cfg["num_stages"],
                                tags={"dtype": tname, "D": d, "features": features, **cfg})
         for d in (64, 256):
             yield Spec("lightning_step", _lightning_attention_step_kernel,
-                       signature(_lightning_attention_step_kernel, ptr),
+                       signature(_lightning_attention_step_kernel, types),
                        dict(DK=d, DV=d, BLOCK_DK=block_d_of(d), BLOCK_N=STEP_BLOCK_N, HAS_DECAY=True), 4, 1,
                        tags={"dtype": tname, "D": d})

@@ -96,20 +96,22 @@ def lazy(make: Callable[[], object]) -> Callable[[], object]:
 
 
 # ----------------------------------------------------------------------------- attention suite
-def _sdpa_anchors(device: str, L: int, mask_available: bool):
-    """torch SDPA, one anchor per backend available on this device."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+def sdpa_backends(device: str, include_math: bool = True) -> Dict[str, Optional[Callable[[], object]]]:
+    """torch SDPA anchors: name -> a context manager factory pinning one backend (CUDA: flash,
+    efficient, cudnn, and math when asked); on a CPU one anchor with torch's default choice (None)."""
     if device != "cuda":
         return {"torch sdpa (cpu)": None}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     backends = {"sdpa flash": SDPBackend.FLASH_ATTENTION, "sdpa efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "sdpa cudnn": SDPBackend.CUDNN_ATTENTION}
-    if L <= 4096:
+    if include_math:
         backends["sdpa math"] = SDPBackend.MATH
     return {name: (lambda b=b: sdpa_kernel(b)) for name, b in backends.items()}
 
 
-def _flex(device):
+def flex_attention_fn(device: str):
+    """(compiled flex_attention, create_block_mask) on CUDA, else None."""
     if device != "cuda":
         return None
     try:
@@ -133,7 +135,7 @@ def attention_suite(device: str, quick: bool, args) -> Iterable[Case]:
         lengths, dims = lengths[:2], dims[-1:]
     lengths = args.lengths or lengths
     dims = args.head_dims or dims
-    flex = _flex(device)
+    flex = flex_attention_fn(device)
     bs = 128
     for D in dims:
         H = 2048 // D if device == "cuda" else 4
@@ -179,7 +181,7 @@ def _attention_case(sa, device, dtype, B, H, L, D, pattern, direction, layout, t
         return sa.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
     anchors = {}
-    for name, ctx in _sdpa_anchors(device, L, True).items():
+    for name, ctx in sdpa_backends(device, include_math=L <= 4096).items():
         if ctx is None:
             anchors[name] = lambda: step(lambda q, k, v: F.scaled_dot_product_attention(
                 q, k, v, attn_mask=dense_mask(), is_causal=causal))

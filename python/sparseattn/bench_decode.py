@@ -15,7 +15,7 @@ from typing import Callable, Dict, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
-from .bench import Case
+from .bench import Case, flex_attention_fn, sdpa_backends
 
 HQ, HKV, D = 32, 8, 128
 BLOCK_K = 64
@@ -33,26 +33,6 @@ def _lazy(key, make: Callable[[], object]):
     return _slot["value"]
 
 
-def _flex(device):
-    if device != "cuda":
-        return None
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError:
-        return None
-    return torch.compile(flex_attention, dynamic=False), create_block_mask
-
-
-def _sdpa_contexts(device):
-    if device != "cuda":
-        return {"torch sdpa (cpu)": None}
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return {name: (lambda b=b: sdpa_kernel(b)) for name, b in (
-        ("sdpa flash", SDPBackend.FLASH_ATTENTION), ("sdpa efficient", SDPBackend.EFFICIENT_ATTENTION),
-        ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa math", SDPBackend.MATH))}
-
-
 def decode_suite(device: str, quick: bool, args=None) -> Iterable[Case]:
     """Cases of dense and 10%-sparse decode, plus the copy-bandwidth rows."""
     import sparseattn as sa
@@ -68,7 +48,7 @@ def decode_suite(device: str, quick: bool, args=None) -> Iterable[Case]:
         dtype, batches, caches, hq, hkv, d = torch.float32, [1, 2], [1024, 4096], 4, 2, 64
         if quick:
             batches, caches = [1], [1024]
-    flex = _flex(device)
+    flex = flex_attention_fn(device)
     seen_bytes = set()
     for L in caches + ([1 << 20] if device == "cuda" and not quick else []):
         for B in batches:
@@ -120,7 +100,7 @@ def _decode_case(sa, device, dtype, B, hq, hkv, L, d, pattern, flex) -> Case:
     dense_mask = None
     if pattern != "dense":
         dense_mask = table.repeat_interleave(BLOCK_K)[:L].to(device)[None, :]  # [1, L]: broadcasts
-    for name, ctx in _sdpa_contexts(device).items():
+    for name, ctx in sdpa_backends(device).items():
         def run_sdpa(ctx=ctx):
             q, k, v, _ = _lazy(key, make)
             if ctx is None:
