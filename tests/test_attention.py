@@ -172,3 +172,30 @@ def test_64bit_offsets():
     got = (out[:, :, rows], dq[:, :, rows], dk[:, :, keys], dv[:, :, keys])
     for name, g, r, b in zip(("out", "dq", "dk", "dv"), got, res[torch.float64], res[torch.float16]):
         assert_oracle(name, g, r, b)
+
+
+@pytest.mark.parametrize("window,sinks", [(1, 0), (50, 4), (500, 0)])
+def test_sliding_window_with_sinks(backend, window, sinks):
+    device, name = backend
+    Lq, Lk = 150, 200
+    q, k, v = _inputs(2, 4, 2, Lq, Lk, 32, torch.float32, device)
+    layout = sa.BlockLayout.from_block_mask(torch.ones(1, 1, 3, 4, dtype=torch.bool, device=device), 64, (Lq, Lk),
+                                            causal="bottom_right", window=window, sinks=sinks)
+    check(q, k, v, layout, name)
+
+
+def test_tile_bitmasks(backend):
+    """Mixed tiles carry packed bitmasks that the kernels apply (forward and both backward passes),
+    with per-(batch, head) lists and 128-wide layout blocks split into kernel tiles."""
+    device, name = backend
+    Lq, Lk, bs = 200, 230, (128, 64)
+    q, k, v = _inputs(2, 4, 2, Lq, Lk, 16, torch.float16, device)
+    nq, nk = 2, 4
+    b, h, r, c = (t.to(device) for t in torch.ones(2, 4, nq, nk, dtype=torch.bool).nonzero(as_tuple=True))
+    keep = torch.rand(b.numel(), device=device) < 0.8
+    bits = torch.rand(int(keep.sum()), *bs, device=device) < 0.3
+    bits[0] = True
+    layout = sa.BlockLayout.from_entries(b[keep], h[keep], r[keep], c[keep], shape=(2, 4), block_size=bs,
+                                         seq_lens=(Lq, Lk), causal="bottom_right", bits=bits)
+    assert layout.bits is not None
+    check(q, k, v, layout, name)

@@ -151,3 +151,86 @@ def test_from_indices_rejects_out_of_range():
         sa.BlockLayout.from_indices(counts, idx.float(), 64, (128, 128))
     with pytest.raises(ValueError, match="kv_num_blocks: expected shape"):
         sa.BlockLayout.from_indices(counts, idx, 64, (300, 128))
+
+
+def _window_definition(lq, lk, offset, window, sinks):
+    out = torch.zeros(lq, lk, dtype=torch.bool)
+    for i in range(lq):
+        for j in range(lk):
+            out[i, j] = j <= i + offset and (i + offset - j < window or j < sinks)
+    return out
+
+
+@pytest.mark.parametrize("window,sinks", [(1, 0), (7, 0), (40, 3), (100, 70), (1000, 0)])
+@pytest.mark.parametrize("lens,causal", [((130, 130), "top_left"), ((50, 170), "bottom_right"), ((170, 90), "bottom_right")])
+def test_sliding_window_kinds(window, sinks, lens, causal):
+    lq, lk = lens
+    bs = (32, 16)
+    nq, nk = math.ceil(lq / bs[0]), math.ceil(lk / bs[1])
+    layout = sa.BlockLayout.from_block_mask(torch.ones(1, 1, nq, nk, dtype=torch.bool), bs, lens, causal=causal,
+                                            window=window, sinks=sinks)
+    offset = 0 if causal == "top_left" else lk - lq
+    dense = _window_definition(lq, lk, offset, window, sinks)
+    assert torch.equal(layout.to_dense_mask()[0, 0], dense)
+    assert layout.density == pytest.approx(dense.float().mean().item())
+    # Tiles with nothing visible are not listed; full tiles are entirely visible.
+    b, h, r, c = torch.ones(1, 1, nq, nk, dtype=torch.bool).nonzero(as_tuple=True)
+    ent = sa.BlockLayout.from_entries(b, h, r, c, shape=(1, 1), block_size=bs, seq_lens=lens, causal=causal,
+                                      window=window, sinks=sinks)
+    for x, y in zip(ent.lists(), layout.lists()):
+        assert torch.equal(x, y)
+    for row in range(nq):
+        for col in layout.full_kv_indices[0, 0, row, : layout.full_kv_num_blocks[0, 0, row]].tolist():
+            assert dense[row * bs[0]:(row + 1) * bs[0], col * bs[1]:(col + 1) * bs[1]].all()
+        listed = set(layout.kv_indices[0, 0, row, : layout.kv_num_blocks[0, 0, row]].tolist()) | \
+            set(layout.full_kv_indices[0, 0, row, : layout.full_kv_num_blocks[0, 0, row]].tolist())
+        for col in range(nk):
+            assert (col in listed) == bool(dense[row * bs[0]:(row + 1) * bs[0], col * bs[1]:(col + 1) * bs[1]].any())
+
+
+@pytest.mark.parametrize("causal", [None, "bottom_right"])
+def test_from_entries_bits(causal):
+    """Tile bitmasks: all-False tiles dropped, all-True tiles full, mixed tiles partial with bits;
+    duplicates OR their bits; the dense mask is the AND of kinds and bits."""
+    lq, lk, bs = 100, 80, (32, 32)
+    nq, nk = 4, 3
+    bl, hl = 2, 3
+    n = 40
+    b, h = torch.randint(0, bl, (n,)), torch.randint(0, hl, (n,))
+    r, c = torch.randint(0, nq, (n,)), torch.randint(0, nk, (n,))
+    bits = torch.rand(n, *bs) < 0.5
+    bits[:5] = True
+    bits[5:10] = False
+    layout = sa.BlockLayout.from_entries(b, h, r, c, shape=(bl, hl), block_size=bs, seq_lens=(lq, lk),
+                                         causal=causal, bits=bits)
+    expected = torch.zeros(bl, hl, nq * bs[0], nk * bs[1], dtype=torch.bool)
+    for e in range(n):
+        expected[b[e], h[e], r[e] * 32:(r[e] + 1) * 32, c[e] * 32:(c[e] + 1) * 32] |= bits[e]
+    expected = expected[..., :lq, :lk]
+    if causal:
+        expected &= torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
+    assert torch.equal(layout.to_dense_mask(), expected)
+    assert layout.density == pytest.approx(expected.float().mean().item())
+    assert layout.bits is not None and layout.bits.dtype == torch.int32 and layout.bits.shape[1:] == (32, 1)
+    ids = layout.kv_bit_ids[torch.arange(layout.kv_indices.shape[-1]) < layout.kv_num_blocks[..., None]]
+    assert (ids >= 0).any() and torch.unique(ids[ids >= 0]).numel() == int((ids >= 0).sum())
+
+
+@pytest.mark.parametrize("kwargs,exc,words", [
+    (dict(window=0, causal="top_left"), ValueError, "window"),
+    (dict(window=4), ValueError, "window: expected causal"),
+    (dict(window=4, causal="top_left", sinks=-1), ValueError, "sinks"),
+    (dict(sinks=2), ValueError, "sinks: expected 0 without a window"),
+])
+def test_window_kinds_rejected(kwargs, exc, words):
+    with pytest.raises(exc, match=words):
+        sa.BlockLayout.from_block_mask(torch.ones(1, 1, 2, 2, dtype=torch.bool), 64, (128, 128), **kwargs)
+
+
+def test_from_entries_rejects():
+    z = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"c: expected block indices in \[0, 2\)"):
+        sa.BlockLayout.from_entries(z, z, z, torch.tensor([0, 1, 2]), shape=(1, 1), block_size=64, seq_lens=(128, 128))
+    with pytest.raises(ValueError, match="bits: expected bool"):
+        sa.BlockLayout.from_entries(z, z, z, z, shape=(1, 1), block_size=64, seq_lens=(128, 128),
+                                    bits=torch.ones(3, 64, 32, dtype=torch.bool))

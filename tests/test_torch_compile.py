@@ -59,7 +59,7 @@ def test_compile_inductor():
 def test_opcheck():
     q, k, v = _qkv()
     lay = sa.BlockLayout.from_block_mask(torch.rand(1, 1, 2, 2, device=DEVICE) < 0.7, 64, (70, 70), causal="top_left")
-    args = (q, k, v, lay.lists(), None, None, 1.0 / math.sqrt(16), 64, 64, lay.causal_offset)
+    args = (q, k, v, lay.lists(), None, None, None, 1.0 / math.sqrt(16), 64, 64, lay.causal_offset, None, 0)
     torch.library.opcheck(ops.sparse_attention_fwd, args)
     bias = randn(1, 1, 70, 70)
-    torch.library.opcheck(ops.sparse_attention_fwd, (q, k, v, lay.lists(), None, bias, 0.5, 64, 64, None))
+    torch.library.opcheck(ops.sparse_attention_fwd, (q, k, v, lay.lists(), None, bias, None, 0.5, 64, 64, None, None, 0))

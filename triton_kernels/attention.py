@@ -60,10 +60,12 @@ DQ_TUNER = Tuner("sparse_attention_bwd_dq", DQ_CONFIGS, _fits("dq"))
 
 # ----------------------------------------------------------------------------- shared pieces
 @triton.jit
-def _score_mods(s, qi, kj, Mask, smm, smn, Bias, sbm, sbn, Lq, Lk, causal_off, qk_scale,
-                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _score_mods(s, qi, kj, Mask, smm, smn, Bias, sbm, sbn, Bits, bit_id, Lq, Lk, causal_off, window, sinks, qk_scale,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_BITS: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr):
     """Scale raw scores to base 2, add the float bias, and in partial tiles mask them to -inf.
-    ``qi`` / ``kj`` are broadcastable query / key positions in the orientation of ``s``."""
+    ``qi`` / ``kj`` are broadcastable query / key positions in the orientation of ``s``;
+    ``bit_id`` is the tile's bitmask (-1: none)."""
     s = s * qk_scale
     if HAS_BIAS:
         b_ptrs = Bias + qi.to(tl.int64) * sbm + kj.to(tl.int64) * sbn
@@ -76,9 +78,17 @@ def _score_mods(s, qi, kj, Mask, smm, smn, Bias, sbm, sbn, Lq, Lk, causal_off, q
         keep = (qi < Lq) & (kj < Lk)
         if CAUSAL:
             keep = keep & (kj <= qi + causal_off)
+        if HAS_WINDOW:
+            keep = keep & ((qi + causal_off - kj < window) | (kj < sinks))
         if HAS_MASK:
             m = tl.load(Mask + qi.to(tl.int64) * smm + kj.to(tl.int64) * smn, mask=keep, other=0)
             keep = keep & (m != 0)
+        if HAS_BITS:
+            NW: tl.constexpr = (LAYOUT_BK + 31) // 32
+            col_in = kj % LAYOUT_BK
+            tile = Bits + tl.maximum(bit_id, 0).to(tl.int64) * (LAYOUT_BQ * NW)
+            w = tl.load(tile + (qi % LAYOUT_BQ) * NW + col_in // 32, mask=keep & (bit_id >= 0), other=-1)
+            keep = keep & (((w >> (col_in % 32)) & 1) != 0)
         s = tl.where(keep, s, float("-inf"))
     return s
 
@@ -96,18 +106,24 @@ def _lse2(LSE_base, offs, Lq, MASKED: tl.constexpr):
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_loop(acc, l_i, m_i, q, K_base, skn, skd, V_base, svn, svd, Mask_base, smm, smn, Bias_base, sbm, sbn,
-              idx_ptr, count, offs_m, offs_d, d_ok, Lq, Lk, causal_off, qk_scale,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-              BLOCK_N: tl.constexpr, LAYOUT_BK: tl.constexpr, PAD_D: tl.constexpr, PRECISION: tl.constexpr):
+              Bits, idx_ptr, bid_ptr, count, offs_m, offs_d, d_ok, Lq, Lk, causal_off, window, sinks, qk_scale,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+              HAS_BIAS: tl.constexpr, HAS_BITS: tl.constexpr, BLOCK_N: tl.constexpr, LAYOUT_BQ: tl.constexpr,
+              LAYOUT_BK: tl.constexpr, PAD_D: tl.constexpr, PRECISION: tl.constexpr):
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
     for t in range(count * SUB):
         jb = tl.load(idx_ptr + t // SUB)
+        if MASKED and HAS_BITS:
+            bid = tl.load(bid_ptr + t // SUB)
+        else:
+            bid = -1
         offs_n = jb * LAYOUT_BK + (t % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
         k = load_tile(K_base + offs_n[None, :].to(tl.int64) * skn + offs_d[:, None] * skd,
                       offs_n[None, :] < Lk, d_ok[:, None], MASKED, PAD_D)                     # [D, N]
         s = tl.dot(q, k, input_precision=PRECISION)
-        s = _score_mods(s, offs_m[:, None], offs_n[None, :], Mask_base, smm, smn, Bias_base, sbm, sbn,
-                        Lq, Lk, causal_off, qk_scale, MASKED, CAUSAL, HAS_MASK, HAS_BIAS)
+        s = _score_mods(s, offs_m[:, None], offs_n[None, :], Mask_base, smm, smn, Bias_base, sbm, sbn, Bits, bid,
+                        Lq, Lk, causal_off, window, sinks, qk_scale, MASKED, CAUSAL, HAS_WINDOW, HAS_MASK, HAS_BIAS,
+                        HAS_BITS, LAYOUT_BQ, LAYOUT_BK)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED or HAS_BIAS:  # a row can still be all -inf here: keep exp2 away from inf - inf
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -125,14 +141,14 @@ def _fwd_loop(acc, l_i, m_i, q, K_base, skn, skd, V_base, svn, svd, Mask_base, s
 
 @triton.jit
 def _sparse_attention_fwd_kernel(
-        Q, K, V, O, LSE, Mask, Bias, KVN, KVI, FKVN, FKVI,
+        Q, K, V, O, LSE, Mask, Bias, Bits, KVN, KVI, KVB, FKVN, FKVI,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
         smb, smh, smm, smn, sbb, sbh, sbm, sbn,
         L_SB, L_SH, NQ, WP, WF,
-        H, GROUP, Lq, Lk, causal_off, qk_scale,
+        H, GROUP, Lq, Lk, causal_off, window, sinks, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-        HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+        LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BITS: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -157,13 +173,13 @@ def _sparse_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, skn, skd, V_base, svn, svd, Mask_base, smm, smn,
-                              Bias_base, sbm, sbn, KVI + row * WP, tl.load(KVN + row), offs_m, offs_d, d_ok,
-                              Lq, Lk, causal_off, qk_scale, True, CAUSAL, HAS_MASK, HAS_BIAS,
-                              BLOCK_N, LAYOUT_BK, PAD_D, PRECISION)
+                              Bias_base, sbm, sbn, Bits, KVI + row * WP, KVB + row * WP, tl.load(KVN + row),
+                              offs_m, offs_d, d_ok, Lq, Lk, causal_off, window, sinks, qk_scale, True, CAUSAL,
+                              HAS_WINDOW, HAS_MASK, HAS_BIAS, HAS_BITS, BLOCK_N, LAYOUT_BQ, LAYOUT_BK, PAD_D, PRECISION)
     acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, skn, skd, V_base, svn, svd, Mask_base, smm, smn,
-                              Bias_base, sbm, sbn, FKVI + row * WF, tl.load(FKVN + row), offs_m, offs_d, d_ok,
-                              Lq, Lk, causal_off, qk_scale, False, CAUSAL, HAS_MASK, HAS_BIAS,
-                              BLOCK_N, LAYOUT_BK, PAD_D, PRECISION)
+                              Bias_base, sbm, sbn, Bits, FKVI + row * WF, FKVI + row * WF, tl.load(FKVN + row),
+                              offs_m, offs_d, d_ok, Lq, Lk, causal_off, window, sinks, qk_scale, False, CAUSAL,
+                              HAS_WINDOW, HAS_MASK, HAS_BIAS, HAS_BITS, BLOCK_N, LAYOUT_BQ, LAYOUT_BK, PAD_D, PRECISION)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -196,19 +212,25 @@ def _sparse_attention_bwd_preprocess_kernel(O, DO, DLSE, DELTA, H, Lq, HEAD_DIM:
 
 @triton.jit
 def _dkdv_loop(dk, dv, k, v, Q_base, sqm, sqd, DO_base, sdom, sdod, LSE_base, DELTA_base,
-               Mask_base, smm, smn, Bias_base, sbm, sbn, idx_ptr, count, offs_n, offs_d, d_ok,
-               Lq, Lk, causal_off, qk_scale,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-               BLOCK_M: tl.constexpr, LAYOUT_BQ: tl.constexpr, PAD_D: tl.constexpr, PRECISION: tl.constexpr):
+               Mask_base, smm, smn, Bias_base, sbm, sbn, Bits, idx_ptr, bid_ptr, count, offs_n, offs_d, d_ok,
+               Lq, Lk, causal_off, window, sinks, qk_scale,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+               HAS_BIAS: tl.constexpr, HAS_BITS: tl.constexpr, BLOCK_M: tl.constexpr, LAYOUT_BQ: tl.constexpr,
+               LAYOUT_BK: tl.constexpr, PAD_D: tl.constexpr, PRECISION: tl.constexpr):
     SUB: tl.constexpr = LAYOUT_BQ // BLOCK_M
     for t in range(count * SUB):
         ib = tl.load(idx_ptr + t // SUB)
+        if MASKED and HAS_BITS:
+            bid = tl.load(bid_ptr + t // SUB)
+        else:
+            bid = -1
         offs_m = ib * LAYOUT_BQ + (t % SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
         q_t = load_tile(Q_base + offs_m[None, :].to(tl.int64) * sqm + offs_d[:, None] * sqd,
                         offs_m[None, :] < Lq, d_ok[:, None], MASKED, PAD_D)                   # [D, M]
         s_t = tl.dot(k, q_t, input_precision=PRECISION)                                       # [N, M]
-        s_t = _score_mods(s_t, offs_m[None, :], offs_n[:, None], Mask_base, smm, smn, Bias_base, sbm, sbn,
-                          Lq, Lk, causal_off, qk_scale, MASKED, CAUSAL, HAS_MASK, HAS_BIAS)
+        s_t = _score_mods(s_t, offs_m[None, :], offs_n[:, None], Mask_base, smm, smn, Bias_base, sbm, sbn, Bits,
+                          bid, Lq, Lk, causal_off, window, sinks, qk_scale, MASKED, CAUSAL, HAS_WINDOW, HAS_MASK,
+                          HAS_BIAS, HAS_BITS, LAYOUT_BQ, LAYOUT_BK)
         p_t = tl.math.exp2(s_t - _lse2(LSE_base, offs_m, Lq, MASKED)[None, :])
         do = load_tile(DO_base + offs_m[:, None].to(tl.int64) * sdom + offs_d[None, :] * sdod,
                        offs_m[:, None] < Lq, d_ok[None, :], MASKED, PAD_D)                    # [M, D]
@@ -225,15 +247,15 @@ def _dkdv_loop(dk, dv, k, v, Q_base, sqm, sqd, DO_base, sdom, sdod, LSE_base, DE
 
 @triton.jit
 def _sparse_attention_bwd_dkdv_kernel(
-        Q, K, V, DO, DK, DV, LSE, DELTA, Mask, Bias, QN, QI, FQN, FQI,
+        Q, K, V, DO, DK, DV, LSE, DELTA, Mask, Bias, Bits, QN, QI, QB, FQN, FQI,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
         smb, smh, smm, smn, sbb, sbh, sbm, sbn,
         L_SB, L_SH, NK, WP, WF,
-        H, HKV, GROUP, Lq, Lk, causal_off, qk_scale, sm_scale,
+        H, HKV, GROUP, Lq, Lk, causal_off, window, sinks, qk_scale, sm_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-        HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+        LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BITS: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
@@ -261,13 +283,15 @@ def _sparse_attention_bwd_dkdv_kernel(
         Bias_base = Bias + b * sbb + h * sbh
         col = (b * L_SB + h * L_SH) * NK + col_blk
         dk, dv = _dkdv_loop(dk, dv, k, v, Q_base, sqm, sqd, DO_base, sdom, sdod, LSE_base, DELTA_base,
-                            Mask_base, smm, smn, Bias_base, sbm, sbn, QI + col * WP, tl.load(QN + col),
-                            offs_n, offs_d, d_ok, Lq, Lk, causal_off, qk_scale,
-                            True, CAUSAL, HAS_MASK, HAS_BIAS, BLOCK_M, LAYOUT_BQ, PAD_D, PRECISION)
+                            Mask_base, smm, smn, Bias_base, sbm, sbn, Bits, QI + col * WP, QB + col * WP,
+                            tl.load(QN + col), offs_n, offs_d, d_ok, Lq, Lk, causal_off, window, sinks, qk_scale,
+                            True, CAUSAL, HAS_WINDOW, HAS_MASK, HAS_BIAS, HAS_BITS, BLOCK_M, LAYOUT_BQ, LAYOUT_BK,
+                            PAD_D, PRECISION)
         dk, dv = _dkdv_loop(dk, dv, k, v, Q_base, sqm, sqd, DO_base, sdom, sdod, LSE_base, DELTA_base,
-                            Mask_base, smm, smn, Bias_base, sbm, sbn, FQI + col * WF, tl.load(FQN + col),
-                            offs_n, offs_d, d_ok, Lq, Lk, causal_off, qk_scale,
-                            False, CAUSAL, HAS_MASK, HAS_BIAS, BLOCK_M, LAYOUT_BQ, PAD_D, PRECISION)
+                            Mask_base, smm, smn, Bias_base, sbm, sbn, Bits, FQI + col * WF, FQI + col * WF,
+                            tl.load(FQN + col), offs_n, offs_d, d_ok, Lq, Lk, causal_off, window, sinks, qk_scale,
+                            False, CAUSAL, HAS_WINDOW, HAS_MASK, HAS_BIAS, HAS_BITS, BLOCK_M, LAYOUT_BQ, LAYOUT_BK,
+                            PAD_D, PRECISION)
     ok = n_ok & d_ok[None, :]
     tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None].to(tl.int64) * sdkn + offs_d[None, :] * sdkd,
              (dk * sm_scale).to(DK.dtype.element_ty), mask=ok)
@@ -277,20 +301,26 @@ def _sparse_attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_loop(dq, q, do, lse2, delta, K_base, skn, skd, V_base, svn, svd, Mask_base, smm, smn,
-             Bias_base, sbm, sbn, idx_ptr, count, offs_m, offs_d, d_ok, Lq, Lk, causal_off, qk_scale,
-             MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-             BLOCK_N: tl.constexpr, LAYOUT_BK: tl.constexpr, PAD_D: tl.constexpr, PRECISION: tl.constexpr):
+             Bias_base, sbm, sbn, Bits, idx_ptr, bid_ptr, count, offs_m, offs_d, d_ok, Lq, Lk, causal_off, window,
+             sinks, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+             HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+             LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, PAD_D: tl.constexpr, PRECISION: tl.constexpr):
     SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
     for t in range(count * SUB):
         jb = tl.load(idx_ptr + t // SUB)
+        if MASKED and HAS_BITS:
+            bid = tl.load(bid_ptr + t // SUB)
+        else:
+            bid = -1
         offs_n = jb * LAYOUT_BK + (t % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
         k_t = load_tile(K_base + offs_n[None, :].to(tl.int64) * skn + offs_d[:, None] * skd,
                         offs_n[None, :] < Lk, d_ok[:, None], MASKED, PAD_D)                   # [D, N]
         v_t = load_tile(V_base + offs_n[None, :].to(tl.int64) * svn + offs_d[:, None] * svd,
                         offs_n[None, :] < Lk, d_ok[:, None], MASKED, PAD_D)                   # [D, N]
         s = tl.dot(q, k_t, input_precision=PRECISION)
-        s = _score_mods(s, offs_m[:, None], offs_n[None, :], Mask_base, smm, smn, Bias_base, sbm, sbn,
-                        Lq, Lk, causal_off, qk_scale, MASKED, CAUSAL, HAS_MASK, HAS_BIAS)
+        s = _score_mods(s, offs_m[:, None], offs_n[None, :], Mask_base, smm, smn, Bias_base, sbm, sbn, Bits, bid,
+                        Lq, Lk, causal_off, window, sinks, qk_scale, MASKED, CAUSAL, HAS_WINDOW, HAS_MASK, HAS_BIAS,
+                        HAS_BITS, LAYOUT_BQ, LAYOUT_BK)
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, v_t, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -300,15 +330,15 @@ def _dq_loop(dq, q, do, lse2, delta, K_base, skn, skd, V_base, svn, svd, Mask_ba
 
 @triton.jit
 def _sparse_attention_bwd_dq_kernel(
-        Q, K, V, DO, DQ, LSE, DELTA, Mask, Bias, KVN, KVI, FKVN, FKVI,
+        Q, K, V, DO, DQ, LSE, DELTA, Mask, Bias, Bits, KVN, KVI, KVB, FKVN, FKVI,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdqb, sdqh, sdqm, sdqd,
         smb, smh, smm, smn, sbb, sbh, sbm, sbn,
         L_SB, L_SH, NQ, WP, WF,
-        H, GROUP, Lq, Lk, causal_off, qk_scale, sm_scale,
+        H, GROUP, Lq, Lk, causal_off, window, sinks, qk_scale, sm_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-        HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+        LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BITS: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -334,13 +364,13 @@ def _sparse_attention_bwd_dq_kernel(
     row = (b * L_SB + h * L_SH) * NQ + row_blk
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_loop(dq, q, do, lse2, delta, K_base, skn, skd, V_base, svn, svd, Mask_base, smm, smn,
-                  Bias_base, sbm, sbn, KVI + row * WP, tl.load(KVN + row), offs_m, offs_d, d_ok,
-                  Lq, Lk, causal_off, qk_scale, True, CAUSAL, HAS_MASK, HAS_BIAS,
-                  BLOCK_N, LAYOUT_BK, PAD_D, PRECISION)
+                  Bias_base, sbm, sbn, Bits, KVI + row * WP, KVB + row * WP, tl.load(KVN + row), offs_m, offs_d,
+                  d_ok, Lq, Lk, causal_off, window, sinks, qk_scale, True, CAUSAL, HAS_WINDOW, HAS_MASK, HAS_BIAS,
+                  HAS_BITS, BLOCK_N, LAYOUT_BQ, LAYOUT_BK, PAD_D, PRECISION)
     dq = _dq_loop(dq, q, do, lse2, delta, K_base, skn, skd, V_base, svn, svd, Mask_base, smm, smn,
-                  Bias_base, sbm, sbn, FKVI + row * WF, tl.load(FKVN + row), offs_m, offs_d, d_ok,
-                  Lq, Lk, causal_off, qk_scale, False, CAUSAL, HAS_MASK, HAS_BIAS,
-                  BLOCK_N, LAYOUT_BK, PAD_D, PRECISION)
+                  Bias_base, sbm, sbn, Bits, FKVI + row * WF, FKVI + row * WF, tl.load(FKVN + row), offs_m, offs_d,
+                  d_ok, Lq, Lk, causal_off, window, sinks, qk_scale, False, CAUSAL, HAS_WINDOW, HAS_MASK, HAS_BIAS,
+                  HAS_BITS, BLOCK_N, LAYOUT_BQ, LAYOUT_BK, PAD_D, PRECISION)
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None].to(tl.int64) * sdqm + offs_d[None, :] * sdqd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok & d_ok[None, :])
 
@@ -369,47 +399,51 @@ def block_d_of(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _flags(q, mask, bias, causal_offset, layout_bq, layout_bk, head_dim):
+def _flags(q, mask, bias, bits, causal_offset, window, layout_bq, layout_bk, head_dim):
     return dict(HEAD_DIM=head_dim, BLOCK_D=block_d_of(head_dim), LAYOUT_BQ=layout_bq, LAYOUT_BK=layout_bk,
-                CAUSAL=causal_offset is not None, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
+                CAUSAL=causal_offset is not None, HAS_WINDOW=window is not None, HAS_MASK=mask is not None,
+                HAS_BIAS=bias is not None, HAS_BITS=bits is not None,
                 PRECISION="ieee")  # fp32 inputs get true fp32 products, like torch
-
-
-def sparse_attention_fwd(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-                         mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], scale: float,
-                         layout_bq: int, layout_bk: int, causal_offset: Optional[int]):
-    """Launch the forward. Returns (out [B, Hq, Lq, D] like q's dtype, lse [B, Hq, Lq] float32)."""
-    B, H, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    out = empty(B, H, Lq, D, dtype=q.dtype, device=q.device)
-    lse = empty(B, H, Lq, dtype=torch.float32, device=q.device)
-    mask_t, ms = _bcast_strides(None if mask is None else mask.view(torch.uint8), q)
-    bias_t, bs = _bcast_strides(bias, q)
-    l_sb, l_sh = _layout_strides(kv_num_blocks)
-    flags = _flags(q, mask, bias, causal_offset, layout_bq, layout_bk, D)
-
-    def launch(cfg):
-        grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
-        _sparse_attention_fwd_kernel[grid](
-            q, k, v, out, lse, mask_t, bias_t, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *ms, *bs,
-            l_sb, l_sh, kv_num_blocks.shape[-1], kv_indices.shape[-1], full_kv_indices.shape[-1],
-            H, H // Hkv, Lq, Lk, causal_offset or 0, scale * LOG2E, **flags, **cfg)
-
-    launch(FWD_TUNER.pick(launch, **problem(q, layout_bq, layout_bk, D), **_key(flags, q)))
-    return out, lse
 
 
 def _key(flags, q):
     return {"dtype": str(q.dtype), **{k: v for k, v in flags.items() if k not in ("LAYOUT_BQ", "LAYOUT_BK")}}
 
 
+def sparse_attention_fwd(q, k, v, layout_lists: List[torch.Tensor], mask: Optional[torch.Tensor],
+                         bias: Optional[torch.Tensor], bits: Optional[torch.Tensor], scale: float, layout_bq: int,
+                         layout_bk: int, causal_offset: Optional[int], window: Optional[int], sinks: int):
+    """Launch the forward over a layout given as ``BlockLayout.lists()`` plus its tile bitmasks,
+    element mask and kinds. Returns (out [B, Hq, Lq, D] like q's dtype, lse [B, Hq, Lq] float32)."""
+    kvn, kvi, kvb, fkvn, fkvi = layout_lists[:5]
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    out = empty(B, H, Lq, D, dtype=q.dtype, device=q.device)
+    lse = empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    mask_t, ms = _bcast_strides(None if mask is None else mask.view(torch.uint8), q)
+    bias_t, bs = _bcast_strides(bias, q)
+    l_sb, l_sh = _layout_strides(kvn)
+    flags = _flags(q, mask, bias, bits, causal_offset, window, layout_bq, layout_bk, D)
+
+    def launch(cfg):
+        grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
+        _sparse_attention_fwd_kernel[grid](
+            q, k, v, out, lse, mask_t, bias_t, kvi if bits is None else bits, kvn, kvi, kvb, fkvn, fkvi,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *ms, *bs,
+            l_sb, l_sh, kvn.shape[-1], kvi.shape[-1], fkvi.shape[-1],
+            H, H // Hkv, Lq, Lk, causal_offset or 0, window or 0, sinks, scale * LOG2E, **flags, **cfg)
+
+    launch(FWD_TUNER.pick(launch, **problem(q, layout_bq, layout_bk, D), **_key(flags, q)))
+    return out, lse
+
+
 def sparse_attention_bwd(do, dlse, q, k, v, out, lse, layout_lists: List[torch.Tensor],
-                         mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], scale: float,
-                         layout_bq: int, layout_bk: int, causal_offset: Optional[int]):
+                         mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: Optional[torch.Tensor],
+                         scale: float, layout_bq: int, layout_bk: int, causal_offset: Optional[int],
+                         window: Optional[int], sinks: int):
     """Launch the backward: delta preprocess, dK/dV over the transposed lists, dQ over the lists.
     ``do`` and ``dlse`` (or None) must be contiguous. Returns (dq, dk, dv) in the input dtypes."""
-    kvn, kvi, fkvn, fkvi, qn, qi, fqn, fqi = layout_lists
+    kvn, kvi, kvb, fkvn, fkvi, qn, qi, qb, fqn, fqi = layout_lists
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     block_d = block_d_of(D)
@@ -422,25 +456,25 @@ def sparse_attention_bwd(do, dlse, q, k, v, out, lse, layout_lists: List[torch.T
     dv = empty(B, Hkv, Lk, D, dtype=v.dtype, device=q.device)
     mask_t, ms = _bcast_strides(None if mask is None else mask.view(torch.uint8), q)
     bias_t, bs = _bcast_strides(bias, q)
+    bits_t = kvi if bits is None else bits
     l_sb, l_sh = _layout_strides(kvn)
-    flags = _flags(q, mask, bias, causal_offset, layout_bq, layout_bk, D)
+    flags = _flags(q, mask, bias, bits, causal_offset, window, layout_bq, layout_bk, D)
     prob = problem(q, layout_bq, layout_bk, D)
+    kinds = (Lq, Lk, causal_offset or 0, window or 0, sinks, scale * LOG2E, scale)
 
     def launch_dkdv(cfg):
         grid = (triton.cdiv(Lk, cfg["BLOCK_N"]), B * Hkv)
         _sparse_attention_bwd_dkdv_kernel[grid](
-            q, k, v, do, dk, dv, lse, delta, mask_t, bias_t, qn, qi, fqn, fqi,
+            q, k, v, do, dk, dv, lse, delta, mask_t, bias_t, bits_t, qn, qi, qb, fqn, fqi,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *ms, *bs,
-            l_sb, l_sh, qn.shape[-1], qi.shape[-1], fqi.shape[-1],
-            H, Hkv, H // Hkv, Lq, Lk, causal_offset or 0, scale * LOG2E, scale, **flags, **cfg)
+            l_sb, l_sh, qn.shape[-1], qi.shape[-1], fqi.shape[-1], H, Hkv, H // Hkv, *kinds, **flags, **cfg)
 
     def launch_dq(cfg):
         grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
         _sparse_attention_bwd_dq_kernel[grid](
-            q, k, v, do, dq, lse, delta, mask_t, bias_t, kvn, kvi, fkvn, fkvi,
+            q, k, v, do, dq, lse, delta, mask_t, bias_t, bits_t, kvn, kvi, kvb, fkvn, fkvi,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms, *bs,
-            l_sb, l_sh, kvn.shape[-1], kvi.shape[-1], fkvi.shape[-1],
-            H, H // Hkv, Lq, Lk, causal_offset or 0, scale * LOG2E, scale, **flags, **cfg)
+            l_sb, l_sh, kvn.shape[-1], kvi.shape[-1], fkvi.shape[-1], H, H // Hkv, *kinds, **flags, **cfg)
 
     key = _key(flags, q)
     launch_dkdv(DKDV_TUNER.pick(launch_dkdv, **prob, **key))
@@ -464,7 +498,8 @@ def compile_specs(cc: int):
         ptr = "*" + tname
         tensors = {n: ptr for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "Bias")}
         tensors.update({n: "*fp32" for n in ("LSE", "DELTA", "DLSE")})
-        tensors.update({n: "*i32" for n in ("KVN", "KVI", "FKVN", "FKVI", "QN", "QI", "FQN", "FQI")})
+        tensors.update({n: "*i32" for n in ("KVN", "KVI", "KVB", "FKVN", "FKVI", "QN", "QI", "QB", "FQN", "FQI",
+                                            "Bits")})
         tensors.update(Mask="*u8", qk_scale="fp32", sm_scale="fp32")
         elem = torch.empty((), dtype=dtype).element_size()
         for d in GATE_HEAD_DIMS:
@@ -475,7 +510,8 @@ def compile_specs(cc: int):
             # compiles the plain dense variant, the GPU fast path.
             for features in ((True, False) if tname == "bf16" and d in (64, 128) else (True,)):
                 flags = dict(HEAD_DIM=d, BLOCK_D=block_d_of(d), LAYOUT_BQ=128, LAYOUT_BK=128, CAUSAL=features,
-                             HAS_MASK=features, HAS_BIAS=features, PRECISION="ieee")
+                             HAS_WINDOW=features, HAS_MASK=features, HAS_BIAS=features, HAS_BITS=features,
+                             PRECISION="ieee")
                 for name, kernel, tuner in (("fwd", _sparse_attention_fwd_kernel, FWD_TUNER),
                                             ("dkdv", _sparse_attention_bwd_dkdv_kernel, DKDV_TUNER),
                                             ("dq", _sparse_attention_bwd_dq_kernel, DQ_TUNER)):

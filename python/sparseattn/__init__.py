@@ -9,6 +9,7 @@ from .attention import last_backend, scaled_dot_product_attention, sparse_attent
 from .layout import BlockLayout
 from ._cuda import cuda_available, cuda_unavailable_reason
 from .decode import decode_attention
+from .patterns import BlockSparse, PerHead, PowerAttention, SlidingWindow
 from .lightning import lightning_attention, lightning_attention_step, lightning_slopes
 from . import distributed
 
@@ -16,4 +17,5 @@ __version__ = "0.1.0"
 
 __all__ = ["BlockLayout", "last_backend", "reference", "scaled_dot_product_attention", "sparse_attention"]
 __all__ += ["cuda_available", "cuda_unavailable_reason", "decode_attention"]
+__all__ += ["BlockSparse", "PerHead", "PowerAttention", "SlidingWindow"]
 __all__ += ["distributed", "lightning_attention", "lightning_attention_step", "lightning_slopes"]

@@ -80,8 +80,8 @@ def _check_layout(layout, B, Hq, Lq, Lk, device):
 
 def _run(q, k, v, layout: BlockLayout, bias, scale):
     _set_backend(ops.backend_for(q))
-    return ops.sparse_attention_fwd(q, k, v, layout.lists(), layout.mask, bias, scale, *layout.block_size,
-                                    layout.causal_offset)
+    return ops.sparse_attention_fwd(q, k, v, layout.lists(), layout.mask, bias, layout.bits, scale,
+                                    *layout.block_size, layout.causal_offset, layout.window, layout.sinks)
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,

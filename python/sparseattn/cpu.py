@@ -12,36 +12,39 @@ from typing import List, Optional
 import torch
 
 from ._alloc import empty
-from .layout import BlockLayout
+from .layout import BlockLayout, unpack_bits
 
 # Elements of the gathered score tile of one chunk (~64 MB of fp32).
 _CHUNK_ELEMS = 1 << 24
 
 
-def _layout(lists, mask, bq, bk, lq, lk, causal_offset) -> BlockLayout:
-    return BlockLayout(block_size=(bq, bk), seq_lens=(lq, lk), kv_num_blocks=lists[0], kv_indices=lists[1],
-                       full_kv_num_blocks=lists[2], full_kv_indices=lists[3], q_num_blocks=lists[4],
-                       q_indices=lists[5], full_q_num_blocks=lists[6], full_q_indices=lists[7],
-                       causal_offset=causal_offset, mask=mask)
+def _layout(lists, mask, bits, bq, bk, lq, lk, causal_offset, window, sinks) -> BlockLayout:
+    return BlockLayout.from_lists(lists, block_size=(bq, bk), seq_lens=(lq, lk), causal_offset=causal_offset,
+                                  window=window, sinks=sinks, mask=mask, bits=bits)
 
 
-def _chunks(q, k, lists, bq, bk):
-    """Yield (r0, r1, key-token index [B, H, R, S], token valid [B, H, R, S]) per chunk of query blocks."""
+def _chunks(q, layout: BlockLayout):
+    """Yield (r0, r1, key-token index [B, H, R, S], token valid [B, H, R, S], tile bitmask id of
+    each token [B, H, R, S]) per chunk of query blocks."""
     B, H, lq, d = q.shape
-    kvn, kvi, fkvn, fkvi = lists[:4]
+    bq, bk = layout.block_size
+    kvi, fkvi = layout.kv_indices, layout.full_kv_indices
     idx = torch.cat([kvi, fkvi], -1).long()
-    valid = torch.cat([torch.arange(kvi.shape[-1]) < kvn[..., None], torch.arange(fkvi.shape[-1]) < fkvn[..., None]], -1)
+    valid = torch.cat([torch.arange(kvi.shape[-1]) < layout.kv_num_blocks[..., None],
+                       torch.arange(fkvi.shape[-1]) < layout.full_kv_num_blocks[..., None]], -1)
+    ids = torch.cat([layout.kv_bit_ids, torch.full_like(fkvi, -1)], -1)
     nq, w = idx.shape[-2], idx.shape[-1]
-    idx = idx.expand(B, H, nq, w)
-    valid = valid.expand(B, H, nq, w)
+    idx, valid, ids = (t.expand(B, H, nq, w) for t in (idx, valid, ids))
     per_row = B * H * w * bk * (bq + d)
     rows = max(1, _CHUNK_ELEMS // max(1, per_row))
     ar = torch.arange(bk)
+
+    def tokens(t, r0, r1):
+        return t[:, :, r0:r1, :, None].expand(B, H, r1 - r0, w, bk).flatten(-2)
+
     for r0 in range(0, nq, rows):
         r1 = min(nq, r0 + rows)
-        tok = (idx[:, :, r0:r1, :, None] * bk + ar).flatten(-2)
-        ok = valid[:, :, r0:r1, :, None].expand(*valid.shape[:2], r1 - r0, w, bk).flatten(-2)
-        yield r0, r1, tok, ok
+        yield r0, r1, (idx[:, :, r0:r1, :, None] * bk + ar).flatten(-2), tokens(valid, r0, r1), tokens(ids, r0, r1)
 
 
 def _gather(k, v, tok, group):
@@ -52,7 +55,7 @@ def _gather(k, v, tok, group):
     return k[index], v[index], index
 
 
-def _scores(qc, kk, tok, ok, layout, bias, scale, r0):
+def _scores(qc, kk, tok, ok, ids, layout, bias, scale, r0):
     """Scaled scores of query blocks [r0, r0 + R) (qc [B, H, R, bq, D]) against the gathered keys,
     with the in-block masks and the bias applied: [B, H, R, bq, S], -inf where not attended."""
     B, H, R, bq, _ = qc.shape
@@ -63,6 +66,8 @@ def _scores(qc, kk, tok, ok, layout, bias, scale, r0):
     b5 = torch.arange(B)[:, None, None, None, None]
     h5 = torch.arange(H)[None, :, None, None, None]
     keep = ok[:, :, :, None, :] & layout.element_mask(rows, cols, b5, h5)
+    if layout.bits is not None:
+        keep = keep & unpack_bits(layout.bits, ids[:, :, :, None, :], torch.arange(bq)[:, None], cols % layout.block_size[1])
     if bias is not None:
         bb = 0 if bias.shape[0] == 1 else b5
         bh = 0 if bias.shape[1] == 1 else h5
@@ -84,18 +89,19 @@ def _rows(t: torch.Tensor, r0: int, r1: int, bq: int) -> torch.Tensor:
 
 
 def sparse_attention_fwd_cpu(q, k, v, lists: List[torch.Tensor], mask: Optional[torch.Tensor],
-                             bias: Optional[torch.Tensor], scale: float, layout_bq: int, layout_bk: int,
-                             causal_offset: Optional[int]):
+                             bias: Optional[torch.Tensor], bits: Optional[torch.Tensor], scale: float,
+                             layout_bq: int, layout_bk: int, causal_offset: Optional[int], window: Optional[int],
+                             sinks: int):
     B, H, lq, d = q.shape
     lk = k.shape[2]
     ct = _compute_dtype(q)
-    layout = _layout(lists, mask, layout_bq, layout_bk, lq, lk, causal_offset)
+    layout = _layout(lists, mask, bits, layout_bq, layout_bk, lq, lk, causal_offset, window, sinks)
     out = empty(B, H, lq, d, dtype=q.dtype, device=q.device)
     lse = empty(B, H, lq, dtype=torch.float32, device=q.device)
     kf, vf = k.to(ct), v.to(ct)
-    for r0, r1, tok, ok in _chunks(q, k, lists, layout_bq, layout_bk):
+    for r0, r1, tok, ok, ids in _chunks(q, layout):
         kk, vv, _ = _gather(kf, vf, tok, H // k.shape[1])
-        s = _scores(_rows(q, r0, r1, layout_bq).to(ct), kk, tok, ok, layout, bias, scale, r0)
+        s = _scores(_rows(q, r0, r1, layout_bq).to(ct), kk, tok, ok, ids, layout, bias, scale, r0)
         m = s.amax(-1, keepdim=True)
         m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
         p = torch.exp(s - m)
@@ -111,12 +117,13 @@ def sparse_attention_fwd_cpu(q, k, v, lists: List[torch.Tensor], mask: Optional[
 
 
 def sparse_attention_bwd_cpu(do, dlse, q, k, v, out, lse, lists: List[torch.Tensor],
-                             mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], scale: float,
-                             layout_bq: int, layout_bk: int, causal_offset: Optional[int]):
+                             mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: Optional[torch.Tensor],
+                             scale: float, layout_bq: int, layout_bk: int, causal_offset: Optional[int],
+                             window: Optional[int], sinks: int):
     B, H, lq, d = q.shape
     lk = k.shape[2]
     ct = _compute_dtype(q)
-    layout = _layout(lists, mask, layout_bq, layout_bk, lq, lk, causal_offset)
+    layout = _layout(lists, mask, bits, layout_bq, layout_bk, lq, lk, causal_offset, window, sinks)
     kf, vf = k.to(ct), v.to(ct)
     dq = torch.zeros(B, H, lq, d, dtype=ct)
     dk = torch.zeros(k.shape, dtype=ct)
@@ -125,11 +132,11 @@ def sparse_attention_bwd_cpu(do, dlse, q, k, v, out, lse, lists: List[torch.Tens
     if dlse is not None:
         delta = delta - dlse.to(ct)
     lse2 = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).to(ct)
-    for r0, r1, tok, ok in _chunks(q, k, lists, layout_bq, layout_bk):
+    for r0, r1, tok, ok, ids in _chunks(q, layout):
         kk, vv, index = _gather(kf, vf, tok, H // k.shape[1])
         qc = _rows(q, r0, r1, layout_bq).to(ct)
         doc = _rows(do, r0, r1, layout_bq).to(ct)
-        s = _scores(qc, kk, tok, ok, layout, bias, scale, r0)
+        s = _scores(qc, kk, tok, ok, ids, layout, bias, scale, r0)
         p = torch.exp(s - _rows(lse2, r0, r1, layout_bq)[..., None])
         dp = torch.einsum("bhrqd,bhrsd->bhrqs", doc, vv)
         ds = p * (dp - _rows(delta, r0, r1, layout_bq)[..., None])

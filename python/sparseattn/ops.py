@@ -2,7 +2,8 @@
 
 ``sparseattn::sparse_attention_fwd`` / ``sparseattn::sparse_attention_bwd`` dispatch to the Triton
 launchers (CUDA tensors, or CPU tensors when the Triton interpreter is on) or to the PyTorch CPU
-path. The layout travels as its eight list tensors (``BlockLayout.lists()``).
+path. The layout travels as its ten list tensors (``BlockLayout.lists()``), its tile bitmasks,
+element mask and in-block kinds.
 """
 from __future__ import annotations
 
@@ -40,15 +41,14 @@ def backend_for(q: Tensor) -> str:
 
 @torch.library.custom_op("sparseattn::sparse_attention_fwd", mutates_args=())
 def sparse_attention_fwd(q: Tensor, k: Tensor, v: Tensor, layout: List[Tensor], mask: Optional[Tensor],
-                         bias: Optional[Tensor], scale: float, block_q: int, block_k: int,
-                         causal_offset: Optional[int]) -> Tuple[Tensor, Tensor]:
-    if backend_for(q) == "triton":
-        return _tk.sparse_attention_fwd(q, k, v, *layout[:4], mask, bias, scale, block_q, block_k, causal_offset)
-    return cpu.sparse_attention_fwd_cpu(q, k, v, layout, mask, bias, scale, block_q, block_k, causal_offset)
+                         bias: Optional[Tensor], bits: Optional[Tensor], scale: float, block_q: int, block_k: int,
+                         causal_offset: Optional[int], window: Optional[int], sinks: int) -> Tuple[Tensor, Tensor]:
+    impl = _tk.sparse_attention_fwd if backend_for(q) == "triton" else cpu.sparse_attention_fwd_cpu
+    return impl(q, k, v, layout, mask, bias, bits, scale, block_q, block_k, causal_offset, window, sinks)
 
 
 @sparse_attention_fwd.register_fake
-def _(q, k, v, layout, mask, bias, scale, block_q, block_k, causal_offset):
+def _(q, k, v, layout, mask, bias, bits, scale, block_q, block_k, causal_offset, window, sinks):
     B, H, lq, d = q.shape
     return q.new_empty(B, H, lq, d), q.new_empty(B, H, lq, dtype=torch.float32)
 
@@ -56,35 +56,34 @@ def _(q, k, v, layout, mask, bias, scale, block_q, block_k, causal_offset):
 @torch.library.custom_op("sparseattn::sparse_attention_bwd", mutates_args=())
 def sparse_attention_bwd(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                          lse: Tensor, layout: List[Tensor], mask: Optional[Tensor], bias: Optional[Tensor],
-                         scale: float, block_q: int, block_k: int,
-                         causal_offset: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
-    if backend_for(q) == "triton":
-        return _tk.sparse_attention_bwd(do, dlse, q, k, v, out, lse, layout, mask, bias, scale, block_q,
-                                        block_k, causal_offset)
-    return cpu.sparse_attention_bwd_cpu(do, dlse, q, k, v, out, lse, layout, mask, bias, scale, block_q,
-                                        block_k, causal_offset)
+                         bits: Optional[Tensor], scale: float, block_q: int, block_k: int,
+                         causal_offset: Optional[int], window: Optional[int],
+                         sinks: int) -> Tuple[Tensor, Tensor, Tensor]:
+    impl = _tk.sparse_attention_bwd if backend_for(q) == "triton" else cpu.sparse_attention_bwd_cpu
+    return impl(do, dlse, q, k, v, out, lse, layout, mask, bias, bits, scale, block_q, block_k, causal_offset,
+                window, sinks)
 
 
 @sparse_attention_bwd.register_fake
-def _(do, dlse, q, k, v, out, lse, layout, mask, bias, scale, block_q, block_k, causal_offset):
+def _(do, dlse, q, k, v, out, lse, layout, mask, bias, bits, scale, block_q, block_k, causal_offset, window, sinks):
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(k, memory_format=torch.contiguous_format), \
         torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, layout, mask, bias, scale, block_q, block_k, causal_offset = inputs
+    q, k, v, layout, mask, bias, bits, *params = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, bias, *layout)
-    ctx.params = (scale, block_q, block_k, causal_offset)
+    ctx.save_for_backward(q, k, v, out, lse, mask, bias, bits, *layout)
+    ctx.params = params
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, mask, bias, *layout = ctx.saved_tensors
+    q, k, v, out, lse, mask, bias, bits, *layout = ctx.saved_tensors
     dout = dout.contiguous()  # autograd may hand in stride-0 or transposed gradients
     dlse = None if dlse is None else dlse.contiguous()
-    dq, dk, dv = sparse_attention_bwd(dout, dlse, q, k, v, out, lse, layout, mask, bias, *ctx.params)
-    return dq, dk, dv, [None] * len(layout), None, None, None, None, None, None
+    dq, dk, dv = sparse_attention_bwd(dout, dlse, q, k, v, out, lse, layout, mask, bias, bits, *ctx.params)
+    return (dq, dk, dv, [None] * len(layout)) + (None,) * (3 + len(ctx.params))
 
 
 torch.library.register_autograd("sparseattn::sparse_attention_fwd", _backward, setup_context=_setup_context)
