@@ -122,7 +122,9 @@ def _patterns_for(Lq, Lk):
             sa.PerHead([sa.SlidingWindow(20, 2), sa.PowerAttention(32), sa.SlidingWindow(10 ** 5),
                         sa.SlidingWindow(20, 2)]),
             sa.PerHead([sa.SlidingWindow(50, 4), sa.BlockSparse.from_mask_mod(prefix, None, None, Lq, Lk),
-                        sa.PowerAttention(64, 2), sa.SlidingWindow(50, 4)])]
+                        sa.PowerAttention(64, 2), sa.SlidingWindow(50, 4)]),
+            sa.PerHead([sa.BlockSparse.from_mask_mod(doc, 2, None, Lq, Lk), sa.SlidingWindow(10 ** 6),
+                        sa.PowerAttention(16)]) if Lq == Lk else None]
     return [p for p in pats if p is not None]
 
 
@@ -206,15 +208,16 @@ def test_block_sparse_and_per_head_vs_oracle(case):
 
 
 def test_sparse_attention_accepts_pattern():
-    """sa.sparse_attention(q, k, v, pattern) calls pattern.layout(Lq, Lk, device) (engine side)."""
-    p = sa.SlidingWindow(30, sinks=2)
-    q, k, v = (randn(1, 2, 100, 16) for _ in range(3))
-    try:
-        out = sa.sparse_attention(q, k, v, p)
-    except TypeError as e:
-        pytest.xfail(f"sparse_attention does not take pattern objects yet: {e}")
-    ref = reference.attention(q, k, v, mask=p.dense_mask(100, 100))
-    assert_oracle("pattern", out, ref, reference.attention(q, k, v, mask=p.dense_mask(100, 100), dtype=q.dtype))
+    """sa.sparse_attention(q, k, v, pattern) builds pattern.layout(Lq, Lk, q.device) itself."""
+    p = sa.PerHead([sa.SlidingWindow(30, sinks=2), sa.PowerAttention(16), sa.SlidingWindow(10 ** 6),
+                    sa.SlidingWindow(1)])
+    q, k, v = randn(2, 4, 90, 16), randn(2, 2, 130, 16), randn(2, 2, 130, 16)
+    out = sa.sparse_attention(q, k, v, p)
+    mask = p.dense_mask(90, 130).to(DEVICE)
+    assert_oracle("pattern", out, reference.attention(q, k, v, mask=mask),
+                  reference.attention(q, k, v, mask=mask, dtype=q.dtype))
+    with pytest.raises(ValueError, match="layout"):
+        sa.sparse_attention(randn(1, 3, 90, 16), k[:1], v[:1], p)     # 4 heads of patterns, 3 query heads
 
 
 # ----------------------------------------------------------------------------- FlexAttention
@@ -259,18 +262,21 @@ _DECODE_ENGINE_GAP = pytest.mark.xfail(
 @pytest.mark.parametrize("name", [pytest.param("window", marks=_DECODE_ENGINE_GAP),
                                   pytest.param("window_sinks", marks=_DECODE_ENGINE_GAP),
                                   "power", "block_mask",
-                                  pytest.param("per_head", marks=_DECODE_ENGINE_GAP)])
+                                  pytest.param("per_head", marks=_DECODE_ENGINE_GAP),
+                                  pytest.param("documents", marks=_DECODE_ENGINE_GAP)])
 def test_decode_with_patterns_vs_oracle(name, Lq):
     B, Hq, Hkv, Lmax, D = 2, 4, 2, 300, 32
     p = {"window": sa.SlidingWindow(64),
          "window_sinks": sa.SlidingWindow(37, sinks=5),
          "power": sa.PowerAttention(64, window_blocks=1, sink_blocks=1),
          "block_mask": sa.BlockSparse(torch.rand(1, Hq, 5, 5) < 0.5, 64),
-         "per_head": sa.PerHead([sa.SlidingWindow(64), sa.PowerAttention(64)] * 2)}[name]
+         "per_head": sa.PerHead([sa.SlidingWindow(64), sa.PowerAttention(64)] * 2),
+         "documents": sa.BlockSparse.from_mask_mod(_doc_mask_mod(B, Lmax)[0], B, None, Lmax, Lmax)}[name]
     q = randn(B, Hq, Lq, D, device="cpu")
     k, v = randn(B, Hkv, Lmax, D, device="cpu"), randn(B, Hkv, Lmax, D, device="cpu")
     # decode is always bottom-right causal on top of the pattern
-    mask = p.dense_mask(Lq, Lmax) & torch.ones(Lq, Lmax, dtype=torch.bool).tril(Lmax - Lq)
+    rows = p.dense_mask(Lmax, Lmax)[..., Lmax - Lq:, :] if name == "documents" else p.dense_mask(Lq, Lmax)
+    mask = rows & torch.ones(Lq, Lmax, dtype=torch.bool).tril(Lmax - Lq)
     out = sa.decode_attention(q, k, v, p)
     ref = reference.attention(q, k, v, mask=mask)
     base = reference.attention(q, k, v, mask=mask, dtype=q.dtype)
@@ -280,7 +286,8 @@ def test_decode_with_patterns_vs_oracle(name, Lq):
 # ----------------------------------------------------------------------------- cost at 128K
 @pytest.mark.parametrize("p", [sa.SlidingWindow(4096, sinks=4), sa.PowerAttention(64),
                                sa.PowerAttention(256, window_blocks=4, sink_blocks=1),
-                               sa.PerHead([sa.SlidingWindow(2048, 64)] * 4)])
+                               sa.PerHead([sa.SlidingWindow(2048, 64)] * 4),
+                               sa.PerHead([sa.SlidingWindow(10 ** 9)] * 2 + [sa.PowerAttention(128)] * 2)])
 def test_layout_build_128k(p):
     L = 128 * 1024
     t0 = time.perf_counter()
@@ -289,9 +296,10 @@ def test_layout_build_128k(p):
     nq, nk = lay.num_blocks
     # lists proportional to the listed tiles: no dense nQ x nK (or L x L) tensor in the layout
     widest = max(lay.kv_indices.shape[-1], lay.full_kv_indices.shape[-1])
-    assert widest <= 64, widest
+    assert widest <= 64 or isinstance(p, sa.PerHead), widest   # a dense causal head lists nQ blocks
     assert _nbits(lay) == 0 and lay.mask is None
-    assert int(lay.full_kv_num_blocks.sum() + lay.kv_num_blocks.sum()) < 64 * nq * lay.shape[1]
+    if not isinstance(p, sa.PerHead) or all(isinstance(s, sa.SlidingWindow) and s.window < L for s in p.patterns):
+        assert int(lay.full_kv_num_blocks.sum() + lay.kv_num_blocks.sum()) < 64 * nq * lay.shape[1]
     assert dt < 5.0, f"layout build took {dt:.2f} s"
 
 

@@ -5,8 +5,8 @@ Naming chain: ``_sparse_attention_fwd_kernel`` -> launcher ``sparse_attention_fw
 ``sparseattn.reference.sparse_attention`` (likewise ``_bwd_*`` / ``sparse_attention_bwd``).
 
 Every kernel walks a BlockLayout: for its query tile (forward, dQ) or key tile (dK/dV) it loops
-first over the partial blocks, with the in-block masks (bounds, causal, element mask), then over
-the full blocks with no mask arithmetic at all. A layout block may be split into several kernel
+first over the partial blocks, with the in-block masks (bounds, causal, sliding window with sinks,
+packed tile bitmasks, element mask), then over the full blocks with no mask arithmetic at all. A layout block may be split into several kernel
 tiles (the kernel tile divides the layout block). Softmax is online, in base 2, in fp32; LSE is
 stored in natural log. A row with no visible key gets output 0, LSE -inf and zero gradients.
 GQA: query head h reads key/value head h // GROUP; dK/dV loops over the group's query heads, so

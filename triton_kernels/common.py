@@ -100,8 +100,8 @@ def attention_tile_fits(cfg: Dict[str, int], *, kernel: str, layout_bq: int, lay
     """Prune of the attention kernels: the kernel tile must divide the layout block, and an upper
     bound of its shared memory must fit the device.
 
-    The bounds were fitted to what Triton 3.6 allocates for every config on sm_80 and sm_90
-    (the compile gate checks the real numbers): the 16-bit forward keeps Q in registers and
+    The bounds were fitted to what Triton 3.6 allocates for every config on sm_80 and sm_90,
+    with every in-kernel feature on (the compile gate checks the real numbers): the 16-bit forward keeps Q in registers and
     stages K/V tiles; dK/dV (``kernel="dkdv"``) keeps K/V and streams Q/dO; dQ keeps Q/dO and
     streams K/V; fp32 products (no tensor cores) also stage the BLOCK_M x BLOCK_N score tile.
     """
@@ -115,6 +115,8 @@ def attention_tile_fits(cfg: Dict[str, int], *, kernel: str, layout_bq: int, lay
         need = elem * block_d * (2 * resident + 2 * streamed * stages) + (32 << 10)
         if elem == 4:
             need += 2 * elem * m * n
+    if kernel == "fwd":
+        need += 4 * m * n  # the score tile's layout conversion for tile bitmasks
     return need <= smem
 
 

@@ -68,7 +68,8 @@ def _check_inputs(q, k, v, *, gqa: bool, names=("q", "k", "v"), same_value_dim: 
 
 def _check_layout(layout, B, Hq, Lq, Lk, device):
     if not isinstance(layout, BlockLayout):
-        raise TypeError(f"layout: expected a sparseattn.BlockLayout, got {type(layout).__name__}")
+        raise TypeError(f"layout: expected a sparseattn.BlockLayout or a pattern with .layout(Lq, Lk, device), "
+                        f"got {type(layout).__name__}")
     if tuple(layout.seq_lens) != (Lq, Lk):
         raise ValueError(f"layout: expected seq_lens {(Lq, Lk)} (q and k lengths), got {tuple(layout.seq_lens)}")
     bl, hl = layout.shape
@@ -92,7 +93,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
         q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]`` with ``Hq % Hkv == 0`` (GQA/MQA, K/V are not
             repeated); float16, bfloat16 or float32; D up to 256; any strides.
         layout: a :class:`BlockLayout` built for ``seq_lens=(Lq, Lk)``, lists of shape
-            ``[B|1, Hq|1, ...]``.
+            ``[B|1, Hq|1, ...]``, or a pattern (any object with ``.layout(Lq, Lk, device)``).
         scale: score scale, default ``1 / sqrt(D)``.
         return_lse: also return the log-sum-exp of each row.
 
@@ -115,6 +116,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
                         "computes in float64)")
     if D > MAX_HEAD_DIM:
         raise ValueError(f"q: expected head dim <= {MAX_HEAD_DIM}, got {D}")
+    if not isinstance(layout, BlockLayout) and callable(getattr(layout, "layout", None)):
+        layout = layout.layout(Lq, Lk, q.device)  # a pattern object
     _check_layout(layout, B, Hq, Lq, Lk, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     out, lse = _run(q, k, v, layout, None, scale)

@@ -77,6 +77,10 @@ class _Tiles:
     def n(self):
         return self.b.numel()
 
+    def to(self, device):
+        t = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return _Tiles(t(self.b), t(self.h), t(self.r), t(self.c), t(self.bits_idx), t(self.bits))
+
     def full_bits(self, tq, tk):
         """bool [n, Tq, Tk] (None when no entry has bits): what from_entries takes."""
         if self.bits_idx is None or self.bits_idx.numel() == 0:
@@ -208,6 +212,10 @@ class _Pattern:
     def _tile(self) -> Tuple[int, int]:
         return MAX_TILE, MAX_TILE
 
+    def _kinds_for(self, Lq, Lk):
+        """The in-block kinds at these lengths."""
+        return self._kinds
+
     def _offset(self, Lq, Lk, decode=False):
         return Lk - Lq
 
@@ -216,7 +224,7 @@ class _Pattern:
         device = _device(device)
         tq, tk = self._tile()
         t = self._tiles(Lq, Lk, device, tq, tk, decode)
-        causal, window, sinks = self._kinds
+        causal, window, sinks = self._kinds_for(Lq, Lk)
         return BlockLayout.from_entries(t.b, t.h, t.r, t.c, shape=self._shape(Lq, Lk), block_size=(tq, tk),
                                         seq_lens=(Lq, Lk), causal=causal, window=window, sinks=sinks,
                                         bits=t.full_bits(tq, tk))
@@ -257,6 +265,10 @@ class SlidingWindow(_Pattern):
 
     def __repr__(self):
         return f"SlidingWindow(window={self.window}, sinks={self.sinks})"
+
+    def _kinds_for(self, Lq, Lk):
+        # i - j <= Lk - 1 < window: the window never cuts, the pattern is plain causal
+        return ("bottom_right", None, 0) if self.window >= Lk else self._kinds
 
     def _shape(self, Lq, Lk):
         return 1, 1
@@ -466,7 +478,7 @@ class BlockSparse(_Pattern):
         self._device = _device(device)
         t = _tile_of(self.block_size)
         tiles, self._bh = _tiles_from_mask_mod(mask_mod, B, H, 0, Lq, Lk, t, t, self._device)
-        self._cache = {(t, t, self._device): tiles}
+        self._cache = {(t, t, 0, Lq): tiles}
         return self
 
     @classmethod
@@ -605,27 +617,31 @@ class BlockSparse(_Pattern):
             return _blocks_to_tiles(b, h, I, J, bs, bs, off, Lq, Lk, tq, tk, bm.shape[1], self._block_lookup(bm))
         self._check_fixed(Lq, Lk, decode)
         row0 = self._lens[0] - Lq          # decode: the last Lq rows of the pattern
-        if self._mode == "from_mask_mod":
-            key = (tq, tk, device) if row0 == 0 else (tq, tk, device, row0, Lq)
-            if key not in self._cache:
-                if len(self._cache) > 8:
-                    self._cache.clear()
+        # mask_mods run on the device they were built for (their captured tensors live there)
+        key = (tq, tk, row0, Lq)
+        if key not in self._cache:
+            if len(self._cache) > 8:
+                self._cache.clear()
+            if self._mode == "from_mask_mod":
                 B, H = self._BH
-                self._cache[key] = _tiles_from_mask_mod(self._mask_mod, B, H, row0, Lq, Lk, tq, tk, device,
+                self._cache[key] = _tiles_from_mask_mod(self._mask_mod, B, H, row0, Lq, Lk, tq, tk, self._device,
                                                         shape=self._bh)[0]
-            return self._cache[key]
-        # from_flex: listed flex blocks -> tiles; partial blocks get bits from the mask_mod
-        status = self._status.to(device)
-        bsq, bsk = self._fbs
+            else:
+                self._cache[key] = self._flex_tiles(row0, Lq, Lk, tq, tk)
+        return self._cache[key].to(device)
+
+    def _flex_tiles(self, row0, Lq, Lk, tq, tk):
+        """Listed flex blocks -> tiles; partial blocks get bits from the mask_mod. Layout row r is
+        pattern row r + row0 (the offset of _blocks_to_tiles)."""
+        status = self._status
         b, h, I, J = status.nonzero(as_tuple=True)
         partial = status[b, h, I, J] == 1
         fn = self._flex_elem(status)
 
         def visible(bb, hh, II, JJ, qrow, kpos):
             return fn(bb, hh, qrow, kpos)
-        # layout row r is pattern row r + row0 (the "offset" of _blocks_to_tiles)
-        return _blocks_to_tiles(b, h, I, J, bsq, bsk, row0, Lq, Lk, tq, tk, self._bh[1], visible,
-                                needs_bits=partial)
+        bsq, bsk = self._fbs
+        return _blocks_to_tiles(b, h, I, J, bsq, bsk, row0, Lq, Lk, tq, tk, self._bh[1], visible, needs_bits=partial)
 
 
 # ----------------------------------------------------------------------------- PerHead
@@ -654,13 +670,16 @@ class PerHead(_Pattern):
                 raise TypeError(f"patterns[{i}]: expected a SlidingWindow, PowerAttention or BlockSparse, got "
                                 f"{type(p).__name__}")
         self.patterns = patterns
-        kinds = {p._kinds for p in patterns}
+
+    def _kinds_for(self, Lq, Lk):
+        """One set of kinds for the layout: the heads' own when they agree, else plain bottom-right
+        causal when all are causal, else none; each head's remaining kinds become bits."""
+        kinds = {p._kinds_for(Lq, Lk) for p in self.patterns}
         if len(kinds) == 1:
-            self._kinds = patterns[0]._kinds
-        elif all(k[0] == "bottom_right" for k in kinds):
-            self._kinds = ("bottom_right", None, 0)
-        else:
-            self._kinds = _NO_KINDS
+            return kinds.pop()
+        if all(k[0] == "bottom_right" for k in kinds):
+            return ("bottom_right", None, 0)
+        return _NO_KINDS
 
     def __repr__(self):
         return f"PerHead({self.patterns!r})"
@@ -685,8 +704,10 @@ class PerHead(_Pattern):
     def _tiles(self, Lq, Lk, device, tq, tk, decode):
         bl, _ = self._shape(Lq, Lk)
         off = Lk - Lq
+        common = self._kinds_for(Lq, Lk)
         parts = []
         for head, p in enumerate(self.patterns):
+            kinds = p._kinds_for(Lq, Lk)
             t = p._tiles(Lq, Lk, device, tq, tk, decode)
             b, r, c = t.b, t.r, t.c
             has_bits = torch.zeros(t.n, dtype=torch.bool, device=device)
@@ -695,13 +716,13 @@ class PerHead(_Pattern):
                 has_bits[t.bits_idx] = True
                 bits = t.bits
             slot = torch.cumsum(has_bits, 0) - 1              # entry -> its row in bits
-            if p._kinds != self._kinds:
+            if kinds != common:
                 # the sub-pattern's own kinds become bits where they are mixed over a tile
-                any_, all_ = _kind_class(r, c, tq, tk, off, Lq, Lk, p._kinds)
+                any_, all_ = _kind_class(r, c, tq, tk, off, Lq, Lk, kinds)
                 keep = any_
                 b, r, c, has_bits, slot, all_ = b[keep], r[keep], c[keep], has_bits[keep], slot[keep], all_[keep]
                 need = ~all_
-                kb = _eval_tile_bits(lambda bb, hh, qq, kk: _kind_elem(qq, kk, p._kinds), b[need], b[need],
+                kb = _eval_tile_bits(lambda bb, hh, qq, kk: _kind_elem(qq, kk, kinds), b[need], b[need],
                                      r[need], c[need], tq, tk, off, Lq, Lk)
                 own = torch.ones(int(need.sum()), tq, tk, dtype=torch.bool, device=device)
                 sel = has_bits[need]
