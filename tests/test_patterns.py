@@ -109,7 +109,8 @@ def _patterns_for(Lq, Lk):
     prefix, _ = _prefix_lm(Lk // 3)
     rnd, _ = _random_blocks(4, max(Lq, Lk))
     nk = math.ceil(Lk / 64)
-    pats = [sa.SlidingWindow(1), sa.SlidingWindow(33, sinks=5), sa.SlidingWindow(10 ** 5, sinks=1),
+    pats = [sa.SlidingWindow(1), sa.SlidingWindow(2), sa.SlidingWindow(129, sinks=1), sa.SlidingWindow(33, sinks=5),
+            sa.SlidingWindow(10 ** 5, sinks=1),
             sa.SlidingWindow(130), sa.PowerAttention(), sa.PowerAttention(16, 3, 2), sa.PowerAttention(32, 1, 0),
             sa.PowerAttention(256, 2, 1),
             sa.BlockSparse(torch.rand(2, 4, nk, nk) < 0.4, 64) if Lq <= Lk else
@@ -217,7 +218,7 @@ def test_sparse_attention_accepts_pattern():
     assert_oracle("pattern", out, reference.attention(q, k, v, mask=mask),
                   reference.attention(q, k, v, mask=mask, dtype=q.dtype))
     with pytest.raises(ValueError, match="layout"):
-        sa.sparse_attention(randn(1, 3, 90, 16), k[:1], v[:1], p)     # 4 heads of patterns, 3 query heads
+        sa.sparse_attention(randn(1, 2, 90, 16), k[:1], v[:1], p)     # 4 heads of patterns, 2 query heads
 
 
 # ----------------------------------------------------------------------------- FlexAttention
@@ -253,17 +254,8 @@ def test_from_flex_lengths_must_match():
 
 
 # ----------------------------------------------------------------------------- decode
-_DECODE_ENGINE_GAP = pytest.mark.xfail(
-    strict=True, reason="decode reads whole key blocks and ignores the layout's window/sinks and tile bits "
-                        "(engine: decode.py); remove this mark once decode applies them")
-
-
 @pytest.mark.parametrize("Lq", [1, 5])
-@pytest.mark.parametrize("name", [pytest.param("window", marks=_DECODE_ENGINE_GAP),
-                                  pytest.param("window_sinks", marks=_DECODE_ENGINE_GAP),
-                                  "power", "block_mask",
-                                  pytest.param("per_head", marks=_DECODE_ENGINE_GAP),
-                                  pytest.param("documents", marks=_DECODE_ENGINE_GAP)])
+@pytest.mark.parametrize("name", ["window", "window_sinks", "power", "block_mask", "per_head", "documents"])
 def test_decode_with_patterns_vs_oracle(name, Lq):
     B, Hq, Hkv, Lmax, D = 2, 4, 2, 300, 32
     p = {"window": sa.SlidingWindow(64),
@@ -281,6 +273,36 @@ def test_decode_with_patterns_vs_oracle(name, Lq):
     ref = reference.attention(q, k, v, mask=mask)
     base = reference.attention(q, k, v, mask=mask, dtype=q.dtype)
     assert_oracle(f"decode {p}", out, ref, base)
+
+
+@pytest.mark.parametrize("name", ["window_sinks", "power", "per_head"])
+def test_decode_with_patterns_ragged_lengths(name):
+    """Each sequence gets its pattern at its own length: row i of sequence b sits at position
+    n_b - Lq + i (the blocks of a pattern move with each sequence's length)."""
+    B, Hq, Hkv, Lq, Lmax, D = 3, 4, 2, 4, 300, 32
+    p = {"window_sinks": sa.SlidingWindow(37, sinks=5), "power": sa.PowerAttention(32, window_blocks=1, sink_blocks=1),
+         "per_head": sa.PerHead([sa.SlidingWindow(50), sa.PowerAttention(32)] * 2)}[name]
+    lens = torch.tensor([300, 171, 2], dtype=torch.int32)
+    q = randn(B, Hq, Lq, D, device="cpu")
+    k, v = randn(B, Hkv, Lmax, D, device="cpu"), randn(B, Hkv, Lmax, D, device="cpu")
+    mask = torch.zeros(B, Hq, Lq, Lmax, dtype=torch.bool)
+    for b, n in enumerate(lens.tolist()):
+        rows = torch.arange(n - Lq, n)  # absolute positions of the decode rows
+        full = p.dense_mask(Lmax, Lmax).expand(1, Hq, Lmax, Lmax)[0]
+        for i, pos in enumerate(rows.tolist()):
+            if pos >= 0:
+                mask[b, :, i, :n] = full[:, pos, :n]
+    out = sa.decode_attention(q, k, v, p, cache_seqlens=lens)
+    ref = reference.attention(q, k, v, mask=mask)
+    base = reference.attention(q, k, v, mask=mask, dtype=q.dtype)
+    assert_oracle(f"ragged decode {p}", out, ref, base)
+
+
+def test_decode_rejects_windowed_layout_with_ragged_lengths():
+    lay = sa.SlidingWindow(16).decode_layout(2, 64, "cpu")
+    q, k = randn(2, 2, 2, 16, device="cpu"), randn(2, 2, 64, 16, device="cpu")
+    with pytest.raises(ValueError, match="pass the pattern object"):
+        sa.decode_attention(q, k, k, lay, cache_seqlens=torch.tensor([64, 30], dtype=torch.int32))
 
 
 # ----------------------------------------------------------------------------- cost at 128K

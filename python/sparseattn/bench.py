@@ -236,7 +236,8 @@ SUITES: Dict[str, Callable[..., Iterable[Case]]] = {"attention": attention_suite
 def _register_optional_suites() -> None:
     """Suites of other ops live beside them; each registers here when its module exists."""
     for mod, name, fn in (("bench_lightning", "lightning", "lightning_suite"),
-                          ("bench_decode", "decode", "decode_suite")):
+                          ("bench_decode", "decode", "decode_suite"),
+                          ("bench_patterns", "patterns", "patterns_suite")):
         try:
             module = __import__(f"{__package__}.{mod}", fromlist=[fn])
         except ImportError:

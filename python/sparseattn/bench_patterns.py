@@ -10,7 +10,6 @@ Inputs are created when a case first runs; every pattern is checked against the 
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, Iterable, Optional
 
 import torch
@@ -136,7 +135,15 @@ def _pattern_case(name, pattern, layout, make_mod, make_pattern, device, dtype, 
         anchors[label] = run_sdpa
     if flex is not None:
         flex_fn, create_block_mask = flex
-        block_mask = lazy(lambda: create_block_mask(make_mod(L), None, H, L, L, device=device, BLOCK_SIZE=128))
+        heads = H if name.startswith("per head") else None      # the mask_mod depends on h only there
+
+        def make_block_mask():
+            try:   # compiled: never materialises the L x L mask (128K x 128K per head otherwise)
+                return create_block_mask(make_mod(L), None, heads, L, L, device=device, BLOCK_SIZE=128,
+                                         _compile=True)
+            except TypeError:   # an older torch without _compile
+                return create_block_mask(make_mod(L), None, heads, L, L, device=device, BLOCK_SIZE=128)
+        block_mask = lazy(make_block_mask)
         anchors["flex attention (same mask)"] = lambda: step(lambda q, k, v: flex_fn(q, k, v, block_mask=block_mask()))
     else:
         anchors["flex attention (same mask)"] = None

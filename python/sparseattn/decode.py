@@ -26,7 +26,7 @@ from torch import Tensor
 
 from . import _cuda
 from ._alloc import empty
-from .attention import MAX_HEAD_DIM, _check_inputs, _set_backend, sparse_attention
+from .attention import MAX_HEAD_DIM, _check_inputs, _mask_layout, _set_backend, sparse_attention
 from .layout import BlockLayout, _mask_to_lists
 
 MAX_LQ = 16
@@ -38,7 +38,8 @@ _CPU_CHUNK = 8192
 
 
 def _check_decode(q, k_cache, v_cache, layout_or_pattern, cache_seqlens):
-    """Validate everything before any launch. Returns (B, Hq, Hkv, Lq, Lmax, D, layout or None)."""
+    """Validate everything before any launch.
+    Returns (B, Hq, Hkv, Lq, Lmax, D, layout or None, pattern or None)."""
     B, Hq, Hkv, Lq, Lmax, D = _check_inputs(q, k_cache, v_cache, gqa=True, names=("q", "k_cache", "v_cache"))
     if q.dtype not in _SUPPORTED:
         raise TypeError(f"q: expected float16, bfloat16 or float32, got {q.dtype}")
@@ -62,6 +63,7 @@ def _check_decode(q, k_cache, v_cache, layout_or_pattern, cache_seqlens):
                 raise ValueError(f"cache_seqlens: expected values in [0, {Lmax}] (Lmax = k_cache.shape[2]), "
                                  f"got min {lo}, max {hi}")
     layout = layout_or_pattern
+    pattern = None if layout is None or isinstance(layout, BlockLayout) else layout
     if layout is not None and not isinstance(layout, BlockLayout):
         if not callable(getattr(layout, "decode_layout", None)):
             raise TypeError("layout_or_pattern: expected None, a sparseattn.BlockLayout or a pattern with "
@@ -81,7 +83,7 @@ def _check_decode(q, k_cache, v_cache, layout_or_pattern, cache_seqlens):
         if layout.mask is not None:
             raise ValueError("layout_or_pattern: expected a layout without an element mask (decode reads whole "
                              "key blocks), got one with mask")
-    return B, Hq, Hkv, Lq, Lmax, D, layout
+    return B, Hq, Hkv, Lq, Lmax, D, layout, pattern
 
 
 def _block_sets(layout: BlockLayout, B: int, Hq: int, Hkv: int, seqlens: Tensor):
@@ -189,6 +191,43 @@ def _decode_triton(q, k, v, cache_seqlens: Optional[Tensor], layout: Optional[Bl
     return sparse_attention(q, k, v, lay, scale=scale, return_lse=True)
 
 
+# ----------------------------------------------------------------------------- exact masked path
+def _needs_masked_path(layout: Optional[BlockLayout], pattern, cache_seqlens: Optional[Tensor], Lmax: int) -> bool:
+    """Windows and tile bitmasks are token-exact kinds the decode kernels do not evaluate, and a
+    pattern's blocks move with each sequence's length: those cases take the masked path."""
+    if layout is None:
+        return False
+    ragged = cache_seqlens is not None and bool((cache_seqlens != Lmax).any())
+    if layout.window is not None or layout.bits is not None:
+        if ragged and pattern is None:
+            raise ValueError("layout_or_pattern: a BlockLayout with a window or tile bitmasks is built for one "
+                             "length; with ragged cache_seqlens pass the pattern object itself, got a BlockLayout")
+        return True
+    return ragged and pattern is not None and callable(getattr(pattern, "decode_layout", None))
+
+
+def _decode_masked(q, k, v, cache_seqlens: Optional[Tensor], layout: BlockLayout, pattern, scale: float):
+    """Exact decode through sparse_attention with an element mask ``[B, Hl, Lq, Lmax]``: each
+    sequence gets its own layout (``pattern.decode_layout(Lq, n_b)`` per distinct length),
+    every in-block kind included, plus its length and bottom-right causal mask. Memory
+    O(B * Hl * Lq * Lmax): a fallback, not the bandwidth-bound kernel."""
+    B, Hq, Lq, _ = q.shape
+    Lmax = k.shape[2]
+    lengths = [Lmax] * B if cache_seqlens is None else cache_seqlens.tolist()
+    dense = {}
+    for n in set(lengths):
+        lay = layout if n == Lmax or pattern is None else pattern.decode_layout(Lq, n, q.device)
+        dense[n] = torch.nn.functional.pad(lay.to_dense_mask(), (0, Lmax - n)) if n else \
+            torch.zeros(1, 1, Lq, Lmax, dtype=torch.bool, device=q.device)
+    hl = max(m.shape[1] for m in dense.values())
+    elem = torch.stack([dense[n][0 if dense[n].shape[0] == 1 else b].expand(hl, Lq, Lmax)
+                        for b, n in enumerate(lengths)])                                  # [B, Hl, Lq, Lmax]
+    n = torch.tensor(lengths, device=q.device)[:, None, None, None]
+    cols = torch.arange(Lmax, device=q.device)
+    elem = elem & (cols <= n - Lq + torch.arange(Lq, device=q.device)[:, None]) & (cols < n)
+    return sparse_attention(q, k, v, _mask_layout(elem, B, Hq, Lq, Lmax), scale=scale, return_lse=True)
+
+
 # ----------------------------------------------------------------------------- CUDA custom op
 @torch.library.custom_op("sparseattn::decode_attention_cuda", mutates_args=())
 def decode_attention_cuda(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor, blk_num: Optional[Tensor],
@@ -249,8 +288,11 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, layout_or_patt
         >>> layout = sa.BlockLayout.from_block_mask(bm, block_size=(16, 64), seq_lens=(1, 1024))
         >>> out, lse = sa.decode_attention(q, k, v, layout, cache_seqlens=lens, return_lse=True)
     """
-    B, Hq, Hkv, Lq, Lmax, D, layout = _check_decode(q, k_cache, v_cache, layout_or_pattern, cache_seqlens)
+    B, Hq, Hkv, Lq, Lmax, D, layout, pattern = _check_decode(q, k_cache, v_cache, layout_or_pattern, cache_seqlens)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if _needs_masked_path(layout, pattern, cache_seqlens, Lmax):
+        out, lse = _decode_masked(q, k_cache, v_cache, cache_seqlens, layout, pattern, scale)
+        return (out, lse) if return_lse else out
     backend = decode_backend(q)
     if backend == "triton":
         _set_backend("triton")

@@ -23,7 +23,7 @@ or 32 are grouped into 64-tiles (mixed tiles get bits).
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 

@@ -67,7 +67,7 @@ def save_picture(name: str, pattern, path: str, L: int = L_PICTURE) -> str:
     layout = pattern.layout(L, L, "cpu")
     img = tile_image(layout)
     heads = img.shape[0]
-    fig, axes = plt.subplots(1, heads, figsize=(2.6 * heads, 2.8), squeeze=False)
+    fig, axes = plt.subplots(1, heads, figsize=(max(4.2, 2.6 * heads), 3.4 if heads == 1 else 2.8), squeeze=False)
     cmap = ListedColormap(["#ffffff", "#9ecae1", "#08306b"])
     for h in range(heads):
         ax = axes[0, h]
