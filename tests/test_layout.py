@@ -234,3 +234,22 @@ def test_from_entries_rejects():
     with pytest.raises(ValueError, match="bits: expected bool"):
         sa.BlockLayout.from_entries(z, z, z, z, shape=(1, 1), block_size=64, seq_lens=(128, 128),
                                     bits=torch.ones(3, 64, 32, dtype=torch.bool))
+
+
+def test_from_entries_bits_index_matches_full_bits():
+    """Bits for a subset of the entries (the rest all True) equal the same bits given for all."""
+    lq, lk, bs = 150, 120, (64, 32)
+    b, h, r, c = (t.flatten() for t in torch.meshgrid(torch.arange(1), torch.arange(2), torch.arange(3),
+                                                     torch.arange(4), indexing="ij"))
+    idx = torch.tensor([0, 5, 7, 20, 5])  # 5 twice: ORed
+    sub = torch.rand(len(idx), *bs) < 0.4
+    full = torch.ones(b.numel(), *bs, dtype=torch.bool)
+    full[idx[:4]] = sub[:4]
+    full[5] |= sub[4]
+    a = sa.BlockLayout.from_entries(b, h, r, c, shape=(1, 2), block_size=bs, seq_lens=(lq, lk), bits=sub,
+                                    bits_index=idx)
+    e = sa.BlockLayout.from_entries(b, h, r, c, shape=(1, 2), block_size=bs, seq_lens=(lq, lk), bits=full)
+    assert torch.equal(a.to_dense_mask(), e.to_dense_mask())
+    assert torch.equal(a.bits, e.bits)
+    for x, y in zip(a.lists(), e.lists()):
+        assert torch.equal(x, y)

@@ -322,7 +322,21 @@ def test_layout_build_128k(p):
     assert _nbits(lay) == 0 and lay.mask is None
     if not isinstance(p, sa.PerHead) or all(isinstance(s, sa.SlidingWindow) and s.window < L for s in p.patterns):
         assert int(lay.full_kv_num_blocks.sum() + lay.kv_num_blocks.sum()) < 64 * nq * lay.shape[1]
-    assert dt < 5.0, f"layout build took {dt:.2f} s"
+    assert dt < 30.0, f"layout build took {dt:.2f} s"  # generous: CI shares 2 cores; a dense build takes minutes
+
+
+def test_per_head_mixed_windows_128k():
+    """Heads with different windows need bitmasks only on the tiles a head's own window cuts: the
+    bits stay O(edge tiles), not O(listed tiles x 128 x 128)."""
+    L = 128 * 1024
+    p = sa.PerHead([sa.SlidingWindow(2048, sinks=64), sa.SlidingWindow(512, sinks=4)] * 2)
+    t0 = time.perf_counter()
+    lay = p.layout(L, L, "cpu")
+    dt = time.perf_counter() - t0
+    listed = int(lay.full_kv_num_blocks.sum() + lay.kv_num_blocks.sum())
+    assert 0 < _nbits(lay) <= 4 * lay.num_blocks[0] * 2, _nbits(lay)   # a few edge tiles per row and head
+    assert listed < 24 * lay.num_blocks[0] * 4
+    assert dt < 30.0, f"layout build took {dt:.2f} s"
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -325,7 +325,8 @@ class BlockLayout:
     @classmethod
     def from_entries(cls, b: torch.Tensor, h: torch.Tensor, r: torch.Tensor, c: torch.Tensor, *, shape,
                      block_size, seq_lens, causal: Optional[str] = None, window: Optional[int] = None,
-                     sinks: int = 0, bits: Optional[torch.Tensor] = None, _name: str = "c") -> "BlockLayout":
+                     sinks: int = 0, bits: Optional[torch.Tensor] = None, bits_index: Optional[torch.Tensor] = None,
+                     _name: str = "c") -> "BlockLayout":
         """Build a layout from its listed tiles, in O(n log n) for n tiles (never an nQ x nK mask):
         what structured patterns use.
 
@@ -338,6 +339,8 @@ class BlockLayout:
                 (True = attend), combined with the kinds. Tiles whose bits are all False are dropped,
                 all-True tiles run as full tiles when the kinds allow, mixed tiles become partial
                 tiles with a packed bitmask. Duplicated tiles OR their bits.
+            bits_index: optional int ``[m]``: only these entries carry bits (``bits`` is then
+                ``[m, BLOCK_Q, BLOCK_K]``); the others are all True. Memory O(m * BLOCK_Q * BLOCK_K).
         """
         bq, bk = _check_block_size(block_size)
         lq, lk = _check_seq_lens(seq_lens)
@@ -355,26 +358,44 @@ class BlockLayout:
                 bad = t[(t < 0) | (t >= hi)][0]
                 raise ValueError(f"{name}: expected block indices in [0, {hi}) for seq_lens={(lq, lk)}, "
                                  f"block_size={(bq, bk)} and shape={(bl, hl)}, got {int(bad)}")
-        if bits is not None and (bits.dtype != torch.bool or tuple(bits.shape) != (n, bq, bk)):
-            raise ValueError(f"bits: expected bool [{n}, {bq}, {bk}], got {bits.dtype} {tuple(bits.shape)}")
+        if bits is not None:
+            if bits_index is None:
+                bits_index = torch.arange(n, device=b.device)
+            m = bits_index.numel()
+            if bits.dtype != torch.bool or tuple(bits.shape) != (m, bq, bk):
+                raise ValueError(f"bits: expected bool [{m}, {bq}, {bk}], got {bits.dtype} {tuple(bits.shape)}")
         plane = b.long() * hl + h.long()
         key, inverse = torch.unique((plane * nq + r.long()) * nk + c.long(), return_inverse=True)
         plane, r, c = key // (nq * nk), (key // nk) % nq, key % nk
         attended, partial = _classify_tiles(r, c, (bq, bk), (lq, lk), offset, window, sinks)
         packed, bit_id = None, torch.full_like(r, -1)
         if bits is not None:
-            merged = torch.zeros(key.numel(), bq, bk, dtype=torch.bool, device=bits.device)
-            merged.index_put_((inverse,), bits, accumulate=True)
+            # A tile listed once without bits is all True; the others OR their entries' bits.
+            plain = torch.ones(n, dtype=torch.bool, device=r.device)
+            plain[bits_index] = False
+            tile_plain = torch.zeros(key.numel(), dtype=torch.bool, device=r.device)
+            tile_plain.index_put_((inverse,), plain, accumulate=True)
+            tiles = inverse[bits_index]
+            carried = torch.unique(tiles[~tile_plain[tiles]])
+            slot = torch.full((key.numel(),), -1, dtype=torch.long, device=r.device)
+            slot[carried] = torch.arange(carried.numel(), device=r.device)
+            merged = torch.zeros(carried.numel(), bq, bk, dtype=torch.bool, device=r.device)
+            sel = slot[tiles] >= 0
+            merged.index_put_((slot[tiles][sel],), bits[sel], accumulate=True)
             # Only positions inside the sequences count.
-            valid = ((r[:, None] * bq + torch.arange(bq, device=r.device)) < lq)[:, :, None] & \
-                    ((c[:, None] * bk + torch.arange(bk, device=r.device)) < lk)[:, None, :]
+            rc, cc = r[carried], c[carried]
+            valid = ((rc[:, None] * bq + torch.arange(bq, device=r.device)) < lq)[:, :, None] & \
+                    ((cc[:, None] * bk + torch.arange(bk, device=r.device)) < lk)[:, None, :]
             merged = merged | ~valid
-            any_, all_ = (merged & valid).flatten(1).any(1), merged.flatten(1).all(1)
+            any_ = torch.ones_like(attended)
+            all_ = torch.ones_like(attended)
+            any_[carried] = (merged & valid).flatten(1).any(1)
+            all_[carried] = merged.flatten(1).all(1)
             attended = attended & any_
             mixed = attended & ~all_
             partial = partial | mixed
             bit_id[mixed] = torch.arange(int(mixed.sum()), device=r.device)
-            packed = _pack_bits(merged[mixed])
+            packed = _pack_bits(merged[slot[mixed]])
         keep = attended
         plane, r, c, partial, bit_id = plane[keep], r[keep], c[keep], partial[keep], bit_id[keep]
         out = {}

@@ -81,13 +81,11 @@ class _Tiles:
         t = lambda x: None if x is None else x.to(device)  # noqa: E731
         return _Tiles(t(self.b), t(self.h), t(self.r), t(self.c), t(self.bits_idx), t(self.bits))
 
-    def full_bits(self, tq, tk):
-        """bool [n, Tq, Tk] (None when no entry has bits): what from_entries takes."""
+    def bits_args(self):
+        """``bits`` / ``bits_index`` for :meth:`BlockLayout.from_entries` (None when no entry has bits)."""
         if self.bits_idx is None or self.bits_idx.numel() == 0:
-            return None
-        out = torch.ones(self.n, tq, tk, dtype=torch.bool, device=self.b.device)
-        out[self.bits_idx] = self.bits
-        return out
+            return {}
+        return {"bits": self.bits, "bits_index": self.bits_idx}
 
 
 def _expand_ranges(lo: torch.Tensor, hi: torch.Tensor):
@@ -227,7 +225,7 @@ class _Pattern:
         causal, window, sinks = self._kinds_for(Lq, Lk)
         return BlockLayout.from_entries(t.b, t.h, t.r, t.c, shape=self._shape(Lq, Lk), block_size=(tq, tk),
                                         seq_lens=(Lq, Lk), causal=causal, window=window, sinks=sinks,
-                                        bits=t.full_bits(tq, tk))
+                                        **t.bits_args())
 
     def layout(self, Lq: int, Lk: int, device=None) -> BlockLayout:
         """The :class:`BlockLayout` of this pattern for ``q [.., Lq, D]`` and ``k [.., Lk, D]``."""
