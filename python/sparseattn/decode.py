@@ -195,15 +195,16 @@ def _decode_triton(q, k, v, cache_seqlens: Optional[Tensor], layout: Optional[Bl
 def _needs_masked_path(layout: Optional[BlockLayout], pattern, cache_seqlens: Optional[Tensor], Lmax: int) -> bool:
     """Windows and tile bitmasks are token-exact kinds the decode kernels do not evaluate, and a
     pattern's blocks move with each sequence's length: those cases take the masked path."""
-    if layout is None:
-        return False
+    token_kinds = layout is not None and (layout.window is not None or layout.bits is not None)
+    if not token_kinds and pattern is None:
+        return False  # a plain block layout: no host read here
     ragged = cache_seqlens is not None and bool((cache_seqlens != Lmax).any())
-    if layout.window is not None or layout.bits is not None:
+    if token_kinds:
         if ragged and pattern is None:
             raise ValueError("layout_or_pattern: a BlockLayout with a window or tile bitmasks is built for one "
                              "length; with ragged cache_seqlens pass the pattern object itself, got a BlockLayout")
         return True
-    return ragged and pattern is not None and callable(getattr(pattern, "decode_layout", None))
+    return ragged
 
 
 def _decode_masked(q, k, v, cache_seqlens: Optional[Tensor], layout: BlockLayout, pattern, scale: float):
