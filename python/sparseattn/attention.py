@@ -24,6 +24,7 @@ def last_backend() -> Optional[str]:
 
     * ``"triton"``: the fused Triton kernels (CUDA, or CPU under the Triton interpreter);
     * ``"cpu"``: sparseattn's PyTorch CPU path (gathers only the listed key blocks);
+    * ``"cuda"``: the CUDA extension's decode kernels (``decode_attention``);
     * ``"torch"``: ``torch.nn.functional.scaled_dot_product_attention`` (a documented fallback);
     * ``None``: nothing ran yet.
     """

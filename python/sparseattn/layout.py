@@ -35,6 +35,16 @@ def _check_seq_lens(seq_lens) -> Tuple[int, int]:
     return int(seq_lens[0]), int(seq_lens[1])
 
 
+def check_block_mask(block_mask) -> None:
+    """A block mask is a bool tensor [B|1, H|1, nQ, nK]."""
+    if not isinstance(block_mask, torch.Tensor):
+        raise TypeError(f"block_mask: expected a torch.Tensor, got {type(block_mask).__name__}")
+    if block_mask.dtype != torch.bool:
+        raise TypeError(f"block_mask: expected dtype torch.bool, got {block_mask.dtype}")
+    if block_mask.dim() != 4:
+        raise ValueError(f"block_mask: expected 4 dims [B|1, H|1, nQ, nK], got shape {tuple(block_mask.shape)}")
+
+
 def _mask_to_lists(mask: torch.Tensor, width: Optional[int] = None):
     """bool [..., n_rows, n] -> (counts int32 [..., n_rows], sorted indices int32 [..., n_rows, width]).
 
@@ -242,12 +252,7 @@ class BlockLayout:
             BlockLayout. Tiles crossing a sequence bound or the causal diagonal are partial,
             the others full.
         """
-        if not isinstance(block_mask, torch.Tensor):
-            raise TypeError(f"block_mask: expected a torch.Tensor, got {type(block_mask).__name__}")
-        if block_mask.dtype != torch.bool:
-            raise TypeError(f"block_mask: expected dtype torch.bool, got {block_mask.dtype}")
-        if block_mask.dim() != 4:
-            raise ValueError(f"block_mask: expected 4 dims [B|1, H|1, nQ, nK], got shape {tuple(block_mask.shape)}")
+        check_block_mask(block_mask)
         bq, bk = _check_block_size(block_size)
         nq, nk = block_mask.shape[-2:]
         if seq_lens is None:

@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
-from .layout import BlockLayout
+from .layout import BlockLayout, check_block_mask
 
 __all__ = ["BlockSparse", "SlidingWindow", "PowerAttention", "PerHead"]
 
@@ -429,12 +429,7 @@ class BlockSparse(_Pattern):
     """
 
     def __init__(self, block_mask: torch.Tensor, block_size: int = 64):
-        if not isinstance(block_mask, torch.Tensor):
-            raise TypeError(f"block_mask: expected a torch.Tensor, got {type(block_mask).__name__}")
-        if block_mask.dtype != torch.bool:
-            raise TypeError(f"block_mask: expected dtype torch.bool, got {block_mask.dtype}")
-        if block_mask.dim() != 4:
-            raise ValueError(f"block_mask: expected 4 dims [B|1, H|1, nQ, nK], got shape {tuple(block_mask.shape)}")
+        check_block_mask(block_mask)
         self.block_size = _check_block("block_size", block_size)
         self.block_mask = block_mask
         self._mode = "blocks"
