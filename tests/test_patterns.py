@@ -334,7 +334,9 @@ def test_per_head_mixed_windows_128k():
     lay = p.layout(L, L, "cpu")
     dt = time.perf_counter() - t0
     listed = int(lay.full_kv_num_blocks.sum() + lay.kv_num_blocks.sum())
-    assert 0 < _nbits(lay) <= 4 * lay.num_blocks[0] * 2, _nbits(lay)   # a few edge tiles per row and head
+    # At most 3 tiles per query row and head carry bits (the window's start straddles up to two
+    # tiles, plus the sink tile), against ~18 listed tiles per row and head.
+    assert 0 < _nbits(lay) <= 3 * lay.num_blocks[0] * 4, _nbits(lay)
     assert listed < 24 * lay.num_blocks[0] * 4
     assert dt < 30.0, f"layout build took {dt:.2f} s"
 
