@@ -214,9 +214,6 @@ class _Pattern:
         """The in-block kinds at these lengths."""
         return self._kinds
 
-    def _offset(self, Lq, Lk, decode=False):
-        return Lk - Lq
-
     def _build(self, Lq, Lk, device, decode):
         Lq, Lk = _check_lens(Lq, Lk)
         device = _device(device)
