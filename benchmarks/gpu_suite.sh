@@ -1,27 +1,94 @@
 #!/usr/bin/env bash
-# The whole GPU session in one call (issue 6): build, test on CUDA, sanitize, benchmark.
-# Runs on the lent GPU image (torch 2.11+cu130, triton 3.6.0, nvcc, pytest, pytest-xdist, tqdm,
-# pybind11; no internet) from the repository root; everything lands under $OUT (default ./gpu_out).
-# Not yet run on a GPU: no GPU has been lent to this project so far.
+# The GPU session of issue 6 in stages, each sized to fit one call of the device tool.
+#
+#   OUT=dir benchmarks/gpu_suite.sh [STAGE ...]      (default: setup tests sanitize bench)
+#
+#   setup     env.txt (GPU, driver, versions, commit) and an editable install with the image's
+#             torch (no deps, no build isolation: the image cannot download), which builds csrc/.
+#             Every call runs it first: ninja rebuilds only what changed on a warm machine.
+#   tests     the whole pytest suite on CUDA; PYTEST_ARGS adds to it (e.g. "-k decode -x").
+#   sanitize  benchmarks/sanitize.sh: compute-sanitizer memcheck + racecheck on the CUDA extension.
+#   bench     python -m sparseattn.bench $BENCH_ARGS (e.g. "--suite attention --quick"); one stage
+#             per word, so "bench:attention bench:decode" runs two suites as two processes.
+#
+# BUDGET (seconds, default 540) bounds the whole call below the tool's 600 s: each stage gets what
+# is left less a margin and is interrupted (SIGINT: pytest and the bench still write what they have)
+# when it runs long. The device tool returns at most 8 files, so everything lands in a work folder
+# packed into $OUT/gpu_suite.tgz, next to $OUT/summary.txt and the bench's Markdown tables.
 set -uo pipefail
+cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
 PY=${PY:-python3}
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  git rev-parse --short HEAD 2>/dev/null || true
-} > "$OUT/env.txt" 2>&1
-# No build isolation: the image has setuptools and cannot download; keep its torch.
-$PY -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { tail -30 "$OUT/install.log"; exit 1; }
-# 1. The whole test suite on CUDA.
-$PY -m pytest -q -n 4 tests -p no:cacheprovider > "$OUT/tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/summary.txt"
-tail -3 "$OUT/tests.log" >> "$OUT/summary.txt"
-# 2. compute-sanitizer over the CUDA extension's GPU tests (when that script exists).
-if [ -x benchmarks/sanitize.sh ]; then
-  OUT="$OUT" benchmarks/sanitize.sh > "$OUT/sanitize.log" 2>&1; echo "sanitize rc=$?" >> "$OUT/summary.txt"
-fi
-# 3. The benchmark: every suite, anchors in the same run.
-$PY -m sparseattn.bench --out "$OUT" > "$OUT/bench.log" 2>&1; echo "bench rc=$?" >> "$OUT/summary.txt"
-cat "$OUT/summary.txt"
-tail -40 "$OUT/bench.log"
+BUDGET=${BUDGET:-540}
+WORK=$(mktemp -d /tmp/gpu_suite.XXXX)
+mkdir -p "$OUT"
+START=$SECONDS
+export PYTHONUNBUFFERED=1 PY
+
+log() { echo "$*" | tee -a "$WORK/summary.txt"; }
+
+finish() {
+  tar -C "$WORK" -czf "$OUT/gpu_suite.tgz" . 2>/dev/null
+  cp "$WORK/summary.txt" "$OUT/summary.txt"
+  cp "$WORK"/bench*.md "$OUT/" 2>/dev/null
+  echo "== packed under $OUT: $(ls "$OUT" | tr '\n' ' ')"
+}
+trap finish EXIT
+
+left() { echo $(( BUDGET - (SECONDS - START) - 25 )); }
+
+stage() {  # name, command...
+  local name=$1; shift
+  local t0=$SECONDS limit
+  limit=$(left)
+  if [ "$limit" -lt 30 ]; then log "== $name: skipped, budget spent"; return 0; fi
+  log "== $name (limit ${limit}s)"
+  # timeout signals the whole process group: pytest's workers and the bench get the SIGINT too.
+  timeout --signal=INT --kill-after=15 "$limit" bash -c '"$@"' _ "$@" > "$WORK/$name.log" 2>&1
+  local rc=$?
+  log "== $name: rc=$rc in $((SECONDS - t0))s$([ $rc -eq 124 ] && echo ' (interrupted at its limit)')"
+  { grep -E '^(FAILED|ERROR) ' "$WORK/$name.log" | head -40; tail -n "${TAIL:-6}" "$WORK/$name.log"; } \
+    | sed 's/^/   /' | tee -a "$WORK/summary.txt"
+  return 0
+}
+
+setup() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv > "$WORK/env.txt" 2>&1
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" >> "$WORK/env.txt" 2>&1
+  echo "commit $(git rev-parse HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo ' (dirty)')" >> "$WORK/env.txt"
+  $PY -m pip install --no-deps --no-build-isolation -e . || return 1
+  $PY -c "import sparseattn as sa, sparseattn._C; print('sparseattn', sa.__version__, 'cuda:', sa.cuda_unavailable_reason() or 'ok')"
+}
+
+tests() {
+  local extra=()
+  $PY -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=300)
+  # shellcheck disable=SC2086
+  $PY -m pytest -q -rfE -n "${WORKERS:-8}" -p no:cacheprovider --durations=20 "${extra[@]}" tests ${PYTEST_ARGS:-}
+}
+
+bench() {  # suite ("" = all); results in $WORK/bench-<suite>/, its table also as $WORK/bench-<suite>.md
+  local name=bench${1:+-$1} args=()
+  [ -n "$1" ] && args+=(--suite "$1")
+  # shellcheck disable=SC2086
+  $PY -m sparseattn.bench --out "$WORK/$name" "${args[@]}" ${BENCH_ARGS:-}
+  local rc=$?
+  for f in "$WORK/$name"/*.md; do [ -f "$f" ] && cp "$f" "$WORK/$name.md"; done
+  return $rc
+}
+export -f setup tests bench
+export WORK
+
+log "gpu_suite: $(date -u +%FT%TZ) stages: ${*:-setup tests sanitize bench}"
+stage setup setup
+[ -f "$WORK/env.txt" ] && sed 's/^/   /' "$WORK/env.txt" | tee -a "$WORK/summary.txt"
+for s in ${*:-tests sanitize bench}; do
+  case $s in
+    setup) ;;
+    tests) stage tests tests ;;
+    sanitize) stage sanitize env OUT="$WORK" PY="$PY" benchmarks/sanitize.sh ;;
+    bench) stage bench bench "" ;;
+    bench:*) stage "bench-${s#bench:}" bench "${s#bench:}" ;;
+    *) log "unknown stage: $s"; exit 2 ;;
+  esac
+done

@@ -11,7 +11,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer not found (CUDA toolkit bin/ on PATH?)" >&2; exit 2; }
-python -c "import sparseattn as sa, sys; r = sa.cuda_unavailable_reason(); sys.exit(f'no usable CUDA device: {r}' if r else 0)" || exit 2
+"${PY:-python3}" -c "import sparseattn as sa, sys; r = sa.cuda_unavailable_reason(); sys.exit(f'no usable CUDA device: {r}' if r else 0)" || exit 2
 
 dest=${OUT:-benchmarks/results}
 mkdir -p "$dest"
@@ -25,7 +25,7 @@ unset TRITON_INTERPRET
   echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
   compute-sanitizer --version | tail -1
-  python -c "import torch, sparseattn._C as C; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'archs', C.cuda_archs)"
+  "${PY:-python3}" -c "import torch, sparseattn._C as C; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'archs', C.cuda_archs)"
 } | tee "$log"
 
 status=0
@@ -33,7 +33,7 @@ run() {  # tool, pytest -k expression
   local tool=$1 expr=$2
   echo "== ${tool} (-k '${expr}')" | tee -a "$log"
   compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
-    python -m pytest -q -p no:cacheprovider tests/test_cuda_extension.py -k "$expr" 2>&1 | tail -40 | tee -a "$log"
+    "${PY:-python3}" -m pytest -q -p no:cacheprovider tests/test_cuda_extension.py -k "$expr" 2>&1 | tail -40 | tee -a "$log"
   local rc=${PIPESTATUS[0]}
   echo "== ${tool}: exit ${rc}" | tee -a "$log"
   [ "$rc" -eq 0 ] || status=1

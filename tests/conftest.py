@@ -11,3 +11,6 @@ if not torch.cuda.is_available():
 
 # Fresh outputs of every launcher are NaN-filled: an unwritten element fails loudly.
 os.environ["SPARSEATTN_NAN_FILL"] = "1"
+# One config per problem, no timing (results must not depend on timings); tests/test_configs.py
+# runs every config.
+os.environ.setdefault("SPARSEATTN_AUTOTUNE", "0")

@@ -273,6 +273,28 @@ class _Progress:
             print(file=sys.stderr)
 
 
+def device_ceilings() -> dict:
+    """The two ceilings every row is read against, measured in this run: device-to-device copy
+    bandwidth (bytes read + written) and the bf16 matrix-product rate on random data."""
+    src = torch.randn(1 << 28, device="cuda", dtype=torch.bfloat16)  # 512 MiB
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), "cuda")
+    del src, dst
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mm_ms = time_ms(lambda: a @ b, "cuda")
+    return {"copy GB/s": round(2 * (1 << 28) * 2 / copy_ms / 1e6), "bf16 matmul TFLOP/s": round(2 * n ** 3 / mm_ms / 1e9)}
+
+
+def _driver_version() -> Optional[str]:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+        return out.splitlines()[0] if out else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _environment(device: str) -> dict:
     import sparseattn
 
@@ -292,7 +314,7 @@ def _environment(device: str) -> dict:
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         env.update(gpu=props.name, sm=f"{props.major}{props.minor}", sms=props.multi_processor_count,
-                   cuda=torch.version.cuda)
+                   cuda=torch.version.cuda, driver=_driver_version(), **device_ceilings())
     else:
         env.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
                    note="no GPU: sparseattn's PyTorch CPU path was timed against torch SDPA on CPU; "
@@ -303,6 +325,15 @@ def _environment(device: str) -> dict:
 def run_cases(cases: List[Case], device: str) -> List[dict]:
     rows, checked = [], {}
     progress = _Progress(len(cases))
+    try:
+        _run_cases(cases, device, rows, checked, progress)
+    except KeyboardInterrupt:  # keep what was measured: the table is written with the rows so far
+        print(f"\ninterrupted: {len(rows)} of {len(cases)} cases ran", file=sys.stderr)
+    progress.close()
+    return rows
+
+
+def _run_cases(cases: List[Case], device: str, rows: List[dict], checked: dict, progress) -> None:
     for i, case in enumerate(cases):
         cases[i] = None  # the case's inputs are freed once it has run
         label = f"{case.op} {case.params.get('direction', '')} L={case.params.get('L', '')}"
@@ -342,8 +373,6 @@ def run_cases(cases: List[Case], device: str) -> List[dict]:
         del case
         if device == "cuda":
             torch.cuda.empty_cache()
-    progress.close()
-    return rows
 
 
 def to_markdown(env: dict, rows: List[dict]) -> str:
@@ -392,6 +421,8 @@ def main(argv=None) -> int:
     env = _environment(device)
     cases = [c for name in (args.suite or sorted(SUITES)) for c in SUITES[name](device, args.quick, args)]
     rows = run_cases(cases, device)
+    if len(rows) < len(cases):
+        env["interrupted"] = f"only the first {len(rows)} of {len(cases)} cases ran"
     md = to_markdown(env, rows)
     os.makedirs(args.out, exist_ok=True)
     stem = f"{env['date'][:10]}-{(env.get('gpu') or 'cpu').replace(' ', '_')}"
