@@ -4,8 +4,12 @@
 #   OUT=dir benchmarks/gpu_suite.sh [STAGE ...]      (default: setup tests sanitize bench)
 #
 #   setup     env.txt (GPU, driver, versions, commit) and an editable install with the image's
-#             torch (no deps, no build isolation: the image cannot download), which builds csrc/.
-#             Every call runs it first: ninja rebuilds only what changed on a warm machine.
+#             torch (no deps, no build isolation: the image cannot download), which builds csrc/;
+#             installs the wheels under .whl/ first when that folder was carried (the image lacks
+#             flash-linear-attention, the Lightning anchor: on the dev machine run
+#             `pip download --no-deps -d .whl fla-core==0.6.0 flash-linear-attention==0.6.0`
+#             and call the device tool with carry [".whl"]). Every call runs it first: ninja
+#             rebuilds only what changed on a warm machine.
 #   tests     the whole pytest suite on CUDA; PYTEST_ARGS adds to it (e.g. "-k decode -x").
 #   sanitize  benchmarks/sanitize.sh: compute-sanitizer memcheck + racecheck on the CUDA extension.
 #   bench     python -m sparseattn.bench $BENCH_ARGS (e.g. "--suite attention --quick"); one stage
@@ -56,6 +60,10 @@ setup() {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv > "$WORK/env.txt" 2>&1
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" >> "$WORK/env.txt" 2>&1
   echo "commit $(git rev-parse HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo ' (dirty)')" >> "$WORK/env.txt"
+  # Wheels carried from the dev machine (the image has no internet): the Lightning anchor, fla.
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile .whl/*.whl || return 1
+  fi
   $PY -m pip install --no-deps --no-build-isolation -e . || return 1
   $PY -c "import sparseattn as sa, sparseattn._C; print('sparseattn', sa.__version__, 'cuda:', sa.cuda_unavailable_reason() or 'ok')"
 }
