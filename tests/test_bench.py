@@ -32,3 +32,25 @@ def test_failed_check_refuses_case():
     assert "refused" not in rows[0] and rows[0]["anchors"]["a"]["ratio"] > 0
     assert rows[1]["refused"].startswith("correctness check failed: max error")
     assert "refused" in bench.to_markdown({"device": "cpu"}, rows)
+
+
+def test_interrupt_keeps_rows_measured_so_far():
+    def stop():
+        raise KeyboardInterrupt
+
+    first = bench.Case(op="first", params={"L": 1}, run=lambda: None, flops=1.0)
+    rows = bench.run_cases([first, bench.Case(op="second", params={"L": 2}, run=stop),
+                            bench.Case(op="third", params={"L": 3}, run=lambda: None)], "cpu")
+    assert [r["op"] for r in rows] == ["first"]
+
+
+def test_flex_anchor_never_falls_back_to_eager(monkeypatch):
+    """Past dynamo's recompile limit, flex_attention silently runs its unfused eager path; the
+    bench raises the limit and makes hitting it an error (the anchor then shows unsupported)."""
+    import torch._dynamo.config as dc
+
+    for name in ("recompile_limit", "accumulated_recompile_limit", "fail_on_recompile_limit_hit"):
+        monkeypatch.setattr(dc, name, getattr(dc, name))  # restored after the test
+    bench.flex_compile_settings()
+    assert dc.recompile_limit >= 1024 and dc.accumulated_recompile_limit >= 1024
+    assert dc.fail_on_recompile_limit_hit
