@@ -12,8 +12,9 @@
 #             rebuilds only what changed on a warm machine.
 #   tests     the whole pytest suite on CUDA; PYTEST_ARGS adds to it (e.g. "-k decode -x").
 #   sanitize  benchmarks/sanitize.sh: compute-sanitizer memcheck + racecheck on the CUDA extension.
-#   bench     python -m sparseattn.bench $BENCH_ARGS (e.g. "--suite attention --quick"); one stage
-#             per word, so "bench:attention bench:decode" runs two suites as two processes.
+#   bench     python -m sparseattn.bench $BENCH_ARGS, every suite. bench:SUITE runs one suite, and
+#             bench:SUITE@ARG@ARG passes it options, e.g. bench:attention@--head-dims=128@--quick;
+#             each word is its own process and its own table.
 #
 # BUDGET (seconds, default 540) bounds the whole call below the tool's 600 s: each stage gets what
 # is left less a margin and is interrupted (SIGINT: pytest and the bench still write what they have)
@@ -75,9 +76,10 @@ tests() {
   $PY -m pytest -q -rfE -n "${WORKERS:-8}" -p no:cacheprovider --durations=20 "${extra[@]}" tests ${PYTEST_ARGS:-}
 }
 
-bench() {  # suite ("" = all); results in $WORK/bench-<suite>/, its table also as $WORK/bench-<suite>.md
-  local name=bench${1:+-$1} args=()
-  [ -n "$1" ] && args+=(--suite "$1")
+bench() {  # stage name, "SUITE[@ARG@ARG...]" ("" = every suite); results in $WORK/<name>/ and <name>.md
+  local name=$1 suite=${2%%@*} args=()
+  [ -n "$suite" ] && args+=(--suite "$suite")
+  [[ $2 == *@* ]] && IFS=@ read -r -a extra <<< "${2#*@}" && args+=("${extra[@]}")
   # shellcheck disable=SC2086
   $PY -m sparseattn.bench --out "$WORK/$name" "${args[@]}" ${BENCH_ARGS:-}
   local rc=$?
@@ -95,8 +97,8 @@ for s in ${*:-tests sanitize bench}; do
     setup) ;;
     tests) stage tests tests ;;
     sanitize) stage sanitize env OUT="$WORK" PY="$PY" benchmarks/sanitize.sh ;;
-    bench) stage bench bench "" ;;
-    bench:*) stage "bench-${s#bench:}" bench "${s#bench:}" ;;
+    bench) stage bench bench bench "" ;;
+    bench:*) n=bench-${s#bench:}; n=${n//[^A-Za-z0-9_.-]/_}; stage "$n" bench "$n" "${s#bench:}" ;;
     *) log "unknown stage: $s"; exit 2 ;;
   esac
 done
