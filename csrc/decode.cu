@@ -1,9 +1,10 @@
 // Split-KV flash decoding over a dense or block-sparse KV cache.
 //
-// decode_split_kernel: one CTA per (split, KV head x row chunk, batch). The query rows of a CTA
-// are up to 16 (query head of the GQA group, query position) pairs that share one KV head, so
-// each key tile is read once for all of them. Keys are walked as a "virtual" sequence: dense
-// decode reads positions [0, seqlen); sparse decode reads the listed key blocks back to back.
+// decode_split_kernel: one CTA per (batch, KV head x row chunk, split); the batch is on gridDim.x
+// (up to 2^31 - 1; gridDim.y/z stop at 65535). The query rows of a CTA are up to 16 (query head
+// of the GQA group, query position) pairs that share one KV head, so each key tile is read once
+// for all of them. Keys are walked as a "virtual" sequence: dense decode reads positions
+// [0, seqlen); sparse decode reads the listed key blocks back to back.
 // The virtual sequence is cut into num_splits contiguous ranges; each CTA runs an online softmax
 // (base 2, fp32) over its range in tiles of 32 keys, loaded with 16-byte vector loads and
 // prefetched into registers while the previous tile is processed. It writes an fp32 partial
@@ -90,14 +91,16 @@ __global__ void __launch_bounds__(D) decode_split_kernel(const DecodeParams p) {
   __shared__ int tok_s[TILE];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int split = blockIdx.x;
+  const int split = blockIdx.z;
   const int G = p.Hq / p.Hkv;
   const int chunks = (G * p.Lq + MR - 1) / MR;
   const int hkv = blockIdx.y / chunks;
   const int r0 = (blockIdx.y % chunks) * MR;
   const int m_rows = min(MR, G * p.Lq - r0);
-  const int b = blockIdx.z;
-  const int seqlen = p.seqlens[b];
+  const int b = blockIdx.x;
+  // Clamped to [0, Lmax]: Python validates the range, but not under torch.compile, and an
+  // out-of-range length must never read past the cache.
+  const int seqlen = min(max(p.seqlens[b], 0), p.Lmax);
   const bool sparse = p.blk_idx != nullptr;
   const int64_t bh = (int64_t)b * p.Hkv + hkv;
   const int bk_shift = __ffs(p.block_k) - 1;
@@ -205,6 +208,7 @@ __global__ void __launch_bounds__(D) decode_split_kernel(const DecodeParams p) {
       const float pr = x == -INFINITY ? 0.f : exp2f(x - m_new);
       const float sum = warp_sum(pr);
       s_s[r * TILE + lane] = pr;
+      __syncwarp();  // every lane has read m_s[r] before lane 0 rewrites it (shuffles do not order memory)
       if (lane == 0) {
         const float alpha = m_old == -INFINITY ? 0.f : exp2f(m_old - m_new);
         m_s[r] = m_new;
@@ -268,7 +272,7 @@ __global__ void __launch_bounds__(D) decode_combine_kernel(const DecodeParams p)
 template <typename T, int D>
 void launch(const DecodeParams& p, cudaStream_t stream) {
   const int chunks = (p.Hq / p.Hkv * p.Lq + kDecodeRowsPerCta - 1) / kDecodeRowsPerCta;
-  const dim3 grid(p.num_splits, p.Hkv * chunks, p.B);
+  const dim3 grid(p.B, p.Hkv * chunks, p.num_splits);
   decode_split_kernel<T, D><<<grid, D, 0, stream>>>(p);
   SA_CHECK_LAUNCH("decode_split_kernel launch");
   const int64_t rows = (int64_t)p.B * p.Hq * p.Lq;
@@ -291,7 +295,7 @@ bool aligned(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uintptr
 void check(const DecodeParams& p) {
   SA_REQUIRE(p.q && p.k && p.v && p.out && p.lse && p.o_part && p.lse_part && p.seqlens,
              "decode_attention: null pointer among q, k, v, out, lse, workspace, seqlens");
-  SA_REQUIRE(p.B >= 1 && p.B <= 65535, "B: expected 1..65535, got " + std::to_string(p.B));
+  SA_REQUIRE(p.B >= 1, "B: expected >= 1, got " + std::to_string(p.B));
   SA_REQUIRE(p.Hkv >= 1 && p.Hq >= p.Hkv && p.Hq % p.Hkv == 0,
              "heads: expected Hq a multiple of Hkv, got Hq=" + std::to_string(p.Hq) + " Hkv=" + std::to_string(p.Hkv));
   SA_REQUIRE(p.Lq >= 1 && p.Lq <= kDecodeMaxLq, "Lq: expected 1..16, got " + std::to_string(p.Lq));
@@ -300,6 +304,7 @@ void check(const DecodeParams& p) {
              "num_splits: expected 1..4096, got " + std::to_string(p.num_splits));
   const int64_t chunks = ((int64_t)p.Hq / p.Hkv * p.Lq + kDecodeRowsPerCta - 1) / kDecodeRowsPerCta;
   SA_REQUIRE(p.Hkv * chunks <= 65535, "Hkv x row chunks: expected <= 65535");
+  SA_REQUIRE((int64_t)p.B * p.Hq * p.Lq <= 0x7fffffff, "B x Hq x Lq: expected <= 2^31 - 1 (combine grid)");
   SA_REQUIRE(aligned(p.q, 4) && p.q_sb % 2 == 0 && p.q_sh % 2 == 0 && p.q_sl % 2 == 0,
              "q: expected 4-byte aligned rows (even strides)");
   SA_REQUIRE(aligned(p.k, 16) && p.k_sb % 8 == 0 && p.k_sh % 8 == 0 && p.k_sl % 8 == 0,

@@ -32,7 +32,8 @@ struct DecodeParams {
   // Workspace: o_part [num_splits, B, Hq, Lq, D] fp32, lse_part [num_splits, B, Hq, Lq] fp32.
   float* o_part = nullptr;
   float* lse_part = nullptr;
-  // int32 [B]: keys of each sequence (0 <= seqlen <= Lmax); the queries are its last Lq positions.
+  // int32 [B]: keys of each sequence (0 <= seqlen <= Lmax; the kernel clamps to that range); the
+  // queries are its last Lq positions.
   const int32_t* seqlens = nullptr;
   // Sparse decode (nullptr = dense): per (batch, KV head) the sorted key blocks to read,
   // blk_num int32 [B, Hkv], blk_idx int32 [B, Hkv, blk_width], each < ceil(seqlen / block_k).

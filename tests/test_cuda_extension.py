@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -101,6 +102,75 @@ def test_raw_extension_without_gpu_raises_not_crashes():
     assert C.device_unavailable_reason(0) != ""
 
 
+# ----------------------------------------------------------------------------- Python -> C++ contract (CPU)
+def _capture_launch(monkeypatch):
+    """Runs _cuda.decode_attention_fwd on CPU tensors with the launch replaced by a capture of the
+    DecodeParams: what Python hands the C++ code, checked without a GPU."""
+    if not _cuda.extension_built():
+        pytest.skip("extension not built")
+    C = _cuda._C
+    seen = []
+    fake = types.SimpleNamespace(DecodeParams=C.DecodeParams, DType=C.DType, decode_num_splits=C.decode_num_splits,
+                                 decode_attention=lambda p, device, stream: seen.append(p))
+    monkeypatch.setattr(_cuda, "_C", fake)
+    monkeypatch.setattr(_cuda, "require", lambda device=None: 0)
+    monkeypatch.setattr(_cuda, "_stream", lambda index: 0)
+    monkeypatch.setattr(_cuda, "num_sms", lambda index: 132)
+    return seen
+
+
+def _at_offset(shape, off, dtype=torch.float16, device="cpu"):
+    """A contiguous tensor whose data starts `off` elements into its storage (contiguous() keeps it)."""
+    return torch.randn(math.prod(shape) + off, device=device).to(dtype)[off:].view(shape)
+
+
+def test_decode_operands_meet_the_kernel_alignment(monkeypatch):
+    """q rows must be 4-byte and K/V rows 16-byte aligned (C++ rejects anything else): misaligned
+    storage offsets are copied (contiguous() alone keeps them), size-1 dims with any stride and
+    aligned strided or broadcast views are read in place."""
+    seen = _capture_launch(monkeypatch)
+    B, Hq, Hkv, Lq, Lmax, D = 1, 4, 2, 1, 40, 64
+    lens = torch.full((B,), Lmax, dtype=torch.int32)
+    kb = torch.randn(Hkv * Lmax * D + 8).half()
+    cases = {
+        "storage offsets": (_at_offset((B, Hq, Lq, D), 1), _at_offset((B, Hkv, Lmax, D), 4),
+                            _at_offset((B, Hkv, Lmax, D), 2)),
+        "size-1 dims, odd strides": (torch.randn(Hq * D).half().as_strided((B, Hq, Lq, D), (7, D, 3, 1)),
+                                     kb.as_strided((B, Hkv, Lmax, D), (5, Lmax * D, D, 1)),
+                                     kb.as_strided((B, Hkv, Lmax, D), (3, Lmax * D, D, 1))),
+        "strided and broadcast": (torch.randn(B, Lq, Hq, D).half().transpose(1, 2),
+                                  torch.randn(B, Lmax, Hkv, D).half().transpose(1, 2),
+                                  torch.randn(1, 1, Lmax, D).half().expand(B, Hkv, Lmax, D)),
+    }
+    for name, (q, k, v) in cases.items():
+        seen.clear()
+        _cuda.decode_attention_fwd(q, k, v, lens, None, None, 64, None, 0.125)
+        (p,) = seen
+        assert p.q % 4 == 0 and all(s % 2 == 0 for s in (p.q_sb, p.q_sh, p.q_sl)), name
+        for t, ptr, st in ((k, p.k, (p.k_sb, p.k_sh, p.k_sl)), (v, p.v, (p.v_sb, p.v_sh, p.v_sl))):
+            assert ptr % 16 == 0 and all(s % 8 == 0 for s in st), (name, ptr, st)
+        if name != "storage offsets":  # aligned already: no copy
+            assert (p.q, p.k, p.v) == (q.data_ptr(), k.data_ptr(), v.data_ptr()), name
+    for t, elems in ((_at_offset((2, 3, 5, 64), 3), 8), (kb.as_strided((1, 2, 3, 64), (5, 192, 64, 1)), 8)):
+        got, st = _cuda._vector_operand(t, elems)
+        assert torch.equal(got, t) and torch.equal(got.as_strided(got.shape, st), t)
+
+
+def test_decode_empty_problems_do_not_launch(monkeypatch):
+    """B = 0 or an empty cache (Lmax = 0): outputs of the right shapes, rows 0 and LSE -inf, as the
+    CPU path gives, and no launch (the C++ code rejects empty sizes)."""
+    seen = _capture_launch(monkeypatch)
+    for B, Lmax in ((0, 16), (2, 0)):
+        q = torch.randn(B, 4, 3, 64).half()
+        k = v = torch.randn(B, 2, Lmax, 64).half()
+        out, lse = _cuda.decode_attention_fwd(q, k, v, torch.zeros(B, dtype=torch.int32), None, None, 64, None, 0.125)
+        assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == q.shape[:3] and lse.dtype == torch.float32
+        assert (out == 0).all() and torch.isneginf(lse).all()
+        ref_out, ref_lse = sa.decode_attention(q.float(), k.float(), v.float(), return_lse=True)
+        assert torch.equal(out.float(), ref_out) and torch.equal(lse, ref_lse)
+    assert seen == []
+
+
 # ----------------------------------------------------------------------------- GPU: decode kernels
 def _inputs(B, Hq, Hkv, Lq, Lmax, D, dtype):
     q = torch.randn(B, Hq, Lq, D, device="cuda").to(dtype)
@@ -175,6 +245,96 @@ def test_gpu_decode_long_cache_many_splits_strided_inputs():
 
 
 @gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 256])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_gpu_decode_edge_lengths_partial_row_chunks(dtype, D, sparse):
+    """cache_seqlens at 0, 1, Lq - 1, Lq, tile edges and Lmax; 3 query heads per KV head x Lq = 7
+    = 21 rows, i.e. two row chunks per KV head, the second partial. Sparse: per batch and per head
+    lists with a sequence and a whole KV group that list no block (empty work, every split)."""
+    Hq, Hkv, Lq, Lmax = 12, 4, 7, 200
+    lens = torch.tensor([0, 1, Lq - 1, Lq, 31, 32, 33, 64, Lmax - 1, Lmax], dtype=torch.int32, device="cuda")
+    B = lens.numel()
+    q, k, v = _inputs(B, Hq, Hkv, Lq, Lmax, D, dtype)
+    layout = None
+    if sparse:
+        bm = torch.rand(B, Hq, 1, math.ceil(Lmax / 32), device="cuda") < 0.5
+        bm[-2] = False
+        bm[-1, :3] = False  # query heads 0..2 = all of KV head 0's group
+        layout = sa.BlockLayout.from_block_mask(bm, (16, 32), (Lq, Lmax))
+    _check_cuda(f"cuda edge lengths sparse={sparse}", q, k, v, layout, lens)
+
+
+@gpu
+def test_gpu_decode_layout_many_splits():
+    """Sparse lists long enough for many splits (~78), with a ragged length cutting a block."""
+    B, Hq, Hkv, Lq, Lmax, D, bk = 2, 8, 2, 3, 20011, 128, 64
+    q, k, v = _inputs(B, Hq, Hkv, Lq, Lmax, D, torch.float16)
+    bm = torch.rand(B, Hq, 1, math.ceil(Lmax / bk), device="cuda") < 0.6
+    layout = sa.BlockLayout.from_block_mask(bm, (16, bk), (Lq, Lmax))
+    lens = torch.tensor([Lmax, 12345], dtype=torch.int32, device="cuda")
+    _check_cuda("cuda layout many splits", q, k, v, layout, lens)
+
+
+@gpu
+def test_gpu_decode_misaligned_offsets_and_size1_strides():
+    """Contiguous views at misaligned storage offsets, and size-1 dims with odd strides, run on the
+    CUDA kernels (copied or read in place) instead of failing the C++ alignment check."""
+    B, Hq, Hkv, Lq, Lmax, D = 1, 4, 2, 1, 300, 64
+    q = _at_offset((B, Hq, Lq, D), 1, device="cuda")
+    k = _at_offset((B, Hkv, Lmax, D), 4, device="cuda")
+    v = _at_offset((B, Hkv, Lmax, D), 2, device="cuda")
+    assert q.is_contiguous() and q.data_ptr() % 4 and k.data_ptr() % 16 and v.data_ptr() % 16
+    _check_cuda("cuda storage offsets", q, k, v, None, None)
+    qs = torch.randn(Hq * D, device="cuda").half().as_strided((B, Hq, Lq, D), (7, D, 3, 1))
+    ks = torch.randn(Hkv * Lmax * D, device="cuda").half().as_strided((B, Hkv, Lmax, D), (5, Lmax * D, D, 1))
+    _check_cuda("cuda size-1 strides", qs, ks, v, None, torch.tensor([Lmax - 7], dtype=torch.int32, device="cuda"))
+
+
+@gpu
+def test_gpu_decode_raw_lengths_out_of_range_are_clamped():
+    """Lengths outside [0, Lmax] (not validated under torch.compile) read nothing past the cache:
+    the kernel clamps them (compute-sanitizer memcheck shows any stray read)."""
+    B, Hq, Hkv, Lq, Lmax, D = 2, 4, 2, 2, 100, 64
+    q, k, v = _inputs(B, Hq, Hkv, Lq, Lmax, D, torch.float16)
+    bad = torch.tensor([-5, Lmax + 1000], dtype=torch.int32, device="cuda")
+    good = torch.tensor([0, Lmax], dtype=torch.int32, device="cuda")
+    out, lse = _cuda.decode_attention_fwd(q, k, v, bad, None, None, 64, None, 0.125)
+    want, want_lse = _cuda.decode_attention_fwd(q, k, v, good, None, None, 64, None, 0.125)
+    torch.cuda.synchronize()
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+@gpu
+def test_gpu_decode_batch_beyond_grid_z_limit():
+    """B > 65535 (gridDim.y/z stop there): the batch rides on gridDim.x."""
+    B, Lmax, D = 65536 + 7, 33, 64
+    q, k, v = _inputs(B, 1, 1, 1, Lmax, D, torch.float16)
+    lens = torch.randint(0, Lmax + 1, (B,), dtype=torch.int32, device="cuda")
+    out, lse = sa.decode_attention(q, k, v, cache_seqlens=lens, return_lse=True)
+    assert sa.last_backend() == "cuda"
+    tail = slice(B - 300, B)
+    ref = reference.decode_attention(q[tail], k[tail], v[tail], cache_seqlens=lens[tail])
+    base = reference.decode_attention(q[tail], k[tail], v[tail], cache_seqlens=lens[tail], dtype=q.dtype)
+    assert_oracle("cuda B > 65535 (tail)", out[tail], ref, base)
+    # One split per row at this size: the tail computed on its own is bit-identical.
+    assert torch.equal(out[tail], sa.decode_attention(q[tail], k[tail], v[tail], cache_seqlens=lens[tail]))
+
+
+@gpu
+def test_gpu_decode_and_builder_empty_problems():
+    """B = 0 and an empty cache on CUDA, and a layout of batch 0 (GPU builder falls back)."""
+    for B, Lmax in ((0, 64), (2, 0)):
+        q, k, v = _inputs(B, 4, 2, 3, Lmax, 64, torch.float16)
+        out, lse = sa.decode_attention(q, k, v, return_lse=True)
+        assert out.shape == q.shape and (out == 0).all() and torch.isneginf(lse).all()
+    bm = torch.ones(0, 1, 1, 4, dtype=torch.bool, device="cuda")
+    got = sa.BlockLayout.from_block_mask(bm, (16, 64), (1, 256))
+    cpu = sa.BlockLayout.from_block_mask(bm.cpu(), (16, 64), (1, 256))
+    assert all(torch.equal(g.cpu(), c) for g, c in zip(got.lists(), cpu.lists()))
+
+
+@gpu
 def test_gpu_decode_side_stream_and_device_restored():
     q, k, v = _inputs(2, 4, 2, 1, 300, 64, torch.float16)
     before = torch.cuda.current_device()
@@ -190,6 +350,29 @@ def test_gpu_decode_side_stream_and_device_restored():
         out1 = sa.decode_attention(q1, k1, v1)
         assert torch.cuda.current_device() == before and out1.device == q1.device
         assert_oracle("cuda:1", out1.cpu(), ref.cpu(), out.cpu())
+
+
+@gpu
+def test_gpu_decode_and_builder_run_on_the_current_stream():
+    """Inputs written on a side stream after a ~sleep: a launch on any other stream would read them
+    before they exist (torch's side streams do not sync with the default stream)."""
+    q, k, v = _inputs(2, 4, 2, 1, 300, 64, torch.float16)
+    base = torch.rand(2, 3, 5, 70, device="cuda")
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(100_000_000)
+        k2 = k * 2
+        out = sa.decode_attention(q, k2, v)
+        assert sa.last_backend() == "cuda"
+        torch.cuda._sleep(100_000_000)
+        bm = base < 0.3
+        got = sa.BlockLayout.from_block_mask(bm, (64, 32), (5 * 64, 70 * 32))
+    s.synchronize()
+    assert_oracle("cuda on side stream", out, reference.decode_attention(q, k2, v),
+                  reference.decode_attention(q, k2, v, dtype=q.dtype))
+    want = sa.BlockLayout.from_block_mask(bm.cpu(), (64, 32), (5 * 64, 70 * 32))
+    assert all(torch.equal(g.cpu(), w) for g, w in zip(got.lists(), want.lists()))
 
 
 @gpu

@@ -115,10 +115,20 @@ def mask_to_lists(masks: Sequence[torch.Tensor]) -> List[Tuple[torch.Tensor, tor
 
 
 # ----------------------------------------------------------------------------- decode
-def _aligned(t: torch.Tensor, elems: int) -> bool:
-    """Unit stride in the last dim, other strides multiples of ``elems``, data 2*elems-byte aligned."""
-    return (t.stride(-1) == 1 and all(s % elems == 0 for s in t.stride()[:-1])
-            and t.data_ptr() % (t.element_size() * elems) == 0)
+def _vector_operand(t: torch.Tensor, elems: int) -> Tuple[torch.Tensor, List[int]]:
+    """``(t or a copy, strides)`` fit for loads of ``elems`` elements: unit stride in the last dim,
+    the other strides multiples of ``elems`` and the data ``elems * element_size``-byte aligned.
+    Size-1 dims get stride 0 (never stepped; torch gives them any stride). A copy is made only when
+    needed, and it is a fresh allocation: ``contiguous()`` returns a contiguous view at a
+    misaligned storage offset unchanged."""
+    def strides(x):
+        return [0 if n == 1 else st for n, st in zip(x.shape, x.stride())]
+
+    st = strides(t)
+    if t.stride(-1) != 1 or any(x % elems for x in st[:-1]) or t.data_ptr() % (t.element_size() * elems):
+        t = t.clone(memory_format=torch.contiguous_format)
+        st = strides(t)
+    return t, st
 
 
 def decode_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor,
@@ -131,22 +141,26 @@ def decode_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seql
     index = require(q.device)
     B, Hq, Lq, D = q.shape
     Hkv, Lmax = k.shape[1], k.shape[2]
+    if B * Hq * Lq == 0 or Lmax == 0:  # no row or no key: rows see nothing (0 and LSE -inf)
+        return (torch.zeros(B, Hq, Lq, D, dtype=q.dtype, device=q.device),
+                torch.full((B, Hq, Lq), float("-inf"), dtype=torch.float32, device=q.device))
     # The kernels read 4-byte words of q and 16-byte vectors of K/V rows: copy only if needed.
-    q = q if _aligned(q, 2) else q.contiguous()
-    k = k if _aligned(k, 8) else k.contiguous()
-    v = v if _aligned(v, 8) else v.contiguous()
+    q, q_st = _vector_operand(q, 2)
+    k, k_st = _vector_operand(k, 8)
+    v, v_st = _vector_operand(v, 8)
     seqlens = seqlens.contiguous()
     max_keys = Lmax if blk_idx is None else blk_idx.shape[-1] * block_k
     splits = _C.decode_num_splits(num_sms(index), B, Hq, Hkv, Lq, max_keys)
     out = empty(B, Hq, Lq, D, dtype=q.dtype, device=q.device)
     lse = empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
-    o_part = torch.empty(splits, B, Hq, Lq, D, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(splits, B, Hq, Lq, dtype=torch.float32, device=q.device)
+    # Workspace through empty() too: NaN-filled under the tests, so a split that skips a row shows.
+    o_part = empty(splits, B, Hq, Lq, D, dtype=torch.float32, device=q.device)
+    lse_part = empty(splits, B, Hq, Lq, dtype=torch.float32, device=q.device)
     p = _C.DecodeParams()
     p.q, p.k, p.v = q.data_ptr(), k.data_ptr(), v.data_ptr()
-    p.q_sb, p.q_sh, p.q_sl = q.stride()[:3]
-    p.k_sb, p.k_sh, p.k_sl = k.stride()[:3]
-    p.v_sb, p.v_sh, p.v_sl = v.stride()[:3]
+    p.q_sb, p.q_sh, p.q_sl = q_st[:3]
+    p.k_sb, p.k_sh, p.k_sl = k_st[:3]
+    p.v_sb, p.v_sh, p.v_sl = v_st[:3]
     p.out, p.lse = out.data_ptr(), lse.data_ptr()
     p.o_sb, p.o_sh, p.o_sl = out.stride()[:3]
     p.o_part, p.lse_part = o_part.data_ptr(), lse_part.data_ptr()

@@ -140,8 +140,11 @@ def unpack_bits(words: torch.Tensor, ids: torch.Tensor, row_in: torch.Tensor, co
 
 def _gpu_lists(masks):
     """The CUDA layout builder (``sparseattn._C``, identical lists) for CUDA masks when the
-    extension is built and usable and ``SPARSEATTN_GPU_LAYOUT`` is not ``0``; else None."""
+    extension is built and usable and ``SPARSEATTN_GPU_LAYOUT`` is not ``0``; else None (also for
+    an empty mask, e.g. a batch of 0, which the kernels do not take)."""
     if not masks[0].is_cuda or _is_compiling() or os.environ.get("SPARSEATTN_GPU_LAYOUT") == "0":
+        return None
+    if any(m.numel() == 0 for m in masks):
         return None
     from . import _cuda
     return _cuda.mask_to_lists(masks) if _cuda.cuda_available(masks[0].device) else None
