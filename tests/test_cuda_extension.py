@@ -27,6 +27,15 @@ no_gpu = pytest.mark.skipif(GPU, reason="a usable CUDA device is present")
 
 
 # ----------------------------------------------------------------------------- build and import
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
+def test_extension_usable_where_torch_sees_a_gpu():
+    """Where torch runs on a GPU and the extension was built, it must run too: otherwise every
+    GPU test below would skip and the run would look green."""
+    if not _cuda.extension_built():
+        pytest.skip("extension not built (Triton-only install)")
+    assert GPU, f"sparseattn._C cannot use the GPU torch uses: {sa.cuda_unavailable_reason()}"
+
+
 def test_extension_built_where_nvcc_was_present():
     if os.environ.get("SPARSEATTN_BUILD_CUDA", "auto") == "0":
         pytest.skip("SPARSEATTN_BUILD_CUDA=0: the extension is not built on purpose")
