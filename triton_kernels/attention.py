@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._alloc import empty
+from .._alloc import empty, on_device
 from .common import Tuner, attention_tile_fits, device_smem_limit, load_tile
 
 LOG2E = 1.4426950408889634
@@ -59,6 +59,16 @@ DQ_TUNER = Tuner("sparse_attention_bwd_dq", DQ_CONFIGS, _fits("dq"))
 
 
 # ----------------------------------------------------------------------------- shared pieces
+@triton.jit
+def _tile_and_plane(L, BLOCK: tl.constexpr):
+    """(tile, batch x head plane) of this program. The grid is one flat axis of cdiv(L, BLOCK)
+    tiles per plane (tiles of one plane consecutive): axes 1 and 2 stop at 65535 programs, which
+    B * H passes (e.g. windowed attention with windows folded into the batch)."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(L, BLOCK)
+    return pid % n_tiles, pid // n_tiles
+
+
 @triton.jit
 def _score_mods(s, qi, kj, Mask, smm, smn, Bias, sbm, sbn, Bits, bit_id, Lq, Lk, causal_off, window, sinks, qk_scale,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -149,8 +159,7 @@ def _sparse_attention_fwd_kernel(
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BITS: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _tile_and_plane(Lq, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP
@@ -196,8 +205,8 @@ def _sparse_attention_bwd_preprocess_kernel(O, DO, DLSE, DELTA, H, Lq, HEAD_DIM:
                                             BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                                             HAS_DLSE: tl.constexpr):
     """delta = rowsum(dO * O) - dLSE (O, dO contiguous [B, H, Lq, D]; DELTA, DLSE [B, H, Lq])."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid_m, bh = _tile_and_plane(Lq, BLOCK_M)
+    bh = bh.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM)
@@ -256,8 +265,7 @@ def _sparse_attention_bwd_dkdv_kernel(
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BITS: tl.constexpr, PRECISION: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = _tile_and_plane(Lk, BLOCK_N)
     b = (pid_bh // HKV).to(tl.int64)
     hk = (pid_bh % HKV).to(tl.int64)
     start_n = pid_n * BLOCK_N
@@ -339,8 +347,7 @@ def _sparse_attention_bwd_dq_kernel(
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BITS: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _tile_and_plane(Lq, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP
@@ -426,14 +433,15 @@ def sparse_attention_fwd(q, k, v, layout_lists: List[torch.Tensor], mask: Option
     flags = _flags(q, mask, bias, bits, causal_offset, window, layout_bq, layout_bk, D)
 
     def launch(cfg):
-        grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
+        grid = (triton.cdiv(Lq, cfg["BLOCK_M"]) * B * H,)
         _sparse_attention_fwd_kernel[grid](
             q, k, v, out, lse, mask_t, bias_t, kvi if bits is None else bits, kvn, kvi, kvb, fkvn, fkvi,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *ms, *bs,
             l_sb, l_sh, kvn.shape[-1], kvi.shape[-1], fkvi.shape[-1],
             H, H // Hkv, Lq, Lk, causal_offset or 0, window or 0, sinks, scale * LOG2E, **flags, **cfg)
 
-    launch(FWD_TUNER.pick(launch, **problem(q, layout_bq, layout_bk, D), **_key(flags, q)))
+    with on_device(q):
+        launch(FWD_TUNER.pick(launch, **problem(q, layout_bq, layout_bk, D), **_key(flags, q)))
     return out, lse
 
 
@@ -448,9 +456,6 @@ def sparse_attention_bwd(do, dlse, q, k, v, out, lse, layout_lists: List[torch.T
     Hkv, Lk = k.shape[1], k.shape[2]
     block_d = block_d_of(D)
     delta = empty(B, H, Lq, dtype=torch.float32, device=q.device)
-    _sparse_attention_bwd_preprocess_kernel[(triton.cdiv(Lq, PREPROCESS_BLOCK_M), B * H)](
-        out, do, dlse if dlse is not None else delta, delta, H, Lq, HEAD_DIM=D, BLOCK_D=block_d,
-        BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=dlse is not None)
     dq = empty(B, H, Lq, D, dtype=q.dtype, device=q.device)
     dk = empty(B, Hkv, Lk, D, dtype=k.dtype, device=q.device)
     dv = empty(B, Hkv, Lk, D, dtype=v.dtype, device=q.device)
@@ -463,22 +468,26 @@ def sparse_attention_bwd(do, dlse, q, k, v, out, lse, layout_lists: List[torch.T
     kinds = (Lq, Lk, causal_offset or 0, window or 0, sinks, scale * LOG2E, scale)
 
     def launch_dkdv(cfg):
-        grid = (triton.cdiv(Lk, cfg["BLOCK_N"]), B * Hkv)
+        grid = (triton.cdiv(Lk, cfg["BLOCK_N"]) * B * Hkv,)
         _sparse_attention_bwd_dkdv_kernel[grid](
             q, k, v, do, dk, dv, lse, delta, mask_t, bias_t, bits_t, qn, qi, qb, fqn, fqi,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *ms, *bs,
             l_sb, l_sh, qn.shape[-1], qi.shape[-1], fqi.shape[-1], H, Hkv, H // Hkv, *kinds, **flags, **cfg)
 
     def launch_dq(cfg):
-        grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
+        grid = (triton.cdiv(Lq, cfg["BLOCK_M"]) * B * H,)
         _sparse_attention_bwd_dq_kernel[grid](
             q, k, v, do, dq, lse, delta, mask_t, bias_t, bits_t, kvn, kvi, kvb, fkvn, fkvi,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms, *bs,
             l_sb, l_sh, kvn.shape[-1], kvi.shape[-1], fkvi.shape[-1], H, H // Hkv, *kinds, **flags, **cfg)
 
     key = _key(flags, q)
-    launch_dkdv(DKDV_TUNER.pick(launch_dkdv, **prob, **key))
-    launch_dq(DQ_TUNER.pick(launch_dq, **prob, **key))
+    with on_device(q):
+        _sparse_attention_bwd_preprocess_kernel[(triton.cdiv(Lq, PREPROCESS_BLOCK_M) * B * H,)](
+            out, do, dlse if dlse is not None else delta, delta, H, Lq, HEAD_DIM=D, BLOCK_D=block_d,
+            BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=dlse is not None)
+        launch_dkdv(DKDV_TUNER.pick(launch_dkdv, **prob, **key))
+        launch_dq(DQ_TUNER.pick(launch_dq, **prob, **key))
     return dq, dk, dv
 
 

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._alloc import empty
+from .._alloc import empty, on_device
 from .common import Tuner, device_smem_limit
 
 # Autotune configs, beside the kernel: BLOCK_M is the chunk (rows per step), BLOCK_N the value
@@ -80,8 +80,10 @@ def _lightning_attention_fwd_kernel(
     S_next = lambda^n S_chunk + kv_scale * sum_j lambda^(n-1-j) k_j^T v_j; S before the first
     chunk is S0 (fp32). With REVERSE, chunk position p reads row L-1-p. With S0_SHIFT, the first
     chunk's state carries one decay step less (exponents i and n-1)."""
-    pid_v = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # One flat grid axis, value tiles of one (batch, head) consecutive: axis 1 stops at 65535
+    # programs, which B * H passes (decode batches).
+    pid_v = tl.program_id(0) % tl.cdiv(DV, BLOCK_N)
+    pid_bh = tl.program_id(0) // tl.cdiv(DV, BLOCK_N)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_c = tl.arange(0, BLOCK_M)
@@ -158,8 +160,10 @@ def _lightning_attention_step_kernel(
         DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_DECAY: tl.constexpr):
     """One decode token: S' = lambda S + k^T v (fp32, written to SN contiguous), o = scale q S'."""
-    pid_v = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # One flat grid axis, value tiles of one (batch, head) consecutive: axis 1 stops at 65535
+    # programs, which B * H passes (decode batches).
+    pid_v = tl.program_id(0) % tl.cdiv(DV, BLOCK_N)
+    pid_bh = tl.program_id(0) // tl.cdiv(DV, BLOCK_N)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_DK)
@@ -222,7 +226,7 @@ def lightning_attention_pass(q, k, v, slopes: Optional[torch.Tensor], s0: Option
     slopes_t = slopes if slopes is not None else out
 
     def launch(cfg):
-        grid = (triton.cdiv(Dv, cfg["BLOCK_N"]), B * H)
+        grid = (triton.cdiv(Dv, cfg["BLOCK_N"]) * B * H,)
         _lightning_attention_fwd_kernel[grid](
             q, k, v, s0_t, out, sf, slopes_t, *q.stride(), *k.stride(), *v.stride(), *s0_strides,
             *out.stride(), *sf_strides, H, L, scale, inter_scale, kv_scale, **flags, **cfg)
@@ -230,7 +234,8 @@ def lightning_attention_pass(q, k, v, slopes: Optional[torch.Tensor], s0: Option
     prob = _problem(Dk, Dv, q.element_size(), device_smem_limit(q.device))
     key = {"dtype": str(q.dtype), "L": triton.next_power_of_2(L), "BH": B * H,
            **{k_: v_ for k_, v_ in flags.items() if k_ not in ("PRECISION", "STATE_PRECISION")}}
-    launch(TUNER.pick(launch, **prob, **key))
+    with on_device(q):
+        launch(TUNER.pick(launch, **prob, **key))
     return out, (sf if store_sf else None)
 
 
@@ -263,11 +268,12 @@ def lightning_attention_step(q, k, v, state, slopes: Optional[torch.Tensor], sca
     Dv = v.shape[-1]
     out = empty(B, H, Dv, dtype=q.dtype, device=q.device)
     new = empty(B, H, Dk, Dv, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(Dv, STEP_BLOCK_N), B * H)
-    _lightning_attention_step_kernel[grid](
-        q, k, v, state, out, new, slopes if slopes is not None else out,
-        *q.stride(), *k.stride(), *v.stride(), *state.stride(), *out.stride(), H, scale,
-        DK=Dk, DV=Dv, BLOCK_DK=block_d_of(Dk), BLOCK_N=STEP_BLOCK_N, HAS_DECAY=slopes is not None)
+    grid = (triton.cdiv(Dv, STEP_BLOCK_N) * B * H,)
+    with on_device(q):
+        _lightning_attention_step_kernel[grid](
+            q, k, v, state, out, new, slopes if slopes is not None else out,
+            *q.stride(), *k.stride(), *v.stride(), *state.stride(), *out.stride(), H, scale,
+            DK=Dk, DV=Dv, BLOCK_DK=block_d_of(Dk), BLOCK_N=STEP_BLOCK_N, HAS_DECAY=slopes is not None)
     return out, new
 
 
