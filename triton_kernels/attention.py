@@ -26,22 +26,28 @@ from .common import Tuner, attention_tile_fits, device_smem_limit, load_tile
 
 LOG2E = 1.4426950408889634
 
-# Autotune configs, beside the kernels; the prune is attention_tile_fits.
+# Autotune configs, beside the kernels; the prune is attention_tile_fits. Listed best guess first
+# (SPARSEATTN_AUTOTUNE=0 runs the first that fits). Chosen from ptxas's register report for sm_90
+# (bf16, D 64 and 128, dense and causal; `python -m sparseattn.triton_kernels.gate --cc 90
+# --resources`): the first config of each list spills nothing there, except dK/dV at D = 128 where
+# no tensor-core (wgmma) tile is spill-free and 32 x 128 spills ~70 bytes; 64 x 32 is spill-free
+# but uses mma.sync. Configs that spilled kilobytes at D = 128 (dK/dV 64 x 64 x 4 warps, dQ 64 x 64
+# x 4 warps) are gone; which of the rest is fastest is for the GPU timing to say (issue 6).
 FWD_CONFIGS = [
     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
     {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
     {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
 ]
 DKDV_CONFIGS = [
     {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
 ]
 DQ_CONFIGS = [
     {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
 ]
 PREPROCESS_BLOCK_M = 64
 
@@ -413,8 +419,14 @@ def _flags(q, mask, bias, bits, causal_offset, window, layout_bq, layout_bk, hea
                 PRECISION="ieee")  # fp32 inputs get true fp32 products, like torch
 
 
-def _key(flags, q):
-    return {"dtype": str(q.dtype), **{k: v for k, v in flags.items() if k not in ("LAYOUT_BQ", "LAYOUT_BK")}}
+def _key(flags, q, k):
+    """What a timed choice is kept for: the kernel variant, plus the problem's size in power-of-two
+    buckets (query tiles x planes up to 4096, about several waves of a 132-SM GPU; keys up to
+    64K), so a config timed on a small first call is not reused for a large one."""
+    B, H, Lq = q.shape[:3]
+    tiles = min(triton.next_power_of_2(B * H * triton.cdiv(Lq, 128)), 4096)
+    return {"dtype": str(q.dtype), "tiles": tiles, "keys": min(triton.next_power_of_2(k.shape[2]), 65536),
+            **{n: v for n, v in flags.items() if n not in ("LAYOUT_BQ", "LAYOUT_BK")}}
 
 
 def sparse_attention_fwd(q, k, v, layout_lists: List[torch.Tensor], mask: Optional[torch.Tensor],
@@ -441,7 +453,7 @@ def sparse_attention_fwd(q, k, v, layout_lists: List[torch.Tensor], mask: Option
             H, H // Hkv, Lq, Lk, causal_offset or 0, window or 0, sinks, scale * LOG2E, **flags, **cfg)
 
     with on_device(q):
-        launch(FWD_TUNER.pick(launch, **problem(q, layout_bq, layout_bk, D), **_key(flags, q)))
+        launch(FWD_TUNER.pick(launch, **problem(q, layout_bq, layout_bk, D), **_key(flags, q, k)))
     return out, lse
 
 
@@ -481,7 +493,7 @@ def sparse_attention_bwd(do, dlse, q, k, v, out, lse, layout_lists: List[torch.T
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms, *bs,
             l_sb, l_sh, kvn.shape[-1], kvi.shape[-1], fkvi.shape[-1], H, H // Hkv, *kinds, **flags, **cfg)
 
-    key = _key(flags, q)
+    key = _key(flags, q, k)
     with on_device(q):
         _sparse_attention_bwd_preprocess_kernel[(triton.cdiv(Lq, PREPROCESS_BLOCK_M) * B * H,)](
             out, do, dlse if dlse is not None else delta, delta, H, Lq, HEAD_DIM=D, BLOCK_D=block_d,
@@ -496,10 +508,18 @@ GATE_HEAD_DIMS = (16, 32, 64, 128, 256)
 GATE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+# The GPU fast paths (bf16, D 64 and 128, dense and causal) must keep their first config free of
+# register spills on sm_90 (dK/dV at most this many bytes: see the configs' comment). The gate
+# checks it with ptxas's report.
+SPILL_BUDGET = {"fwd": 0, "dkdv": 128, "dq": 0}
+_FEATURES = ("CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_BIAS", "HAS_BITS")
+_VARIANTS = {"all": _FEATURES, "plain": (), "causal": ("CAUSAL",)}
+
+
 def compile_specs(cc: int):
     """Every attention kernel at every config its prune can select on sm_<cc>, for each head dim
-    and dtype (fp16 at D 64 and 128 only), with all in-kernel features on (the largest code), and
-    off (the dense fast path) for bf16 at D 64 and 128."""
+    and dtype (fp16 at D 64 and 128 only), with all in-kernel features on (the largest code); bf16
+    at D 64 and 128 also compiles the fast paths: features off (dense) and causal only."""
     from .common import SMEM_LIMIT
     from .gate import Spec, signature
 
@@ -515,20 +535,20 @@ def compile_specs(cc: int):
             if tname == "fp16" and d not in (64, 128):
                 continue  # fp16 tiles and code equal bf16's but for the MMA type: two head dims suffice
             prob = dict(layout_bq=128, layout_bk=128, block_d=block_d_of(d), elem=elem, smem=SMEM_LIMIT[cc])
-            # All features on is the largest code (every masked path); bf16 at D 64 and 128 also
-            # compiles the plain dense variant, the GPU fast path.
-            for features in ((True, False) if tname == "bf16" and d in (64, 128) else (True,)):
-                flags = dict(HEAD_DIM=d, BLOCK_D=block_d_of(d), LAYOUT_BQ=128, LAYOUT_BK=128, CAUSAL=features,
-                             HAS_WINDOW=features, HAS_MASK=features, HAS_BIAS=features, HAS_BITS=features,
-                             PRECISION="ieee")
+            fast = tname == "bf16" and d in (64, 128)
+            for variant in (("all", "plain", "causal") if fast else ("all",)):
+                flags = dict(HEAD_DIM=d, BLOCK_D=block_d_of(d), LAYOUT_BQ=128, LAYOUT_BK=128, PRECISION="ieee",
+                             **{f: f in _VARIANTS[variant] for f in _FEATURES})
                 for name, kernel, tuner in (("fwd", _sparse_attention_fwd_kernel, FWD_TUNER),
                                             ("dkdv", _sparse_attention_bwd_dkdv_kernel, DKDV_TUNER),
                                             ("dq", _sparse_attention_bwd_dq_kernel, DQ_TUNER)):
-                    for cfg in tuner.candidates(**prob):
+                    for i, cfg in enumerate(tuner.candidates(**prob)):
                         tiles = {k: v for k, v in cfg.items() if k.isupper()}
+                        tags = {"dtype": tname, "D": d, "variant": variant, **cfg}
+                        if fast and variant != "all" and i == 0 and cc == 90:
+                            tags["max_spill"] = SPILL_BUDGET[name]
                         yield Spec(name, kernel, signature(kernel, tensors), {**flags, **tiles},
-                                   cfg["num_warps"], cfg["num_stages"],
-                                   tags={"dtype": tname, "D": d, "features": features, **cfg})
+                                   cfg["num_warps"], cfg["num_stages"], tags=tags)
             yield Spec("preprocess", _sparse_attention_bwd_preprocess_kernel,
                        signature(_sparse_attention_bwd_preprocess_kernel, tensors),
                        dict(HEAD_DIM=d, BLOCK_D=block_d_of(d), BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=True), 4, 1,

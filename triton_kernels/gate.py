@@ -2,7 +2,9 @@
 
 Each kernel module exposes ``compile_specs(cc)`` yielding :class:`Spec` for every kernel, at
 every config its prune can select, over the head dims and dtypes it supports. ``run`` compiles
-them all with ``triton.compile`` + ``GPUTarget`` and checks shared memory against the device.
+them all with ``triton.compile`` + ``GPUTarget`` and checks shared memory against the device, and
+register spills (ptxas's report) for the specs tagged ``max_spill`` (the fast paths' first
+configs). ``--resources`` prints that report for every spec: registers, spills, wgmma/mma.sync.
 Must run in a process where TRITON_INTERPRET is off (interpreted kernels cannot be compiled):
 ``python -m sparseattn.triton_kernels.gate --cc 90``.
 """
@@ -55,26 +57,64 @@ def compile_spec(spec: Spec, cc: int):
                           options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
 
 
-def run(cc: int, modules=None, shard: int = 0, num_shards: int = 1) -> dict:
+def resources(compiled, cc: int) -> Dict[str, object]:
+    """ptxas's report of a compiled kernel (Triton's own ptxas on its PTX): registers per thread,
+    spill store/load bytes, and how many wgmma / mma.sync instructions the PTX holds (tensor-core
+    path on Hopper vs Ampere-style)."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptx = compiled.asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        arch = f"sm_{cc}a" if cc == 90 else f"sm_{cc}"
+        report = subprocess.run([get_ptxas(cc).path, f"-arch={arch}", "-v", f.name, "-o", "/dev/null"],
+                                capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", report)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    return {"regs": int(regs.group(1)) if regs else None,
+            "spill_stores": int(spill.group(1)) if spill else 0, "spill_loads": int(spill.group(2)) if spill else 0,
+            "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"),
+            "shared": compiled.metadata.shared}
+
+
+def run(cc: int, modules=None, shard: int = 0, num_shards: int = 1, report: bool = False) -> dict:
+    """Compile this shard's specs; failures: compile errors, shared memory over the device's, and
+    register spills over a spec's ``max_spill`` tag (bytes of spill stores). ``report`` adds
+    ptxas's resource report of every spec (slower: one ptxas run each)."""
     if INTERPRET:
         raise RuntimeError("gate: TRITON_INTERPRET=1 is set; interpreted kernels cannot be compiled")
     specs = []
     for mod in modules or MODULES:
         specs += list(importlib.import_module(f"{__package__}.{mod}").compile_specs(cc))
     specs = specs[shard::num_shards]
-    failures, worst = [], 0
+    failures, worst, rows = [], 0, []
     t0 = time.time()
     for spec in specs:
         try:
-            shared = compile_spec(spec, cc).metadata.shared
+            compiled = compile_spec(spec, cc)
         except Exception as e:  # noqa: BLE001 - report every compiler error with its spec
             failures.append(f"{spec.name} {spec.tags}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
             continue
+        shared = compiled.metadata.shared
         worst = max(worst, shared)
         if shared > SMEM_LIMIT[cc]:
             failures.append(f"{spec.name} {spec.tags}: shared memory {shared} > {SMEM_LIMIT[cc]} on sm_{cc}")
-    return {"cc": cc, "compiled": len(specs), "failures": failures, "max_shared": worst,
-            "seconds": round(time.time() - t0, 1)}
+        if report or "max_spill" in spec.tags:
+            res = resources(compiled, cc)
+            rows.append({"kernel": spec.name, **spec.tags, **res})
+            if res["spill_stores"] > spec.tags.get("max_spill", float("inf")):
+                failures.append(f"{spec.name} {spec.tags}: {res['spill_stores']} bytes of register spill stores "
+                                f"(at most {spec.tags['max_spill']}) on sm_{cc}")
+    out = {"cc": cc, "compiled": len(specs), "failures": failures, "max_shared": worst,
+           "seconds": round(time.time() - t0, 1)}
+    if report:
+        out["resources"] = rows
+    return out
 
 
 def main(argv=None) -> int:
@@ -83,8 +123,13 @@ def main(argv=None) -> int:
     ap.add_argument("--module", action="append")
     ap.add_argument("--shard", type=int, default=0)
     ap.add_argument("--num-shards", type=int, default=1)
+    ap.add_argument("--resources", action="store_true",
+                    help="print ptxas's registers / spills / MMA kind of every spec (a table before the JSON)")
     args = ap.parse_args(argv)
-    res = run(args.cc, args.module, args.shard, args.num_shards)
+    res = run(args.cc, args.module, args.shard, args.num_shards, report=args.resources)
+    for r in res.get("resources", []):
+        print(" ".join(f"{k}={v}" for k, v in r.items()))
+    res.pop("resources", None)
     print(json.dumps(res))
     return 1 if res["failures"] else 0
 
