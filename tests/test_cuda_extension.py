@@ -411,21 +411,40 @@ def _lists(layout):
 @gpu
 @pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
 @pytest.mark.parametrize("shape", [(1, 1, 7, 9), (2, 3, 16, 5), (1, 4, 33, 70)])
-def test_gpu_layout_builder_identical_to_torch(causal, shape):
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_gpu_layout_builder_identical_to_torch(causal, shape, sync_free):
     bl, hl, nq, nk = shape
     bq, bk = 64, 32
     seq_lens = (nq * bq - 13, nk * bk - 5)
     for density in (0.0, 0.3, 1.0):
         bm = torch.rand(*shape, device="cuda") < density
+        kw = dict(causal=causal, sync_free=sync_free)
         os.environ["SPARSEATTN_GPU_LAYOUT"] = "0"
         try:
-            want = sa.BlockLayout.from_block_mask(bm, (bq, bk), seq_lens, causal=causal)
+            want = sa.BlockLayout.from_block_mask(bm, (bq, bk), seq_lens, **kw)
         finally:
             del os.environ["SPARSEATTN_GPU_LAYOUT"]
-        got = sa.BlockLayout.from_block_mask(bm, (bq, bk), seq_lens, causal=causal)
-        cpu = sa.BlockLayout.from_block_mask(bm.cpu(), (bq, bk), seq_lens, causal=causal)
+        got = sa.BlockLayout.from_block_mask(bm, (bq, bk), seq_lens, **kw)
+        cpu = sa.BlockLayout.from_block_mask(bm.cpu(), (bq, bk), seq_lens, **kw)
         for g, w, c in zip(_lists(got), _lists(want), _lists(cpu)):
             assert g.dtype == torch.int32 and g.shape == w.shape and torch.equal(g, w) and torch.equal(g, c)
+
+
+@gpu
+@pytest.mark.parametrize("mask", [None, "bool"])
+def test_gpu_sdpa_never_waits_on_the_gpu(mask):
+    """The SDPA drop-in (layout build included, bool masks too) issues no host synchronisation:
+    a training step keeps the CPU ahead of the GPU."""
+    q, k, v = (torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    attn_mask = None if mask is None else torch.rand(2, 1, 300, 300, device="cuda") < 0.5
+    sa.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # compiles the kernels, caches layouts
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sa.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert sa.last_backend() == "triton"
 
 
 @gpu

@@ -253,3 +253,22 @@ def test_from_entries_bits_index_matches_full_bits():
     assert torch.equal(a.bits, e.bits)
     for x, y in zip(a.lists(), e.lists()):
         assert torch.equal(x, y)
+
+
+def test_sync_free_lists_are_grid_wide_and_equivalent():
+    """sync_free: lists as wide as the block grid (no host read of the widest row), the same
+    entries, and the same attention."""
+    torch.manual_seed(0)
+    bm = torch.rand(2, 3, 5, 7) < 0.4
+    bm[0, 0, 2] = False
+    mask = torch.rand(2, 3, 300, 420) < 0.6
+    kw = dict(block_size=64, seq_lens=(300, 420), causal="bottom_right", mask=mask, partial_blocks=bm)
+    lay = sa.BlockLayout.from_block_mask(bm, **kw)
+    wide = sa.BlockLayout.from_block_mask(bm, sync_free=True, **kw)
+    assert wide.kv_indices.shape[-1] == wide.full_kv_indices.shape[-1] == 7
+    assert wide.q_indices.shape[-1] == wide.full_q_indices.shape[-1] == 5
+    for name in ("kv", "full_kv", "q", "full_q"):
+        n, a, b = getattr(lay, f"{name}_num_blocks"), getattr(lay, f"{name}_indices"), getattr(wide, f"{name}_indices")
+        assert torch.equal(n, getattr(wide, f"{name}_num_blocks"))
+        assert torch.equal(a, b[..., :a.shape[-1]]) and not b[..., a.shape[-1]:].any(), name
+    assert torch.equal(lay.to_dense_mask(), wide.to_dense_mask())

@@ -121,8 +121,26 @@ def test_fallbacks_to_torch(case):
         assert kw["attn_mask"].grad is not None
 
 
-def test_bf16_on_cpu_uses_cpu_path():
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_cpu_tensors_run_torch_with_empty_rows_zero(monkeypatch, mask):
+    """Outside the interpreter (SPARSEATTN_CPU_PATH=1 stands for it), CPU tensors run torch's own
+    CPU SDPA; rows with no visible key still give 0 and no NaN gradient."""
+    monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")
+    q, k, v = (t.detach().cpu().requires_grad_() for t in _qkv(2, 4, 2, 50, 70, 16, torch.float32))
+    attn_mask = None
+    if mask is not None:
+        attn_mask = torch.rand(2, 1, 50, 70) < 0.3
+        attn_mask[:, :, 7] = False
+        if mask == "float":
+            attn_mask = torch.where(attn_mask, torch.randn(2, 1, 50, 70), float("-inf"))
+    out, grads = check_sdpa(q, k, v, attn_mask=attn_mask, is_causal=mask is None, enable_gqa=True, backend="torch")
+    if mask is not None:
+        assert torch.equal(out[:, :, 7], torch.zeros_like(out[:, :, 7]))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_bf16_on_cpu_takes_torch():
     if DEVICE == "cuda":
         pytest.skip("CPU-only routing rule")
     q, k, v = _qkv(1, 2, 2, 50, 50, 16, torch.bfloat16)
-    check_sdpa(q, k, v, is_causal=True, backend="cpu")
+    check_sdpa(q, k, v, is_causal=True, backend="torch")

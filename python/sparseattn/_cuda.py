@@ -81,11 +81,12 @@ def num_sms(index: int) -> int:
 
 
 # ----------------------------------------------------------------------------- layout builder
-def mask_to_lists(masks: Sequence[torch.Tensor]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+def mask_to_lists(masks: Sequence[torch.Tensor],
+                  widths: Optional[Sequence[int]] = None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """The GPU layout builder: bool masks ``[Bl, Hl, rows, cols]`` (any strides, broadcast views
     included) -> ``(counts int32 [Bl, Hl, rows], indices int32 [Bl, Hl, rows, width])`` each,
     identical to ``sparseattn.layout._mask_to_lists``. Two launches for up to 4 masks and one
-    host read of the widths."""
+    host read of the widths, unless ``widths`` fixes them (one per mask)."""
     dev = masks[0].device
     index = require(dev)
     out = []
@@ -103,9 +104,12 @@ def mask_to_lists(masks: Sequence[torch.Tensor]) -> List[Tuple[torch.Tensor, tor
         max_counts = torch.empty(len(group), dtype=torch.int32, device=dev)
         stream = _stream(index)
         _C.build_lists_count([tuple(j) for j in jobs], max_counts.data_ptr(), index, stream)
-        widths = [max(1, w) for w in max_counts.tolist()]  # the one host round trip
+        if widths is None:
+            group_widths = [max(1, w) for w in max_counts.tolist()]  # the one host round trip
+        else:
+            group_widths = [max(1, int(w)) for w in widths[start:start + 4]]
         indices = []
-        for j, m, w in zip(jobs, group, widths):
+        for j, m, w in zip(jobs, group, group_widths):
             idx = torch.empty(*m.shape[:3], w, dtype=torch.int32, device=dev)
             indices.append(idx)
             j[10], j[11] = idx.data_ptr(), w

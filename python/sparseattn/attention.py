@@ -167,14 +167,15 @@ def _dense_layout(lq: int, lk: int, causal: bool, device) -> BlockLayout:
 
 def _mask_layout(mask: torch.Tensor, B, Hq, lq, lk) -> BlockLayout:
     """Layout of a bool attn_mask: tiles with no True are skipped, all-True tiles run as full
-    tiles, mixed tiles read the mask."""
+    tiles, mixed tiles read the mask. Built without a host read (lists as wide as the block grid),
+    so a training step with a mask does not wait on the GPU here."""
     bq, bk = SDPA_BLOCK
     nq, nk = math.ceil(lq / bq), math.ceil(lk / bk)
     m_any, m_all = _block_any_all(mask, bq, bk, lq, lk)
     shape = (mask.shape[0], mask.shape[1], nq, nk)
     return BlockLayout.from_block_mask(m_any.expand(shape), SDPA_BLOCK, (lq, lk),
                                        mask=mask.expand(mask.shape[0], mask.shape[1], lq, lk),
-                                       partial_blocks=~m_all.expand(shape))
+                                       partial_blocks=~m_all.expand(shape), sync_free=True)
 
 
 def _fallback_reason(query, key, value, attn_mask, dropout_p) -> Optional[str]:
@@ -191,6 +192,19 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p) -> Optional[str]:
     if query.numel() == 0 or key.numel() == 0:
         return "empty input"
     return None
+
+
+def _torch_on_cpu(query, key, value, attn_mask, mask4, is_causal, scale, enable_gqa):
+    """CPU tensors (outside the Triton interpreter): torch's own CPU kernels, which beat
+    sparseattn's gather path on everything SDPA can express (dense, causal, a mask over every
+    element), with rows that see no key set to 0 as on every other path."""
+    _set_backend("torch")
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                         enable_gqa=enable_gqa)
+    if mask4 is not None:
+        empty = ~mask4.any(-1) if mask4.dtype == torch.bool else torch.isneginf(mask4).all(-1)
+        out = out.masked_fill(empty[..., None], 0)
+    return out
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -214,7 +228,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
 
     Runs the Triton kernels for float16/bfloat16/float32 with D <= 256 and Dv == D; otherwise
     (dropout, float64, D > 256, Dv != D, a float mask that requires grad) it calls torch's own
-    function. :func:`last_backend` says which path ran.
+    function, as it does for CPU tensors (torch's CPU kernels are faster than sparseattn's CPU
+    path; rows that see no key still give 0). :func:`last_backend` says which path ran.
 
     Example::
 
@@ -238,6 +253,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         _set_backend("torch")
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    if ops.backend_for(query) == "cpu":
+        return _torch_on_cpu(query, key, value, attn_mask, mask4 if attn_mask is not None else None, is_causal,
+                             scale, enable_gqa)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     bias = None
     if attn_mask is None:

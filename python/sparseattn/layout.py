@@ -138,16 +138,17 @@ def unpack_bits(words: torch.Tensor, ids: torch.Tensor, row_in: torch.Tensor, co
     return (ids < 0) | (((w >> (col_in % 32).to(torch.int32)) & 1) != 0)
 
 
-def _gpu_lists(masks):
+def _gpu_lists(masks, widths=None):
     """The CUDA layout builder (``sparseattn._C``, identical lists) for CUDA masks when the
     extension is built and usable and ``SPARSEATTN_GPU_LAYOUT`` is not ``0``; else None (also for
-    an empty mask, e.g. a batch of 0, which the kernels do not take)."""
+    an empty mask, e.g. a batch of 0, which the kernels do not take). ``widths``: fixed list widths
+    (no host read), as ``_mask_to_lists``'s ``width``."""
     if not masks[0].is_cuda or _is_compiling() or os.environ.get("SPARSEATTN_GPU_LAYOUT") == "0":
         return None
     if any(m.numel() == 0 for m in masks):
         return None
     from . import _cuda
-    return _cuda.mask_to_lists(masks) if _cuda.cuda_available(masks[0].device) else None
+    return _cuda.mask_to_lists(masks, widths) if _cuda.cuda_available(masks[0].device) else None
 
 
 class BlockLayout:
@@ -235,7 +236,7 @@ class BlockLayout:
     def from_block_mask(cls, block_mask: torch.Tensor, block_size=(64, 64), seq_lens=None,
                         causal: Optional[str] = None, mask: Optional[torch.Tensor] = None,
                         partial_blocks: Optional[torch.Tensor] = None, window: Optional[int] = None,
-                        sinks: int = 0) -> "BlockLayout":
+                        sinks: int = 0, sync_free: bool = False) -> "BlockLayout":
         """Build a layout from a block mask.
 
         Args:
@@ -250,6 +251,10 @@ class BlockLayout:
             partial_blocks: optional bool like ``block_mask``: tiles that need the element mask.
             window, sinks: sliding window with attention sinks (needs ``causal``): key j visible
                 to query i iff ``j <= i + offset`` and (``i + offset - j < window`` or ``j < sinks``).
+            sync_free: make the lists as wide as the block grid (``nK`` entries per query block,
+                ``nQ`` per key block) instead of the widest row: nothing is read back to the host,
+                so on a GPU the build stays asynchronous (``scaled_dot_product_attention`` uses it
+                for bool masks). Costs list memory only: the kernels read ``num_blocks`` entries.
 
         Returns:
             BlockLayout. Tiles crossing a sequence bound or the causal diagonal are partial,
@@ -290,7 +295,8 @@ class BlockLayout:
             mask = mask.expand(bl, hl, lq, lk)
             partial_mask = partial_mask.expand(bl, hl, nq, nk)
             full_mask = full_mask.expand(bl, hl, nq, nk)
-        return cls._from_tile_masks(partial_mask, full_mask, (bq, bk), (lq, lk), offset, window, sinks, mask)
+        return cls._from_tile_masks(partial_mask, full_mask, (bq, bk), (lq, lk), offset, window, sinks, mask,
+                                    sync_free)
 
     @classmethod
     def from_indices(cls, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, block_size=(64, 64),
@@ -420,9 +426,12 @@ class BlockLayout:
                    bits=packed, **out)
 
     @classmethod
-    def _from_tile_masks(cls, partial_mask, full_mask, block_size, seq_lens, causal_offset, window, sinks, mask):
+    def _from_tile_masks(cls, partial_mask, full_mask, block_size, seq_lens, causal_offset, window, sinks, mask,
+                         sync_free=False):
         masks = (partial_mask, full_mask, partial_mask.transpose(-1, -2), full_mask.transpose(-1, -2))
-        lists = _gpu_lists(masks) or [_mask_to_lists(m) for m in masks]
+        widths = [m.shape[-1] for m in masks] if sync_free else [None] * 4
+        lists = (_gpu_lists(masks, widths if sync_free else None)
+                 or [_mask_to_lists(m, w) for m, w in zip(masks, widths)])
         (kv_n, kv_i), (fkv_n, fkv_i), (q_n, q_i), (fq_n, fq_i) = lists
         return cls(block_size=block_size, seq_lens=seq_lens, kv_num_blocks=kv_n, kv_indices=kv_i,
                    kv_bit_ids=torch.full_like(kv_i, -1), full_kv_num_blocks=fkv_n, full_kv_indices=fkv_i,
