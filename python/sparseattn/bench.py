@@ -6,8 +6,9 @@ backend available, FlexAttention with the same block mask, ...), and prints and 
 time to ours (> 1: sparseattn is faster). Every op is checked against its float64 oracle first;
 an op that fails the check is refused, not reported.
 
-On a CPU it runs the same table with sparseattn's PyTorch CPU path against torch SDPA on CPU at
-small sizes, and says that the GPU kernels were not timed.
+On a CPU it runs the same table at small sizes with what a CPU user gets (the drop-in runs torch's
+CPU SDPA; block layouts run sparseattn's PyTorch CPU path) against torch SDPA on CPU, and says that
+the GPU kernels were not timed.
 
 Suites register in :data:`SUITES`; a suite is ``fn(device, quick, args) -> iterable of Case``.
 """
@@ -132,6 +133,7 @@ def flex_attention_fn(device: str):
 
 
 def flex_compile_settings() -> None:
+    """Dynamo settings of the FlexAttention anchor (see flex_attention_fn)."""
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, FLEX_RECOMPILE_LIMIT)
@@ -302,7 +304,8 @@ def device_ceilings() -> dict:
     n = 8192
     a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     mm_ms = time_ms(lambda: a @ b, "cuda")
-    return {"copy GB/s": round(2 * (1 << 28) * 2 / copy_ms / 1e6), "bf16 matmul TFLOP/s": round(2 * n ** 3 / mm_ms / 1e9)}
+    return {"copy GB/s": round(2 * (1 << 28) * 2 / copy_ms / 1e6),
+            "bf16 matmul TFLOP/s": round(2 * n ** 3 / mm_ms / 1e9)}
 
 
 def _driver_version() -> Optional[str]:
@@ -336,8 +339,9 @@ def _environment(device: str) -> dict:
                    cuda=torch.version.cuda, driver=_driver_version(), **device_ceilings())
     else:
         env.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-                   note="no GPU: sparseattn's PyTorch CPU path was timed against torch SDPA on CPU; "
-                        "the GPU kernels were not timed")
+                   note="no GPU: what a CPU user gets was timed against torch SDPA on CPU (the drop-in runs "
+                        "torch's CPU SDPA for dense and causal rows, block layouts run sparseattn's PyTorch "
+                        "CPU path); the GPU kernels were not timed")
     return env
 
 
@@ -451,7 +455,7 @@ def main(argv=None) -> int:
         f.write(md)
     print(md)
     if device == "cpu":
-        print("No GPU here: the GPU kernels were not timed; the table times sparseattn's PyTorch CPU path.")
+        print("No GPU here: the GPU kernels were not timed; the table times what a CPU user gets.")
     print(f"saved {os.path.join(args.out, stem)}.json and .md")
     return 1 if any("refused" in r and r["refused"].startswith("correctness") for r in rows) else 0
 
