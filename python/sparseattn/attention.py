@@ -59,6 +59,8 @@ def _check_inputs(q, k, v, *, gqa: bool, names=("q", "k", "v"), same_value_dim: 
     if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
         raise ValueError(f"{kn}, {vn}: expected the same heads and length, got {tuple(k.shape)} and {tuple(v.shape)}")
     Hkv, Lk = k.shape[1], k.shape[2]
+    if Hkv == 0 and Hq > 0:
+        raise ValueError(f"{kn}: expected at least one head for {qn}'s {Hq}, got 0")
     if gqa:
         if Hq % Hkv:
             raise ValueError(f"{qn}: expected a number of heads divisible by {kn}'s {Hkv}, got {Hq}")
