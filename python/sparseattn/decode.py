@@ -57,7 +57,7 @@ def _check_decode(q, k_cache, v_cache, layout_or_pattern, cache_seqlens):
             raise ValueError(f"cache_seqlens: expected shape [{B}] (batch of q), got {tuple(cache_seqlens.shape)}")
         if cache_seqlens.device != q.device:
             raise ValueError(f"cache_seqlens: expected device {q.device} (as q), got {cache_seqlens.device}")
-        if not torch.compiler.is_compiling() and B:
+        if not torch.compiler.is_compiling() and B and not _capturing(q):
             lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))  # one host read
             if lo < 0 or hi > Lmax:
                 raise ValueError(f"cache_seqlens: expected values in [0, {Lmax}] (Lmax = k_cache.shape[2]), "
@@ -84,6 +84,12 @@ def _check_decode(q, k_cache, v_cache, layout_or_pattern, cache_seqlens):
             raise ValueError("layout_or_pattern: expected a layout without an element mask (decode reads whole "
                              "key blocks), got one with mask")
     return B, Hq, Hkv, Lq, Lmax, D, layout, pattern
+
+
+def _capturing(q: Tensor) -> bool:
+    """True while a CUDA graph is being captured on q's device: no host reads then (the kernels
+    clamp cache lengths to [0, Lmax] themselves)."""
+    return q.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _block_sets(layout: BlockLayout, B: int, Hq: int, Hkv: int, seqlens: Tensor):
@@ -174,7 +180,7 @@ def _decode_triton(q, k, v, cache_seqlens: Optional[Tensor], layout: Optional[Bl
         partial, full = layout._tile_masks()
         attended = partial | full                                                   # [Bl, Hl, 1, nK]
     if cache_seqlens is None and bk >= 32:
-        lay = BlockLayout.from_block_mask(attended, (bq, bk), (Lq, Lmax), causal="bottom_right")
+        lay = BlockLayout.from_block_mask(attended, (bq, bk), (Lq, Lmax), causal="bottom_right", sync_free=True)
         return sparse_attention(q, k, v, lay, scale=scale, return_lse=True)
     n = (torch.full((B,), Lmax, device=dev) if cache_seqlens is None else cache_seqlens).long()
     rows = n[:, None, None] - Lq + torch.arange(Lq, device=dev)[None, :, None]
@@ -187,7 +193,8 @@ def _decode_triton(q, k, v, cache_seqlens: Optional[Tensor], layout: Optional[Bl
             *elem.shape[:2], 1, nk, bk).any(-1)
     nk = attended.shape[-1]
     live = torch.arange(nk, device=dev) < ((n + bk - 1) // bk)[:, None]
-    lay = BlockLayout.from_block_mask(attended & live[:, None, None, :], (bq, bk), (Lq, Lmax), mask=elem)
+    lay = BlockLayout.from_block_mask(attended & live[:, None, None, :], (bq, bk), (Lq, Lmax), mask=elem,
+                                      sync_free=True)
     return sparse_attention(q, k, v, lay, scale=scale, return_lse=True)
 
 
@@ -269,14 +276,17 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, layout_or_patt
             ones read, or a pattern object with ``decode_layout(Lq, Lk, device)`` returning one.
         cache_seqlens: int32 ``[B]`` on q's device, keys held by each sequence, in ``[0, Lmax]``;
             default Lmax for all. Cache rows at or past a sequence's length are never read.
-            (Validating the range costs one host read.)
+            (Validating the range costs one host read, skipped while a CUDA graph is captured.)
         scale: score scale, default ``1 / sqrt(D)``.
         return_lse: also return the log-sum-exp of each row.
 
     Returns:
         out ``[B, Hq, Lq, D]`` in q's dtype, and with ``return_lse`` lse ``[B, Hq, Lq]`` float32
         (natural log). A row that sees no key (e.g. ``cache_seqlens[b] < Lq``) gives 0 and -inf.
-        Inference only (no autograd).
+        Inference only (no autograd). Dense decode and plain block layouts on CUDA never read
+        back to the host, so they can be captured in a CUDA graph (call once outside the capture
+        first: that call compiles and times the kernels); pattern objects and layouts with
+        windows or tile bitmasks take an exact masked path that reads lengths on the host.
 
     Example::
 
