@@ -80,7 +80,8 @@ def test_every_lightning_config(monkeypatch, dtype, Dk, Dv):
 
 def test_autotune_picks_the_fastest_fitting_config(monkeypatch):
     """Tuner.pick times each fitting candidate once per key and keeps the fastest; a config that
-    runs out of resources counts as infinitely slow; SPARSEATTN_AUTOTUNE=0 takes the first."""
+    runs out of resources counts as infinitely slow; inside a CUDA graph capture an untimed key
+    runs its first candidate untimed; SPARSEATTN_AUTOTUNE=0 takes the first."""
     from sparseattn.triton_kernels import common
 
     configs = [{"BLOCK_M": m, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2} for m in (128, 64, 32, 16)]
@@ -104,6 +105,14 @@ def test_autotune_picks_the_fastest_fitting_config(monkeypatch):
     assert len(calls) == 4, "a key is timed once"
     assert tuner.pick(calls.append, limit=64, layout_bq=128, layout_bk=128)["BLOCK_M"] == 32
     assert [c["BLOCK_M"] for c in calls[4:]] == [64, 32, 16], "only fitting configs are timed"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert tuner.pick(calls.append, limit=32, layout_bq=128, layout_bk=128)["BLOCK_M"] == 32
+    assert len(calls) == 7, "no timing inside a CUDA graph capture"
+    assert tuner.pick(calls.append, limit=128, layout_bq=128, layout_bk=128)["BLOCK_M"] == 32, "timed keys stay"
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert tuner.pick(calls.append, limit=32, layout_bq=128, layout_bk=128)["BLOCK_M"] == 32
+    assert [c["BLOCK_M"] for c in calls[7:]] == [32, 16], "an untimed key is timed after the capture"
     monkeypatch.setenv("SPARSEATTN_AUTOTUNE", "0")
     assert tuner.pick(calls.append, limit=48, layout_bq=128, layout_bk=128)["BLOCK_M"] == 32
-    assert len(calls) == 7, "no timing when autotuning is off"
+    assert len(calls) == 9, "no timing when autotuning is off"

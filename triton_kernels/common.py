@@ -84,11 +84,14 @@ class Tuner:
                 "num_warps": 8 if problem.get("block_d", 0) >= 128 else 4, "num_stages": 1}
 
     def pick(self, launch: Callable[[Dict[str, int]], None], **problem) -> Dict[str, int]:
-        """The config to run: the only candidate, or the fastest one timed on this GPU."""
+        """The config to run: the only candidate, or the fastest one timed on this GPU (once per
+        key; during a CUDA graph capture an untimed key runs the first candidate, untimed)."""
         cands = self.candidates(**problem)
         if len(cands) == 1 or os.environ.get(AUTOTUNE_ENV, "1") == "0":
             return cands[0]
         key = tuple(sorted(problem.items()))
+        if key not in self.cache and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return cands[0]  # timing would synchronize inside a CUDA graph capture: not timed, not kept
         if key not in self.cache:
             times = []
             for cfg in cands:
