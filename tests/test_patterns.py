@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sparseattn as sa
+from sparseattn import decode as decode_module
 from sparseattn import reference
 
 from utils import DEVICE, DTYPES, assert_oracle, randn
@@ -256,7 +257,10 @@ def test_from_flex_lengths_must_match():
 # ----------------------------------------------------------------------------- decode
 @pytest.mark.parametrize("Lq", [1, 5])
 @pytest.mark.parametrize("name", ["window", "window_sinks", "power", "block_mask", "per_head", "documents"])
-def test_decode_with_patterns_vs_oracle(name, Lq):
+def test_decode_with_patterns_vs_oracle(name, Lq, monkeypatch):
+    masked = []
+    monkeypatch.setattr(decode_module, "_decode_masked",
+                        lambda *a, _f=decode_module._decode_masked: masked.append(1) or _f(*a))
     B, Hq, Hkv, Lmax, D = 2, 4, 2, 300, 32
     p = {"window": sa.SlidingWindow(64),
          "window_sinks": sa.SlidingWindow(37, sinks=5),
@@ -273,6 +277,12 @@ def test_decode_with_patterns_vs_oracle(name, Lq):
     ref = reference.attention(q, k, v, mask=mask)
     base = reference.attention(q, k, v, mask=mask, dtype=q.dtype)
     assert_oracle(f"decode {p}", out, ref, base)
+    # One length for all sequences: a window runs the fused kernels on the pattern's own
+    # bottom-right causal layout; only a non-causal layout with tile bitmasks needs the mask path.
+    if name.startswith("window"):
+        assert not masked, "a sliding window with one cache length took the element-mask path"
+    if name == "documents":
+        assert masked
 
 
 @pytest.mark.parametrize("name", ["window_sinks", "power", "per_head"])

@@ -199,19 +199,25 @@ def _decode_triton(q, k, v, cache_seqlens: Optional[Tensor], layout: Optional[Bl
 
 
 # ----------------------------------------------------------------------------- exact masked path
-def _needs_masked_path(layout: Optional[BlockLayout], pattern, cache_seqlens: Optional[Tensor], Lmax: int) -> bool:
+def _exact_path(layout: Optional[BlockLayout], pattern, cache_seqlens: Optional[Tensor], Lq: int,
+                Lmax: int) -> Optional[str]:
     """Windows and tile bitmasks are token-exact kinds the decode kernels do not evaluate, and a
-    pattern's blocks move with each sequence's length: those cases take the masked path."""
+    pattern's blocks move with each sequence's length. Returns None (the decode kernels),
+    ``"layout"`` (one length for all sequences and a bottom-right causal layout: it is the decode
+    mask itself, and sparse_attention's kernels evaluate its kinds) or ``"masked"`` (an element
+    mask per sequence length)."""
     token_kinds = layout is not None and (layout.window is not None or layout.bits is not None)
     if not token_kinds and pattern is None:
-        return False  # a plain block layout: no host read here
+        return None  # a plain block layout: no host read here
     ragged = cache_seqlens is not None and bool((cache_seqlens != Lmax).any())
-    if token_kinds:
-        if ragged and pattern is None:
+    if ragged:
+        if token_kinds and pattern is None:
             raise ValueError("layout_or_pattern: a BlockLayout with a window or tile bitmasks is built for one "
                              "length; with ragged cache_seqlens pass the pattern object itself, got a BlockLayout")
-        return True
-    return ragged
+        return "masked"
+    if token_kinds:
+        return "layout" if layout.causal_offset == Lmax - Lq else "masked"
+    return None
 
 
 def _decode_masked(q, k, v, cache_seqlens: Optional[Tensor], layout: BlockLayout, pattern, scale: float):
@@ -285,8 +291,10 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, layout_or_patt
         (natural log). A row that sees no key (e.g. ``cache_seqlens[b] < Lq``) gives 0 and -inf.
         Inference only (no autograd). Dense decode and plain block layouts on CUDA never read
         back to the host, so they can be captured in a CUDA graph (call once outside the capture
-        first: that call compiles and times the kernels); pattern objects and layouts with
-        windows or tile bitmasks take an exact masked path that reads lengths on the host.
+        first: that call compiles and times the kernels). Pattern objects and layouts with
+        windows or tile bitmasks read the lengths on the host: with one length for all sequences
+        and a bottom-right causal layout (SlidingWindow, PowerAttention, ...) they run the fused
+        sparse_attention kernels on that layout; with ragged lengths an exact masked path.
 
     Example::
 
@@ -301,8 +309,12 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, layout_or_patt
     """
     B, Hq, Hkv, Lq, Lmax, D, layout, pattern = _check_decode(q, k_cache, v_cache, layout_or_pattern, cache_seqlens)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if _needs_masked_path(layout, pattern, cache_seqlens, Lmax):
-        out, lse = _decode_masked(q, k_cache, v_cache, cache_seqlens, layout, pattern, scale)
+    exact = _exact_path(layout, pattern, cache_seqlens, Lq, Lmax)
+    if exact is not None:
+        if exact == "layout":
+            out, lse = sparse_attention(q, k_cache, v_cache, layout, scale=scale, return_lse=True)
+        else:
+            out, lse = _decode_masked(q, k_cache, v_cache, cache_seqlens, layout, pattern, scale)
         return (out, lse) if return_lse else out
     backend = decode_backend(q)
     if backend == "triton":
