@@ -272,3 +272,21 @@ def test_sync_free_lists_are_grid_wide_and_equivalent():
         assert torch.equal(n, getattr(wide, f"{name}_num_blocks"))
         assert torch.equal(a, b[..., :a.shape[-1]]) and not b[..., a.shape[-1]:].any(), name
     assert torch.equal(lay.to_dense_mask(), wide.to_dense_mask())
+
+
+def test_cpu_path_gathers_only_up_to_the_longest_row(monkeypatch):
+    """Grid-wide (sync_free) lists must not turn the CPU path's gather into dense work."""
+    from sparseattn import cpu
+
+    monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")
+    widths, gather = [], cpu._gather
+    monkeypatch.setattr(cpu, "_gather", lambda k, v, tok, group: widths.append(tok.shape[-1]) or gather(k, v, tok, group))
+    bm = torch.zeros(1, 1, 4, 16, dtype=torch.bool)
+    bm[..., 3] = True  # one (full) key block per query block, of 16
+    lay = sa.BlockLayout.from_block_mask(bm, 64, (256, 1024), sync_free=True)
+    q, k, v = (torch.randn(1, 2, n, 32) for n in (256, 1024, 1024))
+    out = sa.sparse_attention(q, k, v, lay)
+    assert sa.last_backend() == "cpu"
+    assert widths and max(widths) <= 2 * 64, widths  # one partial-list and one full-list slot, 64 keys each
+    ref = sa.reference.attention(q, k, v, mask=lay.to_dense_mask())
+    assert torch.allclose(out, ref.float(), atol=1e-5)

@@ -28,11 +28,14 @@ def _chunks(q, layout: BlockLayout):
     each token [B, H, R, S]) per chunk of query blocks."""
     B, H, lq, d = q.shape
     bq, bk = layout.block_size
-    kvi, fkvi = layout.kv_indices, layout.full_kv_indices
+    # Lists may be padded past their longest row (sync_free layouts are as wide as the block grid):
+    # gather only up to the longest row (a host read costs nothing here).
+    wp, wf = (max(1, int(n.max())) if n.numel() else 1 for n in (layout.kv_num_blocks, layout.full_kv_num_blocks))
+    kvi, fkvi, kvb = layout.kv_indices[..., :wp], layout.full_kv_indices[..., :wf], layout.kv_bit_ids[..., :wp]
     idx = torch.cat([kvi, fkvi], -1).long()
     valid = torch.cat([torch.arange(kvi.shape[-1]) < layout.kv_num_blocks[..., None],
                        torch.arange(fkvi.shape[-1]) < layout.full_kv_num_blocks[..., None]], -1)
-    ids = torch.cat([layout.kv_bit_ids, torch.full_like(fkvi, -1)], -1)
+    ids = torch.cat([kvb, torch.full_like(fkvi, -1)], -1)
     nq, w = idx.shape[-2], idx.shape[-1]
     idx, valid, ids = (t.expand(B, H, nq, w) for t in (idx, valid, ids))
     per_row = B * H * w * bk * (bq + d)
