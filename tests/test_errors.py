@@ -23,6 +23,7 @@ SDPA_CASES = [
     ("gqa_off", lambda: qkv(Hq=4, Hkv=2), {}, ValueError, r"enable_gqa=True"),
     ("gqa_div", lambda: qkv(Hq=3, Hkv=2), {"enable_gqa": True}, ValueError, r"divisible"),
     ("no_kv_heads", lambda: qkv(Hq=2, Hkv=0), {"enable_gqa": True}, ValueError, r"key: expected at least one head"),
+    ("no_heads", lambda: qkv(Hq=0, Hkv=0), {"enable_gqa": True}, ValueError, r"query: expected at least one head"),
     ("mixed", lambda: (qkv()[0].half(), *qkv()[1:]), {}, TypeError, r"expected one dtype"),
     ("int", lambda: tuple(t.to(torch.int32) for t in qkv()), {}, TypeError, r"floating point"),
     ("not_tensor", lambda: ([1.0], *qkv()[1:]), {}, TypeError, r"query: expected a torch.Tensor"),

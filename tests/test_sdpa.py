@@ -124,8 +124,19 @@ def test_fallbacks_to_torch(case):
 @pytest.mark.parametrize("mask", [None, "bool", "float"])
 def test_cpu_tensors_run_torch_with_empty_rows_zero(monkeypatch, mask):
     """Outside the interpreter (SPARSEATTN_CPU_PATH=1 stands for it), CPU tensors run torch's own
-    CPU SDPA; rows with no visible key still give 0 and no NaN gradient."""
+    CPU SDPA; rows with no visible key still give 0 and no NaN gradient, even from a torch backend
+    that gives NaN there (simulated: torch 2.13's CPU kernel happens to give 0)."""
     monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")
+    torch_sdpa = F.scaled_dot_product_attention
+
+    def nan_in_empty_rows(q, k, v, attn_mask=None, **kw):
+        out = torch_sdpa(q, k, v, attn_mask=attn_mask, **kw)
+        if attn_mask is None:
+            return out
+        sees = attn_mask if attn_mask.dtype == torch.bool else ~torch.isneginf(attn_mask)
+        return out.masked_fill(~sees.any(-1, keepdim=True), float("nan"))
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", nan_in_empty_rows)
     q, k, v = (t.detach().cpu().requires_grad_() for t in _qkv(2, 4, 2, 50, 70, 16, torch.float32))
     attn_mask = None
     if mask is not None:

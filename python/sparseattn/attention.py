@@ -59,8 +59,9 @@ def _check_inputs(q, k, v, *, gqa: bool, names=("q", "k", "v"), same_value_dim: 
     if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
         raise ValueError(f"{kn}, {vn}: expected the same heads and length, got {tuple(k.shape)} and {tuple(v.shape)}")
     Hkv, Lk = k.shape[1], k.shape[2]
-    if Hkv == 0 and Hq > 0:
-        raise ValueError(f"{kn}: expected at least one head for {qn}'s {Hq}, got 0")
+    for n, heads in ((qn, Hq), (kn, Hkv)):
+        if heads == 0:  # (empty batches and lengths are fine; a head count of 0 is a caller's bug)
+            raise ValueError(f"{n}: expected at least one head, got shape {tuple((q if n == qn else k).shape)}")
     if gqa:
         if Hq % Hkv:
             raise ValueError(f"{qn}: expected a number of heads divisible by {kn}'s {Hkv}, got {Hq}")
@@ -196,13 +197,13 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p) -> Optional[str]:
     return None
 
 
-def _torch_on_cpu(query, key, value, attn_mask, mask4, is_causal, scale, enable_gqa):
-    """CPU tensors (outside the Triton interpreter): torch's own CPU kernels, which beat
-    sparseattn's gather path on everything SDPA can express (dense, causal, a mask over every
-    element), with rows that see no key set to 0 as on every other path."""
+def _torch_sdpa(query, key, value, attn_mask, mask4, dropout_p, is_causal, scale, enable_gqa):
+    """torch's own function (the fallbacks, and CPU tensors outside the Triton interpreter, where
+    torch's CPU kernels beat sparseattn's gather path on all SDPA can express), with rows that
+    see no key set to 0 as on every other path (torch's value there depends on its backend)."""
     _set_backend("torch")
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                                         enable_gqa=enable_gqa)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                         is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     if mask4 is not None:
         empty = ~mask4.any(-1) if mask4.dtype == torch.bool else torch.isneginf(mask4).all(-1)
         out = out.masked_fill(empty[..., None], 0)
@@ -225,8 +226,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         enable_gqa: allow ``Hq`` to be a multiple of ``Hkv`` (K/V heads shared by groups).
 
     Returns:
-        ``[B, Hq, Lq, Dv]`` in query's dtype. A query row with no visible key gives 0 (torch's math
-        backend gives NaN).
+        ``[B, Hq, Lq, Dv]`` in query's dtype. A query row with no visible key gives 0, on every
+        path (torch's own value there depends on its backend).
 
     Runs the Triton kernels for float16/bfloat16/float32 with D <= 256 and Dv == D; otherwise
     (dropout, float64, D > 256, Dv != D, a float mask that requires grad) it calls torch's own
@@ -251,13 +252,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         if is_causal:
             raise ValueError("attn_mask: expected None when is_causal=True (as torch), got a tensor")
         mask4 = _broadcast_mask(attn_mask, B, Hq, Lq, Lk)
-    if _fallback_reason(query, key, value, attn_mask, dropout_p) is not None:
-        _set_backend("torch")
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    if ops.backend_for(query) == "cpu":
-        return _torch_on_cpu(query, key, value, attn_mask, mask4 if attn_mask is not None else None, is_causal,
-                             scale, enable_gqa)
+    if _fallback_reason(query, key, value, attn_mask, dropout_p) is not None or ops.backend_for(query) == "cpu":
+        return _torch_sdpa(query, key, value, attn_mask, mask4 if attn_mask is not None else None, dropout_p,
+                           is_causal, scale, enable_gqa)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     bias = None
     if attn_mask is None:
