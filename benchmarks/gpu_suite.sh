@@ -16,10 +16,12 @@
 #             bench:SUITE@ARG@ARG passes it options, e.g. bench:attention@--head-dims=128@--quick;
 #             each word is its own process and its own table.
 #
-# BUDGET (seconds, default 540) bounds the whole call below the tool's 600 s: each stage gets what
-# is left less a margin and is interrupted (SIGINT: pytest and the bench still write what they have)
-# when it runs long. The device tool returns at most 8 files, so everything lands in a work folder
-# packed into $OUT/gpu_suite.tgz, next to $OUT/summary.txt and the bench's Markdown tables.
+# BUDGET (seconds, default 540) bounds the whole call: keep it under the call's timeout_s and under
+# the session's device time left (the device tool's status). Each stage gets what is left less a
+# margin and is interrupted (SIGINT: pytest, the sanitizer script and the bench still write what
+# they have) when it runs long. The device tool returns at most 8 files, so everything lands in a
+# work folder packed into $OUT/gpu_suite.tgz after every stage, next to $OUT/summary.txt and
+# $OUT/bench.md (every bench table of the call, one after the other).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -32,13 +34,12 @@ export PYTHONUNBUFFERED=1 PY
 
 log() { echo "$*" | tee -a "$WORK/summary.txt"; }
 
-finish() {
-  tar -C "$WORK" -czf "$OUT/gpu_suite.tgz" . 2>/dev/null
+pack() {  # after every stage too: what is under $OUT comes back even if the tool ends the call
+  tar -C "$WORK" -czf "$OUT/gpu_suite.tgz.part" . 2>/dev/null && mv "$OUT/gpu_suite.tgz.part" "$OUT/gpu_suite.tgz"
   cp "$WORK/summary.txt" "$OUT/summary.txt"
-  cp "$WORK"/bench*.md "$OUT/" 2>/dev/null
-  echo "== packed under $OUT: $(ls "$OUT" | tr '\n' ' ')"
+  if compgen -G "$WORK/bench*.md" > /dev/null; then cat "$WORK"/bench*.md > "$OUT/bench.md"; fi
 }
-trap finish EXIT
+trap 'pack; echo "== packed under $OUT: $(ls "$OUT" | tr "\n" " ")"' EXIT
 
 left() { echo $(( BUDGET - (SECONDS - START) - 25 )); }
 
@@ -54,6 +55,7 @@ stage() {  # name, command...
   log "== $name: rc=$rc in $((SECONDS - t0))s$([ $rc -eq 124 ] && echo ' (interrupted at its limit)')"
   { grep -E '^(FAILED|ERROR) ' "$WORK/$name.log" | head -40; tail -n "${TAIL:-6}" "$WORK/$name.log"; } \
     | sed 's/^/   /' | tee -a "$WORK/summary.txt"
+  pack
   return 0
 }
 

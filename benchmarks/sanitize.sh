@@ -29,16 +29,22 @@ unset TRITON_INTERPRET
 } | tee "$log"
 
 status=0
+interrupted=
+trap 'interrupted=1' INT  # an interrupted tool still gets its report's tail into the log; no next tool
 run() {  # tool, pytest -k expression
-  local tool=$1 expr=$2
+  local tool=$1 expr=$2 out
+  out=$(mktemp)
   echo "== ${tool} (-k '${expr}')" | tee -a "$log"
   compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
-    "${PY:-python3}" -m pytest -q -p no:cacheprovider tests/test_cuda_extension.py -k "$expr" 2>&1 | tail -40 | tee -a "$log"
-  local rc=${PIPESTATUS[0]}
-  echo "== ${tool}: exit ${rc}" | tee -a "$log"
+    "${PY:-python3}" -m pytest -q -p no:cacheprovider tests/test_cuda_extension.py -k "$expr" > "$out" 2>&1
+  local rc=$?
+  tail -40 "$out" | tee -a "$log"
+  rm -f "$out"
+  echo "== ${tool}: exit ${rc}${interrupted:+ (interrupted)}" | tee -a "$log"
   [ "$rc" -eq 0 ] || status=1
 }
 for tool in ${TOOLS:-memcheck racecheck}; do
+  [ -n "$interrupted" ] && break
   case $tool in
     memcheck) run memcheck "gpu" ;;
     racecheck) run racecheck "gpu and (long_cache or side_stream or broadcast or builder_identical or (decode_dense and heads1) or (decode_layout and per))" ;;

@@ -34,6 +34,23 @@ def test_failed_check_refuses_case():
     assert "refused" in bench.to_markdown({"device": "cpu"}, rows)
 
 
+def test_interrupted_main_writes_and_marks_its_table(tmp_path, monkeypatch):
+    def stop():
+        raise KeyboardInterrupt
+
+    def suite(device, quick, args):
+        yield bench.Case(op="first", params={"L": 1}, run=lambda: None, flops=1.0)
+        yield bench.Case(op="second", params={"L": 2}, run=stop)
+
+    monkeypatch.setitem(bench.SUITES, "toy", suite)
+    monkeypatch.setattr(bench, "_register_optional_suites", lambda: None)
+    monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")
+    assert bench.main(["--suite", "toy", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    md = next(tmp_path.glob("*.md")).read_text()
+    assert "| first |" in md and "| second |" not in md
+    assert "interrupted: only the first 1 of 2 cases ran" in md
+
+
 def test_interrupt_keeps_rows_measured_so_far():
     def stop():
         raise KeyboardInterrupt
@@ -44,7 +61,7 @@ def test_interrupt_keeps_rows_measured_so_far():
     assert [r["op"] for r in rows] == ["first"]
 
 
-def test_flex_anchor_never_falls_back_to_eager():
+def test_flex_settings_raise_recompile_limit_and_fail_instead_of_eager():
     """Past dynamo's recompile limit, flex_attention silently runs its unfused eager path; the
     bench raises the limit and makes hitting it an error (the anchor then shows unsupported)."""
     import torch._dynamo.config as dc

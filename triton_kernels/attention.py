@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty, on_device
-from .common import Tuner, attention_tile_fits, device_smem_limit, load_tile
+from .common import Tuner, attention_tile_fits, device_smem_limit, load_tile, tile_and_plane
 
 LOG2E = 1.4426950408889634
 
@@ -65,16 +65,6 @@ DQ_TUNER = Tuner("sparse_attention_bwd_dq", DQ_CONFIGS, _fits("dq"))
 
 
 # ----------------------------------------------------------------------------- shared pieces
-@triton.jit
-def _tile_and_plane(L, BLOCK: tl.constexpr):
-    """(tile, batch x head plane) of this program. The grid is one flat axis of cdiv(L, BLOCK)
-    tiles per plane (tiles of one plane consecutive): axes 1 and 2 stop at 65535 programs, which
-    B * H passes (e.g. windowed attention with windows folded into the batch)."""
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(L, BLOCK)
-    return pid % n_tiles, pid // n_tiles
-
-
 @triton.jit
 def _score_mods(s, qi, kj, Mask, smm, smn, Bias, sbm, sbn, Bits, bit_id, Lq, Lk, causal_off, window, sinks, qk_scale,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -165,7 +155,7 @@ def _sparse_attention_fwd_kernel(
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BITS: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m, pid_bh = _tile_and_plane(Lq, BLOCK_M)
+    pid_m, pid_bh = tile_and_plane(Lq, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP
@@ -211,7 +201,7 @@ def _sparse_attention_bwd_preprocess_kernel(O, DO, DLSE, DELTA, H, Lq, HEAD_DIM:
                                             BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                                             HAS_DLSE: tl.constexpr):
     """delta = rowsum(dO * O) - dLSE (O, dO contiguous [B, H, Lq, D]; DELTA, DLSE [B, H, Lq])."""
-    pid_m, bh = _tile_and_plane(Lq, BLOCK_M)
+    pid_m, bh = tile_and_plane(Lq, BLOCK_M)
     bh = bh.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -271,7 +261,7 @@ def _sparse_attention_bwd_dkdv_kernel(
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BITS: tl.constexpr, PRECISION: tl.constexpr):
-    pid_n, pid_bh = _tile_and_plane(Lk, BLOCK_N)
+    pid_n, pid_bh = tile_and_plane(Lk, BLOCK_N)
     b = (pid_bh // HKV).to(tl.int64)
     hk = (pid_bh % HKV).to(tl.int64)
     start_n = pid_n * BLOCK_N
@@ -353,7 +343,7 @@ def _sparse_attention_bwd_dq_kernel(
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BITS: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m, pid_bh = _tile_and_plane(Lq, BLOCK_M)
+    pid_m, pid_bh = tile_and_plane(Lq, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP

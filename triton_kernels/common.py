@@ -141,3 +141,13 @@ def load_tile(ptrs, row_ok, col_ok, ROW_MASK: tl.constexpr, COL_MASK: tl.constex
             return tl.load(ptrs, mask=col_ok, other=0.0)
         else:
             return tl.load(ptrs)
+
+
+@triton.jit
+def tile_and_plane(L, BLOCK: tl.constexpr):
+    """(tile, batch x head plane) of this program. The grid is one flat axis of cdiv(L, BLOCK)
+    tiles per plane (tiles of one plane consecutive): axes 1 and 2 stop at 65535 programs, which
+    B * H passes (windows folded into the batch, decode batches)."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(L, BLOCK)
+    return pid % n_tiles, pid // n_tiles

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty, on_device
-from .common import Tuner, device_smem_limit
+from .common import Tuner, device_smem_limit, tile_and_plane
 
 # Autotune configs, beside the kernel: BLOCK_M is the chunk (rows per step), BLOCK_N the value
 # columns one program owns. The prune is _fits.
@@ -80,10 +80,7 @@ def _lightning_attention_fwd_kernel(
     S_next = lambda^n S_chunk + kv_scale * sum_j lambda^(n-1-j) k_j^T v_j; S before the first
     chunk is S0 (fp32). With REVERSE, chunk position p reads row L-1-p. With S0_SHIFT, the first
     chunk's state carries one decay step less (exponents i and n-1)."""
-    # One flat grid axis, value tiles of one (batch, head) consecutive: axis 1 stops at 65535
-    # programs, which B * H passes (decode batches).
-    pid_v = tl.program_id(0) % tl.cdiv(DV, BLOCK_N)
-    pid_bh = tl.program_id(0) // tl.cdiv(DV, BLOCK_N)
+    pid_v, pid_bh = tile_and_plane(DV, BLOCK_N)  # value tiles of one (batch, head) consecutive
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_c = tl.arange(0, BLOCK_M)
@@ -160,10 +157,7 @@ def _lightning_attention_step_kernel(
         DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_DECAY: tl.constexpr):
     """One decode token: S' = lambda S + k^T v (fp32, written to SN contiguous), o = scale q S'."""
-    # One flat grid axis, value tiles of one (batch, head) consecutive: axis 1 stops at 65535
-    # programs, which B * H passes (decode batches).
-    pid_v = tl.program_id(0) % tl.cdiv(DV, BLOCK_N)
-    pid_bh = tl.program_id(0) // tl.cdiv(DV, BLOCK_N)
+    pid_v, pid_bh = tile_and_plane(DV, BLOCK_N)  # value tiles of one (batch, head) consecutive
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_DK)
