@@ -92,15 +92,11 @@ def test_lightning_grids_within_cuda_limits(monkeypatch, B, H):
     _assert_launchable(step, B * H)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="65536+ (batch, head) planes: minutes in the interpreter")
-def test_many_planes_run_on_cuda():
-    """Attention (fwd + bwd) and lightning with B * H > 65535: the first and last heads against float64."""
-    B, H, L, D = 2, PLANES // 2, 20, 16
-    q, k, v = (randn(B, H, L, D, dtype=torch.float16, requires_grad=True) for _ in range(3))
+def _check_causal_sdpa(q, k, v, heads):
+    """Causal SDPA fwd + bwd (fp16) against float64 on the given heads."""
     out = sa.scaled_dot_product_attention(q, k, v, is_causal=True)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad((out.float() * dout.float()).sum(), (q, k, v))
-    heads = torch.tensor([0, H - 1], device=DEVICE)
     res = {}
     for dt in (torch.float64, torch.float16):
         leaves = [t.detach()[:, heads].to(dt).requires_grad_() for t in (q, k, v)]
@@ -108,6 +104,15 @@ def test_many_planes_run_on_cuda():
         res[dt] = (o, *torch.autograd.grad((o.double() * dout[:, heads].double()).sum(), leaves))
     for name, g, r, b in zip(("out", "dq", "dk", "dv"), (out, *grads), res[torch.float64], res[torch.float16]):
         assert_oracle(name, g[:, heads], r, b)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="65536+ (batch, head) planes: minutes in the interpreter")
+def test_many_planes_run_on_cuda():
+    """Attention (fwd + bwd) and lightning with B * H > 65535: the first and last heads against float64."""
+    B, H, L, D = 2, PLANES // 2, 20, 16
+    q, k, v = (randn(B, H, L, D, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    heads = torch.tensor([0, H - 1], device=DEVICE)
+    _check_causal_sdpa(q, k, v, heads)
 
     slopes = torch.rand(H, device=DEVICE) + 0.01
     o, state = sa.lightning_attention(q.detach(), k.detach(), v.detach(), slopes, output_final_state=True)
@@ -130,16 +135,7 @@ def test_inputs_on_a_non_current_device():
     torch.cuda.set_device(0)
     dev = torch.device("cuda", 1)
     q, k, v = (randn(1, 2, 100, 64, dtype=torch.float16, device=dev, requires_grad=True) for _ in range(3))
-    out = sa.scaled_dot_product_attention(q, k, v, is_causal=True)
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad((out.float() * dout.float()).sum(), (q, k, v))
-    res = {}
-    for dt in (torch.float64, torch.float16):
-        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
-        o = sa.reference.attention(*leaves, is_causal=True, dtype=dt)
-        res[dt] = (o, *torch.autograd.grad((o.double() * dout.double()).sum(), leaves))
-    for name, g, r, b in zip(("out", "dq", "dk", "dv"), (out, *grads), res[torch.float64], res[torch.float16]):
-        assert_oracle(name, g, r, b)
+    _check_causal_sdpa(q, k, v, torch.arange(2, device=dev))
     ql, kl, vl = (t.detach() for t in (q, k, v))
     o, state = sa.lightning_attention(ql, kl, vl, output_final_state=True)
     ref_o, ref_s = sa.reference.lightning_attention(ql, kl, vl)
