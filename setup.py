@@ -23,7 +23,7 @@ import subprocess
 import sys
 import sysconfig
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -137,7 +137,7 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=["sparseattn", "sparseattn.triton_kernels"],
+    packages=["sparseattn." + p for p in find_packages("python/sparseattn")] + ["sparseattn", "sparseattn.triton_kernels"],
     package_dir={
         "sparseattn": "python/sparseattn",
         "sparseattn.triton_kernels": "triton_kernels",

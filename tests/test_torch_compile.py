@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sparseattn as sa
-from sparseattn import ops
+from sparseattn.ops.attention import op as ops
 from utils import DEVICE, randn
 
 

@@ -1,21 +1,27 @@
 """sparseattn: fused block-sparse attention kernels (Triton) behind a thin PyTorch layer.
 
-    >>> import sparseattn as sa
+Example::
+
+    >>> import torch, sparseattn as sa
+    >>> q = k = v = torch.randn(1, 4, 256, 64)
     >>> out = sa.scaled_dot_product_attention(q, k, v, is_causal=True)      # drop-in for torch's
-    >>> out = sa.sparse_attention(q, k, v, layout)                           # any BlockLayout
+    >>> out = sa.sparse_attention(q, k, v, sa.SlidingWindow(128, sinks=4))  # a pattern or a BlockLayout
 """
 from . import reference
-from .attention import last_backend, scaled_dot_product_attention, sparse_attention
-from .layout import BlockLayout
 from ._cuda import cuda_available, cuda_unavailable_reason
-from .decode import decode_attention
+from ._dispatch import FallbackWarning, last_backend, last_fallback_reason
+from .layout import BlockLayout
+from .ops.attention.op import sparse_attention
+from .ops.attention.sdpa import scaled_dot_product_attention
+from .ops.decode.op import decode_attention
+from .ops.lightning.op import lightning_attention, lightning_attention_step, lightning_slopes
 from .patterns import BlockSparse, PerHead, PowerAttention, SlidingWindow
-from .lightning import lightning_attention, lightning_attention_step, lightning_slopes
 from . import distributed
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockLayout", "last_backend", "reference", "scaled_dot_product_attention", "sparse_attention"]
+__all__ = ["BlockLayout", "FallbackWarning", "last_backend", "last_fallback_reason", "reference",
+           "scaled_dot_product_attention", "sparse_attention"]
 __all__ += ["cuda_available", "cuda_unavailable_reason", "decode_attention"]
 __all__ += ["BlockSparse", "PerHead", "PowerAttention", "SlidingWindow"]
 __all__ += ["distributed", "lightning_attention", "lightning_attention_step", "lightning_slopes"]

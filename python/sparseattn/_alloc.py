@@ -5,14 +5,15 @@ element a kernel forgets to write fails loudly instead of passing with stale mem
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
+
+from . import _config
 
 
 def empty(*shape, dtype: torch.dtype, device) -> torch.Tensor:
     t = torch.empty(*shape, dtype=dtype, device=device)
-    if t.is_floating_point() and os.environ.get("SPARSEATTN_NAN_FILL") == "1":
+    if t.is_floating_point() and _config.flag("SPARSEATTN_NAN_FILL"):
         t.fill_(float("nan"))
     return t
 

@@ -85,7 +85,7 @@ def mask_to_lists(masks: Sequence[torch.Tensor],
                   widths: Optional[Sequence[int]] = None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """The GPU layout builder: bool masks ``[Bl, Hl, rows, cols]`` (any strides, broadcast views
     included) -> ``(counts int32 [Bl, Hl, rows], indices int32 [Bl, Hl, rows, width])`` each,
-    identical to ``sparseattn.layout._mask_to_lists``. Two launches for up to 4 masks and one
+    identical to ``sparseattn.layout.mask_to_lists``. Two launches for up to 4 masks and one
     host read of the widths, unless ``widths`` fixes them (one per mask)."""
     dev = masks[0].device
     index = require(dev)

@@ -56,7 +56,7 @@ def example_patterns(L: int = L_PICTURE) -> Dict[str, object]:
 
 def tile_image(layout) -> torch.Tensor:
     """uint8 [Hl, nQ, nK] of batch 0: 2 full tile, 1 partial tile, 0 skipped."""
-    partial, full = layout._tile_masks()
+    partial, full = layout.tile_masks()
     return (full[0].to(torch.uint8) * 2 + partial[0].to(torch.uint8))
 
 

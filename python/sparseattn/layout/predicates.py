@@ -1,0 +1,71 @@
+"""The in-block rules, each written once in Python (the Triton kernels hold the other copy, in
+``triton_kernels/attention.py``). Builders, the CPU paths, the patterns and the oracles call these.
+
+Positions: query row ``r`` of a layout sits at position ``r + offset`` (``offset = 0`` for
+top-left causal, ``Lk - Lq`` for bottom-right); keys sit at their index. Every function
+broadcasts its index tensors.
+
+* bounds: rows < Lq and columns < Lk;
+* causal: key ``k`` visible to the query at position ``p`` iff ``k <= p``;
+* sliding window with sinks (on top of causal): iff ``p - k < window`` or ``k < sinks``;
+* tile bitmasks and element masks are data, read where they apply (:func:`unpack_bits`, the
+  layout's ``mask``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+
+def in_bounds(rows: torch.Tensor, cols: torch.Tensor, lq: int, lk: int) -> torch.Tensor:
+    """Rows and columns inside the sequences."""
+    return (rows < lq) & (cols < lk)
+
+
+def causal_keep(qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+    """The causal rule at positions."""
+    return kpos <= qpos
+
+
+def window_keep(qpos: torch.Tensor, kpos: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
+    """The sliding-window-with-sinks rule at positions (applies together with causal)."""
+    return (qpos - kpos < window) | (kpos < sinks)
+
+
+def kinds_keep(qpos: torch.Tensor, kpos: torch.Tensor, causal: bool, window: Optional[int],
+               sinks: int) -> torch.Tensor:
+    """Causal, then window with sinks, element-wise at positions (no bounds)."""
+    keep = torch.ones(torch.broadcast_shapes(qpos.shape, kpos.shape), dtype=torch.bool, device=qpos.device)
+    if causal:
+        keep = keep & causal_keep(qpos, kpos)
+        if window is not None:
+            keep = keep & window_keep(qpos, kpos, window, sinks)
+    return keep
+
+
+def kinds_over_tiles(p0: torch.Tensor, p1: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, causal: bool,
+                     window: Optional[int], sinks: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(any, all) of :func:`kinds_keep` over tiles whose query positions span ``[p0, p1]`` and key
+    positions ``[k0, k1]`` (inclusive, inside the sequences): ``any`` = some pair visible (the
+    tile is listed), ``all`` = every pair visible (it can run without masking)."""
+    if not causal:
+        one = torch.ones(torch.broadcast_shapes(p0.shape, k0.shape), dtype=torch.bool, device=p0.device)
+        return one, one
+    any_, all_ = causal_keep(p1, k0), causal_keep(p0, k1)
+    if window is not None:
+        # some pair within the window or a sink; every key either a sink or within the window
+        any_ = any_ & ((k0 < sinks) | (p0 - k1 < window))
+        all_ = all_ & ((k1 < sinks) | (p1 - torch.clamp(k0, min=sinks) < window))
+    return any_, all_
+
+
+def unpack_bits(words: Optional[torch.Tensor], ids: torch.Tensor, row_in: torch.Tensor,
+                col_in: torch.Tensor) -> torch.Tensor:
+    """Bit (row_in, col_in) of tile bitmask ``ids`` (broadcasting; id -1 = no bitmask = True).
+    Words are int32 ``[n, BLOCK_Q, ceil(BLOCK_K / 32)]``, bit k of word w = column 32 w + k."""
+    if words is None:
+        return torch.ones(torch.broadcast_shapes(ids.shape, row_in.shape, col_in.shape), dtype=torch.bool,
+                          device=ids.device)
+    w = words[ids.clamp(min=0).long(), row_in.long(), (col_in // 32).long()]
+    return (ids < 0) | (((w >> (col_in % 32).to(torch.int32)) & 1) != 0)

@@ -1,0 +1,166 @@
+"""The ``torch.nn.functional.scaled_dot_product_attention`` drop-in, on the sparse_attention op.
+
+Bool masks become a layout (tiles with no True skipped, all-True tiles full, mixed tiles read the
+mask), float masks a bias, ``is_causal`` the in-kernel causal rule. What the kernels cannot do
+goes to torch's own function, with the reason recorded (:func:`sparseattn.last_fallback_reason`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ... import _dispatch
+from ...layout import BlockLayout
+from ..common import MAX_HEAD_DIM, SUPPORTED_DTYPES, check_inputs
+from .op import run
+
+# Layout block of the layouts built by scaled_dot_product_attention.
+SDPA_BLOCK = (128, 128)
+
+_dense_layouts: Dict[Tuple, BlockLayout] = {}
+
+
+def _broadcast_mask(attn_mask: torch.Tensor, B, Hq, Lq, Lk) -> torch.Tensor:
+    """attn_mask broadcastable to [B, Hq, Lq, Lk] -> a 4-D view with sizes 1 or full (no copy)."""
+    shape = tuple(attn_mask.shape)
+    target = (B, Hq, Lq, Lk)
+    if attn_mask.dim() > 4 or any(s not in (1, t) for s, t in zip(shape[::-1], target[::-1])):
+        raise ValueError(f"attn_mask: expected a shape broadcastable to {list(target)}, got {list(shape)}")
+    return attn_mask.reshape((1,) * (4 - attn_mask.dim()) + shape)
+
+
+def _block_any_all(mask: torch.Tensor, bq: int, bk: int, lq: int, lk: int):
+    """(any, all) of a bool mask [Bm, Hm, Lq|1, Lk|1] over tiles -> [Bm, Hm, nQ|1, nK|1]."""
+    nq, nk = math.ceil(lq / bq), math.ceil(lk / bk)
+    m_any = m_all = mask
+    if mask.shape[2] > 1:
+        pad = nq * bq - lq
+        m_any = F.pad(m_any.to(torch.uint8), (0, 0, 0, pad), value=0).unflatten(2, (nq, bq)).amax(3)
+        m_all = F.pad(m_all.to(torch.uint8), (0, 0, 0, pad), value=1).unflatten(2, (nq, bq)).amin(3)
+    if mask.shape[3] > 1:
+        pad = nk * bk - lk
+        m_any = F.pad(m_any.to(torch.uint8), (0, pad), value=0).unflatten(3, (nk, bk)).amax(4)
+        m_all = F.pad(m_all.to(torch.uint8), (0, pad), value=1).unflatten(3, (nk, bk)).amin(4)
+    return m_any.bool(), m_all.bool()
+
+
+def _dense_layout(lq: int, lk: int, causal: bool, device) -> BlockLayout:
+    """Layout of dense (or top-left causal) attention; cached outside torch.compile."""
+    key = (lq, lk, causal, str(device))
+    if key in _dense_layouts:
+        return _dense_layouts[key]
+    bq, bk = SDPA_BLOCK
+    bm = torch.ones(1, 1, math.ceil(lq / bq), math.ceil(lk / bk), dtype=torch.bool, device=device)
+    layout = BlockLayout.from_block_mask(bm, SDPA_BLOCK, (lq, lk), causal="top_left" if causal else None)
+    if not torch.compiler.is_compiling():
+        if len(_dense_layouts) > 64:
+            _dense_layouts.clear()
+        _dense_layouts[key] = layout
+    return layout
+
+
+def mask_layout(mask: torch.Tensor, B, Hq, lq, lk) -> BlockLayout:
+    """Layout of a bool attn_mask: tiles with no True are skipped, all-True tiles run as full
+    tiles, mixed tiles read the mask. Built without a host read (lists as wide as the block grid),
+    so a training step with a mask does not wait on the GPU here."""
+    bq, bk = SDPA_BLOCK
+    nq, nk = math.ceil(lq / bq), math.ceil(lk / bk)
+    m_any, m_all = _block_any_all(mask, bq, bk, lq, lk)
+    shape = (mask.shape[0], mask.shape[1], nq, nk)
+    return BlockLayout.from_block_mask(m_any.expand(shape), SDPA_BLOCK, (lq, lk),
+                                       mask=mask.expand(mask.shape[0], mask.shape[1], lq, lk),
+                                       partial_blocks=~m_all.expand(shape), sync_free=True)
+
+
+def fallback_reason(query, key, value, attn_mask, dropout_p) -> Optional[str]:
+    """Why these inputs go to torch's function, or None when the kernels take them."""
+    if dropout_p > 0.0:
+        return "dropout_p > 0"
+    if query.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {query.dtype}"
+    if query.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {query.shape[-1]} > {MAX_HEAD_DIM}"
+    if value.shape[-1] != query.shape[-1]:
+        return "value head dim differs from query head dim"
+    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad:
+        return "float attn_mask that requires grad"
+    if query.numel() == 0 or key.numel() == 0:
+        return "empty input"
+    return None
+
+
+def _torch_sdpa(query, key, value, attn_mask, mask4, dropout_p, is_causal, scale, enable_gqa, reason: str):
+    """torch's own function (the fallbacks, and CPU tensors outside the Triton interpreter, where
+    torch's CPU kernels beat sparseattn's gather path on all SDPA can express), with rows that
+    see no key set to 0 as on every other path (torch's value there depends on its backend)."""
+    _dispatch.set_backend("torch", reason)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                         is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    if mask4 is not None:
+        empty = ~mask4.any(-1) if mask4.dtype == torch.bool else torch.isneginf(mask4).all(-1)
+        out = out.masked_fill(empty[..., None], 0)
+    return out
+
+
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on the fused kernels.
+
+    Args:
+        query: ``[B, Hq, Lq, D]``; key: ``[B, Hkv, Lk, D]``; value: ``[B, Hkv, Lk, Dv]``; any strides.
+        attn_mask: bool (True = attend) or float (added to the scores), broadcastable to
+            ``[B, Hq, Lq, Lk]``. Bool masks become a layout: tiles with no True are skipped.
+        dropout_p: dropout probability (> 0 falls back to torch).
+        is_causal: top-left causal mask (``ones(Lq, Lk).tril()``, as torch); not with attn_mask.
+        scale: score scale, default ``1 / sqrt(D)``.
+        enable_gqa: allow ``Hq`` to be a multiple of ``Hkv`` (K/V heads shared by groups).
+
+    Returns:
+        ``[B, Hq, Lq, Dv]`` in query's dtype. A query row with no visible key gives 0, on every
+        path (torch's own value there depends on its backend).
+
+    Runs the Triton kernels for float16/bfloat16/float32 with D <= 256 and Dv == D; otherwise
+    (dropout, float64, D > 256, Dv != D, a float mask that requires grad) it calls torch's own
+    function, as it does for CPU tensors (torch's CPU kernels are faster than sparseattn's CPU
+    path; rows that see no key still give 0). :func:`last_backend` says which path ran.
+
+    Example::
+
+        >>> import torch, sparseattn as sa
+        >>> q = k = v = torch.randn(2, 8, 128, 64)
+        >>> out = sa.scaled_dot_product_attention(q, k, v, is_causal=True)
+    """
+    B, Hq, _, Lq, Lk, D = check_inputs(query, key, value, gqa=enable_gqa, names=("query", "key", "value"),
+                                        same_value_dim=False)
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask: expected a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attn_mask: expected dtype torch.bool or a float dtype, got {attn_mask.dtype}")
+        if attn_mask.device != query.device:
+            raise ValueError(f"attn_mask: expected device {query.device}, got {attn_mask.device}")
+        if is_causal:
+            raise ValueError("attn_mask: expected None when is_causal=True (as torch), got a tensor")
+        mask4 = _broadcast_mask(attn_mask, B, Hq, Lq, Lk)
+    reason = fallback_reason(query, key, value, attn_mask, dropout_p)
+    if reason is None and _dispatch.backend_for(query) == "cpu":
+        reason = _dispatch.cpu_reason(query) + "; torch's CPU kernels beat the CPU gather path on what SDPA expresses"
+    if reason is not None:
+        return _torch_sdpa(query, key, value, attn_mask, mask4 if attn_mask is not None else None, dropout_p,
+                           is_causal, scale, enable_gqa, reason)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    bias = None
+    if attn_mask is None:
+        layout = _dense_layout(Lq, Lk, is_causal, query.device)
+    elif attn_mask.dtype == torch.bool:
+        layout = mask_layout(mask4, B, Hq, Lq, Lk)
+    else:
+        layout = _dense_layout(Lq, Lk, False, query.device)
+        bias = mask4.expand(mask4.shape[0], mask4.shape[1], Lq, Lk)
+    out, _ = run(query, key, value, layout, bias, scale)
+    return out

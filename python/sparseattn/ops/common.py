@@ -1,0 +1,81 @@
+"""What every op shares: the one input check, the supported dtypes and head dims, and the
+pattern-or-layout argument."""
+from __future__ import annotations
+
+import torch
+
+from ..layout import BlockLayout
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def check_inputs(q, k, v, *, gqa: bool, names=("q", "k", "v"), same_value_dim: bool = True):
+    """The one input check of every public attention function. Returns (B, Hq, Hkv, Lq, Lk, D)."""
+    for t, n in zip((q, k, v), names):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{n}: expected a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{n}: expected a floating point dtype (float16, bfloat16, float32), got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"{n}: expected 4 dims [B, H, L, D], got shape {tuple(t.shape)}")
+    qn, kn, vn = names
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{qn}, {kn}, {vn}: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{qn}, {kn}, {vn}: expected one device, got {q.device}, {k.device}, {v.device}")
+    B, Hq, Lq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"{kn}, {vn}: expected batch size {B} (as {qn}), got {k.shape[0]} and {v.shape[0]}")
+    if k.shape[3] != D:
+        raise ValueError(f"{kn}: expected head dim {D} (as {qn}), got {k.shape[3]}")
+    if same_value_dim and v.shape[3] != D:
+        raise ValueError(f"{vn}: expected head dim {D} (as {qn}), got {v.shape[3]}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"{kn}, {vn}: expected the same heads and length, got {tuple(k.shape)} and {tuple(v.shape)}")
+    Hkv, Lk = k.shape[1], k.shape[2]
+    for n, heads in ((qn, Hq), (kn, Hkv)):
+        if heads == 0:  # (empty batches and lengths are fine; a head count of 0 is a caller's bug)
+            raise ValueError(f"{n}: expected at least one head, got shape {tuple((q if n == qn else k).shape)}")
+    if gqa:
+        if Hq % Hkv:
+            raise ValueError(f"{qn}: expected a number of heads divisible by {kn}'s {Hkv}, got {Hq}")
+    elif Hq != Hkv:
+        raise ValueError(f"{qn}, {kn}: expected the same number of heads without enable_gqa=True, got {Hq} and {Hkv}")
+    return B, Hq, Hkv, Lq, Lk, D
+
+
+def check_dtype_and_dim(q: torch.Tensor, name: str = "q") -> None:
+    """The kernels' dtypes and head dims (float64 is for the oracles)."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: expected float16, bfloat16 or float32, got {q.dtype} (sparseattn.reference "
+                        "computes in float64)")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"{name}: expected head dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
+
+
+def check_layout(layout, B, Hq, Lq, Lk, device) -> None:
+    """A layout built for these lengths, batch, heads and device."""
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout: expected a sparseattn.BlockLayout or a pattern with .layout(Lq, Lk, device), "
+                        f"got {type(layout).__name__}")
+    if tuple(layout.seq_lens) != (Lq, Lk):
+        raise ValueError(f"layout: expected seq_lens {(Lq, Lk)} (q and k lengths), got {tuple(layout.seq_lens)}")
+    bl, hl = layout.shape
+    if bl not in (1, B) or hl not in (1, Hq):
+        raise ValueError(f"layout: expected lists of shape [1|{B}, 1|{Hq}, ...], got [{bl}, {hl}, ...]")
+    if layout.device != device:
+        raise ValueError(f"layout: expected device {device} (as q), got {layout.device}")
+
+
+def resolve_layout(layout_or_pattern, q: torch.Tensor, k: torch.Tensor) -> BlockLayout:
+    """A BlockLayout as is; a static pattern (``.layout(Lq, Lk, device)``) or a content-based one
+    (``.layout_for(q, k)``) turned into its layout for these inputs."""
+    obj = layout_or_pattern
+    if isinstance(obj, BlockLayout):
+        return obj
+    if callable(getattr(obj, "layout_for", None)):
+        return obj.layout_for(q, k)
+    if callable(getattr(obj, "layout", None)):
+        return obj.layout(q.shape[2], k.shape[2], q.device)
+    return obj  # check_layout names what was received

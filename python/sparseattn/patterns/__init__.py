@@ -1,0 +1,13 @@
+"""Sparse patterns: objects that compile to a :class:`~sparseattn.BlockLayout`, one module each.
+
+Static patterns have ``layout(Lq, Lk, device)`` and ``decode_layout(Lq, Lk, device)``, plus
+``dense_mask(Lq, Lk)`` as their definition (see :mod:`._base` for the shared conventions:
+positions, tiles, bits). Content-based patterns have ``layout_for(q, k)``, built on the device.
+"""
+from ._base import MAX_TILE, MIN_TILE
+from .block_sparse import BlockSparse
+from .per_head import PerHead
+from .power_attention import PowerAttention
+from .sliding_window import SlidingWindow
+
+__all__ = ["BlockSparse", "PerHead", "PowerAttention", "SlidingWindow", "MIN_TILE", "MAX_TILE"]

@@ -1,0 +1,79 @@
+"""The main job's harness: a quick CPU run writes its tables; a failing check refuses a case."""
+import json
+import os
+
+from sparseattn import bench
+
+
+def test_quick_cpu_run_writes_tables(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")  # restored after the test (main sets it for CPU runs)
+    rc = bench.main(["--suite", "attention", "--quick", "--lengths", "128", "--device", "cpu",
+                     "--out", str(tmp_path)])
+    assert rc == 0
+    files = sorted(os.listdir(tmp_path))
+    assert [f.rsplit(".", 1)[1] for f in files] == ["json", "md"]
+    data = json.load(open(tmp_path / files[0]))
+    rows = data["rows"]
+    assert {r["op"] for r in rows} == {"attention causal", "attention dense", "attention block 10%"}
+    for r in rows:
+        assert "refused" not in r and r["ms"] > 0
+        assert r["anchors"]["torch sdpa (cpu)"]["ratio"] > 0
+    assert "GPU kernels were not timed" in capsys.readouterr().out
+    assert "not timed" in data["environment"]["note"]
+
+
+def test_failed_check_refuses_case():
+    def wrong():
+        raise AssertionError("max error 1 > 0.01")
+
+    ok = bench.Case(op="good", params={"L": 1}, run=lambda: None, anchors={"a": lambda: None}, flops=1.0)
+    bad = bench.Case(op="bad", params={"L": 1}, run=lambda: None, check=wrong)
+    rows = bench.run_cases([ok, bad], "cpu")
+    assert "refused" not in rows[0] and rows[0]["anchors"]["a"]["ratio"] > 0
+    assert rows[1]["refused"].startswith("correctness check failed: max error")
+    assert "refused" in bench.to_markdown({"device": "cpu"}, rows)
+
+
+def test_interrupted_main_writes_and_marks_its_table(tmp_path, monkeypatch):
+    def stop():
+        raise KeyboardInterrupt
+
+    def suite(device, quick, args):
+        yield bench.Case(op="first", params={"L": 1}, run=lambda: None, flops=1.0)
+        yield bench.Case(op="second", params={"L": 2}, run=stop)
+
+    monkeypatch.setitem(bench.SUITES, "toy", suite)
+    monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")
+    assert bench.main(["--suite", "toy", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    md = next(tmp_path.glob("*.md")).read_text()
+    assert "| first |" in md and "| second |" not in md
+    assert "interrupted: only the first 1 of 2 cases ran" in md
+
+
+def test_interrupt_keeps_rows_measured_so_far():
+    def stop():
+        raise KeyboardInterrupt
+
+    first = bench.Case(op="first", params={"L": 1}, run=lambda: None, flops=1.0)
+    rows = bench.run_cases([first, bench.Case(op="second", params={"L": 2}, run=stop),
+                            bench.Case(op="third", params={"L": 3}, run=lambda: None)], "cpu")
+    assert [r["op"] for r in rows] == ["first"]
+
+
+def test_flex_settings_raise_recompile_limit_and_fail_instead_of_eager():
+    """Past dynamo's recompile limit, flex_attention silently runs its unfused eager path; the
+    bench raises the limit and makes hitting it an error (the anchor then shows unsupported)."""
+    import torch._dynamo.config as dc
+
+    # Saved and restored by hand: pytest's monkeypatch would delattr these on undo (they are not
+    # in the config module's __dict__), which hides them from dynamo for the rest of the run.
+    names = ("recompile_limit", "accumulated_recompile_limit", "fail_on_recompile_limit_hit")
+    saved = {name: getattr(dc, name) for name in names}
+    try:
+        bench.harness.flex_compile_settings()
+        assert dc.recompile_limit >= 1024 and dc.accumulated_recompile_limit >= 1024
+        assert dc.fail_on_recompile_limit_hit
+    finally:
+        for name, value in saved.items():
+            setattr(dc, name, value)
+    assert dc.recompile_limit == saved["recompile_limit"]

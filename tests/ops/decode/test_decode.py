@@ -1,0 +1,214 @@
+"""decode_attention: the CPU path (and the Triton fallback, through the interpreter) against the
+float64 oracle, and every input check. The CUDA kernels are tested in test_cuda_extension.py."""
+import math
+
+import pytest
+import torch
+
+import sparseattn as sa
+from sparseattn import reference
+from sparseattn.ops.decode.cpu import decode_attention_cpu as _decode_cpu
+from sparseattn.ops.decode.op import _decode_triton
+
+from utils import assert_oracle
+
+CPU_DTYPES = [torch.float16, torch.float32]
+
+
+def _inputs(B, Hq, Hkv, Lq, Lmax, D, dtype, device="cpu"):
+    q = torch.randn(B, Hq, Lq, D, device=device).to(dtype)
+    k = torch.randn(B, Hkv, Lmax, D, device=device).to(dtype)
+    v = torch.randn(B, Hkv, Lmax, D, device=device).to(dtype)
+    return q, k, v
+
+
+def _ragged(B, Lmax, Lq, device="cpu"):
+    """Fresh lengths in [0, Lmax], always including Lmax and one shorter than Lq when B allows."""
+    lens = torch.randint(Lq, Lmax + 1, (B,))
+    lens[0] = Lmax
+    if B > 2:
+        lens[-1] = torch.randint(0, Lq, ()).item()  # rows before the sequence start see nothing
+    return lens.to(torch.int32).to(device)
+
+
+def _random_layout(B, Hq, Lq, Lmax, bk, per_batch, per_head, density=0.4):
+    nk = math.ceil(Lmax / bk)
+    bm = torch.rand(B if per_batch else 1, Hq if per_head else 1, 1, nk) < density
+    return sa.BlockLayout.from_block_mask(bm, (16, bk), (Lq, Lmax))
+
+
+def _check(name, q, k, v, layout, lens, out, lse):
+    ref, ref_lse = reference.decode_attention(q, k, v, layout, cache_seqlens=lens, return_lse=True)
+    base = reference.decode_attention(q, k, v, layout, cache_seqlens=lens, dtype=q.dtype)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    assert_oracle(name, out, ref, base)
+    # LSE: same -inf rows, close elsewhere (it is computed in fp32 from fp32 scores).
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), f"{name}: -inf rows of lse differ"
+    fin = torch.isfinite(ref_lse)
+    tol = 2e-3 if q.dtype != torch.float32 else 1e-4
+    assert torch.allclose(lse[fin].double(), ref_lse[fin], atol=tol, rtol=tol), f"{name}: lse"
+    empty = torch.isneginf(ref_lse)
+    assert (out[empty] == 0).all(), f"{name}: rows that see no key must be 0"
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("Lq", [1, 5, 16])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (6, 1)])
+@pytest.mark.parametrize("kind", ["dense", "full-length", "layout", "per-head layout"])
+def test_decode_cpu_matches_oracle(dtype, Lq, heads, kind):
+    Hq, Hkv = heads
+    B, Lmax, D = 3, 200, 32
+    q, k, v = _inputs(B, Hq, Hkv, Lq, Lmax, D, dtype)
+    lens = None if kind == "full-length" else _ragged(B, Lmax, Lq)
+    layout = None
+    if kind == "layout":
+        layout = _random_layout(B, Hq, Lq, Lmax, 64, per_batch=True, per_head=False)
+    elif kind == "per-head layout":
+        layout = _random_layout(B, Hq, Lq, Lmax, 16, per_batch=False, per_head=True)
+    out, lse = sa.decode_attention(q, k, v, layout, cache_seqlens=lens, return_lse=True)
+    assert sa.last_backend() == "cpu"
+    _check(f"decode cpu {kind}", q, k, v, layout, lens, out, lse)
+
+
+def test_decode_cpu_long_cache_chunks_and_scale():
+    """More keys than one CPU chunk, a custom scale, a strided q."""
+    B, Hq, Hkv, Lq, Lmax, D = 2, 4, 2, 2, 20000, 16
+    q, k, v = _inputs(B, Hq, Hkv, Lq, Lmax, D, torch.float32)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    lens = torch.tensor([Lmax, 12345], dtype=torch.int32)
+    layout = _random_layout(B, Hq, Lq, Lmax, 128, per_batch=True, per_head=True, density=0.7)
+    for lay in (None, layout):
+        out, lse = sa.decode_attention(q, k, v, lay, cache_seqlens=lens, scale=0.3, return_lse=True)
+        ref, ref_lse = reference.decode_attention(q, k, v, lay, cache_seqlens=lens, scale=0.3, return_lse=True)
+        base = reference.decode_attention(q, k, v, lay, cache_seqlens=lens, scale=0.3, dtype=torch.float32)
+        assert_oracle("decode long", out, ref, base)
+        assert torch.allclose(lse.double(), ref_lse, atol=1e-4)
+
+
+def test_decode_oracle_is_sdpa_on_the_prefix():
+    """The oracle itself: one query token at the end of each sequence == torch SDPA over its prefix."""
+    B, H, Lmax, D = 3, 2, 50, 8
+    q, k, v = _inputs(B, H, H, 1, Lmax, D, torch.float64)
+    lens = torch.tensor([50, 17, 1], dtype=torch.int32)
+    ref = reference.decode_attention(q, k, v, cache_seqlens=lens)
+    for b, n in enumerate(lens.tolist()):
+        want = torch.nn.functional.scaled_dot_product_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n])
+        assert torch.allclose(ref[b:b + 1], want)
+
+
+def test_decode_pattern_object_and_defaults():
+    class Pattern:
+        def decode_layout(self, lq, lk, device):
+            bm = torch.zeros(1, 1, 1, math.ceil(lk / 32), dtype=torch.bool)
+            bm[..., ::2] = True
+            return sa.BlockLayout.from_block_mask(bm, (16, 32), (lq, lk))
+
+    q, k, v = _inputs(2, 4, 2, 3, 100, 16, torch.float32)
+    out = sa.decode_attention(q, k, v, Pattern())
+    layout = Pattern().decode_layout(3, 100, "cpu")
+    ref = reference.decode_attention(q, k, v, layout)
+    assert_oracle("decode pattern", out, ref, reference.decode_attention(q, k, v, layout, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("kind", ["dense", "ragged", "layout bk16"])
+def test_decode_triton_fallback_matches_oracle(kind):
+    """The path CUDA tensors take without the extension, run here through the Triton interpreter."""
+    if not sa._dispatch.interpreter_on():
+        pytest.skip("needs the Triton interpreter (CPU) or a GPU")
+    B, Hq, Hkv, Lq, Lmax, D = 2, 4, 2, 4, 150, 16
+    q, k, v = _inputs(B, Hq, Hkv, Lq, Lmax, D, torch.float16)
+    lens = None if kind == "dense" else torch.tensor([150, 3], dtype=torch.int32)
+    layout = _random_layout(B, Hq, Lq, Lmax, 16, True, True, 0.5) if kind == "layout bk16" else None
+    out, lse = _decode_triton(q, k, v, lens, layout, 1 / math.sqrt(D))
+    _check(f"decode triton {kind}", q, k, v, layout, lens, out, lse)
+
+
+def test_decode_cpu_internal_matches_public():
+    """_decode_cpu with no block list and with the all-blocks list agree (the gather is exact)."""
+    B, Hq, Hkv, Lq, Lmax, D = 2, 2, 1, 2, 130, 8
+    q, k, v = _inputs(B, Hq, Hkv, Lq, Lmax, D, torch.float32)
+    lens = torch.tensor([130, 64], dtype=torch.int32)
+    o1, l1 = _decode_cpu(q, k, v, lens, None, 64, None, 0.5)
+    nk = 3
+    blocks = (torch.tensor([[3], [1]], dtype=torch.int32), torch.arange(nk, dtype=torch.int32).expand(2, 1, nk))
+    o2, l2 = _decode_cpu(q, k, v, lens, blocks, 64, None, 0.5)
+    assert torch.allclose(o1, o2, atol=1e-6) and torch.allclose(l1, l2, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad input
+def _ok(B=2, Hq=4, Hkv=2, Lq=2, Lmax=64, D=16, dtype=torch.float32):
+    return _inputs(B, Hq, Hkv, Lq, Lmax, D, dtype)
+
+
+@pytest.mark.parametrize("case, exc, words", [
+    ("int q", TypeError, ["q", "floating point"]),
+    ("float64", TypeError, ["q", "float16, bfloat16 or float32", "float64"]),
+    ("mixed dtypes", TypeError, ["k_cache", "one dtype"]),
+    ("device", ValueError, ["one device"]),
+    ("3-D q", ValueError, ["q", "4 dims"]),
+    ("Lq 17", ValueError, ["Lq", "16", "17"]),
+    ("batch", ValueError, ["batch size"]),
+    ("gqa", ValueError, ["divisible"]),
+    ("head dim", ValueError, ["head dim"]),
+    ("seqlens int64", TypeError, ["cache_seqlens", "int32", "int64"]),
+    ("seqlens list", TypeError, ["cache_seqlens", "list"]),
+    ("seqlens shape", ValueError, ["cache_seqlens", "[2]"]),
+    ("seqlens > Lmax", ValueError, ["cache_seqlens", "[0, 64]", "65"]),
+    ("seqlens < 0", ValueError, ["cache_seqlens", "-1"]),
+    ("seqlens device", ValueError, ["cache_seqlens", "device"]),
+    ("layout lengths", ValueError, ["layout_or_pattern", "(2, 64)", "(2, 128)"]),
+    ("layout full-length", ValueError, ["layout_or_pattern", "(2, 64)", "(64, 64)"]),
+    ("layout batch", ValueError, ["layout_or_pattern", "[1|2, 1|4"]),
+    ("layout mask", ValueError, ["layout_or_pattern", "element mask"]),
+    ("layout type", TypeError, ["layout_or_pattern", "str"]),
+])
+def test_decode_bad_input(case, exc, words):
+    q, k, v = _ok()
+    kw = {}
+    layout = None
+    if case == "int q":
+        q = q.to(torch.int32)
+    elif case == "float64":
+        q, k, v = q.double(), k.double(), v.double()
+    elif case == "mixed dtypes":
+        k = k.half()
+    elif case == "device":
+        k = k.to("meta")
+    elif case == "3-D q":
+        q = q[0]
+    elif case == "Lq 17":
+        q = torch.randn(2, 4, 17, 16)
+    elif case == "batch":
+        q = torch.randn(3, 4, 2, 16)
+    elif case == "gqa":
+        q = torch.randn(2, 3, 2, 16)
+    elif case == "head dim":
+        q, k, v = _ok(D=264)
+    elif case == "seqlens int64":
+        kw["cache_seqlens"] = torch.tensor([3, 4])
+    elif case == "seqlens list":
+        kw["cache_seqlens"] = [3, 4]
+    elif case == "seqlens shape":
+        kw["cache_seqlens"] = torch.tensor([3, 4, 5], dtype=torch.int32)
+    elif case == "seqlens > Lmax":
+        kw["cache_seqlens"] = torch.tensor([3, 65], dtype=torch.int32)
+    elif case == "seqlens < 0":
+        kw["cache_seqlens"] = torch.tensor([-1, 5], dtype=torch.int32)
+    elif case == "seqlens device":
+        kw["cache_seqlens"] = torch.tensor([3, 4], dtype=torch.int32, device="meta")
+    elif case == "layout lengths":
+        layout = sa.BlockLayout.from_block_mask(torch.ones(1, 1, 1, 2, dtype=torch.bool), (16, 64), (2, 128))
+    elif case == "layout full-length":
+        layout = sa.BlockLayout.from_block_mask(torch.ones(1, 1, 4, 1, dtype=torch.bool), (16, 64), (64, 64))
+    elif case == "layout batch":
+        layout = sa.BlockLayout.from_block_mask(torch.ones(3, 1, 1, 1, dtype=torch.bool), (16, 64), (2, 64))
+    elif case == "layout mask":
+        layout = sa.BlockLayout.from_block_mask(torch.ones(1, 1, 1, 1, dtype=torch.bool), (16, 64), (2, 64),
+                                                mask=torch.rand(1, 1, 2, 64) < 0.5)
+    elif case == "layout type":
+        layout = "causal"
+    with pytest.raises(exc) as info:
+        sa.decode_attention(q, k, v, layout, **kw)
+    msg = str(info.value)
+    for w in words:
+        assert w in msg, f"{case}: {w!r} not in {msg!r}"
