@@ -5,9 +5,9 @@ Static patterns have ``layout(Lq, Lk, device)`` and ``decode_layout(Lq, Lk, devi
 positions, tiles, bits). Content-based patterns have ``layout_for(q, k)``, built on the device.
 """
 from ._base import MAX_TILE, MIN_TILE
-from .block_sparse import BlockSparse
+from .block_sparse import BlockSparse, FlexPattern, MaskModPattern
 from .per_head import PerHead
 from .power_attention import PowerAttention
 from .sliding_window import SlidingWindow
 
-__all__ = ["BlockSparse", "PerHead", "PowerAttention", "SlidingWindow", "MIN_TILE", "MAX_TILE"]
+__all__ = ["BlockSparse", "FlexPattern", "MaskModPattern", "PerHead", "PowerAttention", "SlidingWindow", "MIN_TILE", "MAX_TILE"]

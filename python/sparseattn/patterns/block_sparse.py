@@ -65,6 +65,9 @@ class BlockSparse(_Pattern):
     ``nQ = ceil(Lk / block_size)`` and ``Lq <= Lk`` (row r at position ``Lk - Lq + r``: prefill with a
     cached prefix, decode), else query rows (``nQ = ceil(Lq / block_size)``, e.g. cross-attention).
 
+    :meth:`from_mask_mod` and :meth:`from_flex` return patterns built for one ``(Lq, Lk)``
+    (:class:`MaskModPattern`, :class:`FlexPattern`), usable wherever a BlockSparse is.
+
     Example::
 
         >>> import torch, sparseattn as sa
@@ -78,107 +81,37 @@ class BlockSparse(_Pattern):
         check_block_mask(block_mask)
         self.block_size = _check_block("block_size", block_size)
         self.block_mask = block_mask
-        self._mode = "blocks"
 
     def __repr__(self):
-        if self._mode == "blocks":
-            return f"BlockSparse(block_mask={tuple(self.block_mask.shape)}, block_size={self.block_size})"
-        return f"BlockSparse.{self._mode}(seq_lens={self._lens}, shape={self._bh})"
+        return f"BlockSparse(block_mask={tuple(self.block_mask.shape)}, block_size={self.block_size})"
 
-    # -- constructors ---------------------------------------------------------------------------
-    @classmethod
-    def from_mask_mod(cls, mask_mod: Callable, B: Optional[int], H: Optional[int], Lq: int, Lk: int,
-                      block_size: int = 64, device=None) -> "BlockSparse":
+    @staticmethod
+    def from_mask_mod(mask_mod: Callable, B: Optional[int], H: Optional[int], Lq: int, Lk: int,
+                      block_size: int = 64, device=None) -> "MaskModPattern":
         """Exact block-sparse pattern of ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (FlexAttention's
-        signature; True = attend) for ``B x H`` and lengths ``(Lq, Lk)``; ``B``/``H`` None = 1 (broadcast).
-
-        The mask_mod is called with broadcasting index tensors (``b [B,1,1,1]``, ``h [1,H,1,1]``,
-        ``q_idx [1,1,R,1]``, ``kv_idx [1,1,1,Lk]``), a chunk of query blocks at a time (memory
-        bounded, never ``Lq x Lk`` at once), and must return a bool tensor broadcastable to
-        ``[B, H, R, Lk]``. ``q_idx`` is the query row, as in FlexAttention. Tiles where it is all
-        True run as full tiles, all-False tiles are skipped, mixed tiles carry a bitmask.
+        signature; True = attend): see :class:`MaskModPattern`.
 
         Example::
 
+            >>> import torch, sparseattn as sa
             >>> doc = torch.randint(0, 3, (512,)).sort().values          # document ids
             >>> def same_doc(b, h, q_idx, kv_idx):
             ...     return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
             >>> p = sa.BlockSparse.from_mask_mod(same_doc, None, None, 512, 512)
         """
-        if not callable(mask_mod):
-            raise TypeError(f"mask_mod: expected a callable (b, h, q_idx, kv_idx) -> bool tensor, got "
-                            f"{type(mask_mod).__name__}")
-        B = 1 if B is None else _check_int("B", B, 1)
-        H = 1 if H is None else _check_int("H", H, 1)
-        Lq, Lk = _check_lens(Lq, Lk)
-        self = cls.__new__(cls)
-        self.block_size = _check_block("block_size", block_size)
-        self._mode, self._mask_mod, self._lens, self._BH = "from_mask_mod", mask_mod, (Lq, Lk), (B, H)
-        self._device = _device(device)
-        t = _tile_of(self.block_size)
-        tiles, self._bh = _tiles_from_mask_mod(mask_mod, B, H, 0, Lq, Lk, t, t, self._device)
-        self._cache = {(t, t, 0, Lq): tiles}
-        return self
+        return MaskModPattern(mask_mod, B, H, Lq, Lk, block_size, device)
 
-    @classmethod
-    def from_flex(cls, flex_block_mask) -> "BlockSparse":
-        """The pattern of a ``torch.nn.attention.flex_attention.BlockMask``: its partial blocks
-        (``kv_num_blocks``/``kv_indices``, where its ``mask_mod`` applies, evaluated here into
-        bitmasks), its full blocks (``full_kv_*``) and its ``BLOCK_SIZE``; gives the outputs
-        ``flex_attention`` gives with it. Usable for exactly its ``seq_lengths``."""
-        for attr in ("kv_num_blocks", "kv_indices", "BLOCK_SIZE", "mask_mod", "seq_lengths"):
-            if not hasattr(flex_block_mask, attr):
-                raise TypeError("flex_block_mask: expected a torch.nn.attention.flex_attention.BlockMask, got "
-                                f"{type(flex_block_mask).__name__} (no {attr})")
-        bsq, bsk = (int(x) for x in flex_block_mask.BLOCK_SIZE)
-        _check_block("flex_block_mask.BLOCK_SIZE[0]", bsq)
-        _check_block("flex_block_mask.BLOCK_SIZE[1]", bsk)
-        Lq, Lk = (int(x) for x in flex_block_mask.seq_lengths)
-        kvn, kvi = flex_block_mask.kv_num_blocks, flex_block_mask.kv_indices
-        if kvn.dim() != 3 or kvi.dim() != 4 or kvn.shape[-1] < math.ceil(Lq / bsq):
-            raise ValueError(f"flex_block_mask: expected kv_num_blocks [B, H, >= {math.ceil(Lq / bsq)}] for "
-                             f"seq_lengths {(Lq, Lk)}, got {tuple(kvn.shape)}")
-        self = cls.__new__(cls)
-        self.block_size = bsq
-        self._mode, self._lens, self._flex = "from_flex", (Lq, Lk), flex_block_mask
-        self._bh = (kvn.shape[0], kvn.shape[1])
-        self._fbs = (bsq, bsk)
-        nq, nk = math.ceil(Lq / bsq), math.ceil(Lk / bsk)
-        dev = kvn.device
-        # status of each flex block: 0 not listed, 1 partial (mask_mod), 2 full
-        status = torch.zeros(*self._bh, nq, nk + 1, dtype=torch.int8, device=dev)
-        lists = [(kvn, kvi, 1)]
-        if getattr(flex_block_mask, "full_kv_num_blocks", None) is not None:
-            lists.append((flex_block_mask.full_kv_num_blocks, flex_block_mask.full_kv_indices, 2))
-        for num, idx, val in lists:
-            num, idx = num[..., :nq], idx[..., :nq, :]
-            used = torch.arange(idx.shape[-1], device=dev) < num[..., None].long()
-            if bool((used & ((idx < 0) | (idx >= nk))).any()):
-                raise ValueError(f"flex_block_mask: expected key block indices in [0, {nk}) for seq_lengths "
-                                 f"{(Lq, Lk)} and BLOCK_SIZE {(bsq, bsk)}")
-            status.scatter_(-1, torch.where(used, idx.long(), nk), torch.full_like(idx, val, dtype=torch.int8))
-        self._status = status[..., :nk]
-        self._cache = {}
-        return self
+    @staticmethod
+    def from_flex(flex_block_mask) -> "FlexPattern":
+        """The pattern of a ``torch.nn.attention.flex_attention.BlockMask``: see :class:`FlexPattern`."""
+        return FlexPattern(flex_block_mask)
 
-    # -- shared ---------------------------------------------------------------------------------
     def _tile(self):
-        if self._mode == "from_flex":
-            return _tile_of(self._fbs[0]), _tile_of(self._fbs[1])
         t = _tile_of(self.block_size)
         return t, t
 
     def _shape(self, Lq, Lk):
-        if self._mode == "blocks":
-            return tuple(self.block_mask.shape[:2])
-        return self._bh
-
-    def _check_fixed(self, Lq, Lk, decode):
-        lq0, lk0 = self._lens
-        if Lk != lk0 or (Lq != lq0 and not (decode and Lq <= lq0)):
-            what = "the key length" if decode else "(Lq, Lk)"
-            raise ValueError(f"{self._mode}: this pattern was built for seq_lens (Lq, Lk) = {self._lens}, "
-                             f"got {what} {(Lq, Lk)}")
+        return tuple(self.block_mask.shape[:2])
 
     def _query_axis(self, Lq, Lk):
         """Offset of query row 0 in the block mask's query axis (see the class docstring)."""
@@ -195,91 +128,183 @@ class BlockSparse(_Pattern):
                          f"{math.ceil(Lq / bs)} (rows of Lq={Lq}) for block_size={bs}, got shape "
                          f"{tuple(self.block_mask.shape)}")
 
-    def _block_lookup(self, bm):
+    def dense_mask(self, Lq: int, Lk: int) -> torch.Tensor:
+        Lq, Lk = _check_lens(Lq, Lk)
+        off = self._query_axis(Lq, Lk)
+        bs = self.block_size
+        bm = self.block_mask.cpu()
+        I = (torch.arange(Lq) + off) // bs
+        return bm[:, :, I][..., torch.arange(Lk) // bs]
+
+    def _tiles(self, Lq, Lk, device, tq, tk, decode):
+        off = self._query_axis(Lq, Lk)
+        bm = self.block_mask.to(device)
+        b, h, I, J = bm.nonzero(as_tuple=True)
         nq, nk = bm.shape[-2:]
 
-        def visible(b, h, I, J, qpos=None, kpos=None):
-            bb = b if bm.shape[0] > 1 else torch.zeros_like(b)
-            hh = h if bm.shape[1] > 1 else torch.zeros_like(h)
-            ok = (I >= 0) & (I < nq) & (J >= 0) & (J < nk)
-            return ok & bm[bb, hh, I.clamp(0, nq - 1), J.clamp(0, nk - 1)]
-        return visible
+        def visible(bb, hh, II, JJ, qpos=None, kpos=None):
+            bb = bb if bm.shape[0] > 1 else torch.zeros_like(bb)
+            hh = hh if bm.shape[1] > 1 else torch.zeros_like(hh)
+            ok = (II >= 0) & (II < nq) & (JJ >= 0) & (JJ < nk)
+            return ok & bm[bb, hh, II.clamp(0, nq - 1), JJ.clamp(0, nk - 1)]
+        bs = self.block_size
+        return _blocks_to_tiles(b, h, I, J, bs, bs, off, Lq, Lk, tq, tk, bm.shape[1], visible)
 
-    def _flex_elem(self, status):
-        bsq, bsk = self._fbs
-        nq, nk = status.shape[-2:]
-        mask_mod = self._flex.mask_mod
 
-        def fn(b, h, q, kv):
-            bb = b if status.shape[0] > 1 else torch.zeros_like(b)
-            hh = h if status.shape[1] > 1 else torch.zeros_like(h)
-            st = status[bb, hh, (q // bsq).clamp(max=nq - 1), (kv // bsk).clamp(max=nk - 1)]
-            out = st == 2
-            part = st == 1
-            if bool(part.any()):
-                m = mask_mod(bb, hh, q, kv)
-                if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
-                    raise TypeError("flex_block_mask.mask_mod: expected it to return a bool tensor, got "
-                                    f"{getattr(m, 'dtype', type(m).__name__)}")
-                out = out | (part & m)
-            return out
-        return fn
+class _FixedLengthPattern(_Pattern):
+    """A pattern built for one ``(Lq, Lk)`` (decode may take its last rows), whose tiles are
+    computed once per tile shape and kept. Subclasses set ``seq_lens``, ``shape`` (Bl, Hl),
+    ``block_sizes`` and define ``_element(b, h, q_row, kv_pos)``, ``_make_tiles(row0, Lq, Lk, tq, tk)``."""
+
+    def __init__(self, seq_lens, shape, block_sizes, device):
+        self.seq_lens, self.shape, self.block_sizes, self.device = seq_lens, shape, block_sizes, device
+        self._cache = {}
+
+    def __repr__(self):
+        return f"BlockSparse.{self._NAME}(seq_lens={self.seq_lens}, shape={self.shape})"
+
+    def _tile(self):
+        return _tile_of(self.block_sizes[0]), _tile_of(self.block_sizes[1])
+
+    def _shape(self, Lq, Lk):
+        return self.shape
+
+    def _check_fixed(self, Lq, Lk, decode):
+        lq0, lk0 = self.seq_lens
+        if Lk != lk0 or (Lq != lq0 and not (decode and Lq <= lq0)):
+            what = "the key length" if decode else "(Lq, Lk)"
+            raise ValueError(f"{self._NAME}: this pattern was built for seq_lens (Lq, Lk) = {self.seq_lens}, "
+                             f"got {what} {(Lq, Lk)}")
 
     def dense_mask(self, Lq: int, Lk: int) -> torch.Tensor:
         Lq, Lk = _check_lens(Lq, Lk)
-        if self._mode == "blocks":
-            off = self._query_axis(Lq, Lk)
-            bs = self.block_size
-            bm = self.block_mask.cpu()
-            I = (torch.arange(Lq) + off) // bs
-            return bm[:, :, I][..., torch.arange(Lk) // bs]
         self._check_fixed(Lq, Lk, False)
-        rows, cols = torch.arange(Lq), torch.arange(Lk)
-        if self._mode == "from_mask_mod":
-            B, H = self._BH
-            parts = [_eval_mask_mod(self._mask_mod, B, H, rows[s:s + 4096].to(self._device), cols.to(self._device))
-                     .expand(*self._bh, -1, Lk).cpu() for s in range(0, Lq, 4096)]
-            return torch.cat(parts, 2)
-        fn = self._flex_elem(self._status)
-        dev = self._status.device
-        b = torch.arange(self._bh[0], device=dev).view(-1, 1, 1, 1)
-        h = torch.arange(self._bh[1], device=dev).view(1, -1, 1, 1)
-        return fn(b, h, rows.to(dev).view(1, 1, -1, 1), cols.to(dev).view(1, 1, 1, -1)).expand(
-            *self._bh, Lq, Lk).cpu()
+        dev = self.device
+        b = torch.arange(self.shape[0], device=dev).view(-1, 1, 1, 1)
+        h = torch.arange(self.shape[1], device=dev).view(1, -1, 1, 1)
+        cols = torch.arange(Lk, device=dev).view(1, 1, 1, -1)
+        parts = []
+        for s in range(0, Lq, 4096):
+            rows = torch.arange(s, min(s + 4096, Lq), device=dev).view(1, 1, -1, 1)
+            parts.append(self._element(b, h, rows, cols).expand(*self.shape, rows.shape[2], Lk).cpu())
+        return torch.cat(parts, 2)
 
     def _tiles(self, Lq, Lk, device, tq, tk, decode):
-        if self._mode == "blocks":
-            off = self._query_axis(Lq, Lk)
-            bm = self.block_mask.to(device)
-            b, h, I, J = bm.nonzero(as_tuple=True)
-            bs = self.block_size
-            return _blocks_to_tiles(b, h, I, J, bs, bs, off, Lq, Lk, tq, tk, bm.shape[1], self._block_lookup(bm))
         self._check_fixed(Lq, Lk, decode)
-        row0 = self._lens[0] - Lq          # decode: the last Lq rows of the pattern
-        # mask_mods run on the device they were built for (their captured tensors live there)
+        row0 = self.seq_lens[0] - Lq          # decode: the last Lq rows of the pattern
         key = (tq, tk, row0, Lq)
         if key not in self._cache:
             if len(self._cache) > 8:
                 self._cache.clear()
-            if self._mode == "from_mask_mod":
-                B, H = self._BH
-                self._cache[key] = _tiles_from_mask_mod(self._mask_mod, B, H, row0, Lq, Lk, tq, tk, self._device,
-                                                        shape=self._bh)[0]
-            else:
-                self._cache[key] = self._flex_tiles(row0, Lq, Lk, tq, tk)
+            # evaluated on the device the pattern was built for (a mask_mod's captured tensors live there)
+            self._cache[key] = self._make_tiles(row0, Lq, Lk, tq, tk)
         return self._cache[key].to(device)
 
-    def _flex_tiles(self, row0, Lq, Lk, tq, tk):
+
+class MaskModPattern(_FixedLengthPattern):
+    """Exact block-sparse pattern of ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (FlexAttention's
+    signature; True = attend) for ``B x H`` and lengths ``(Lq, Lk)``; ``B``/``H`` None = 1 (broadcast).
+    Made by :meth:`BlockSparse.from_mask_mod`.
+
+    The mask_mod is called with broadcasting index tensors (``b [B,1,1,1]``, ``h [1,H,1,1]``,
+    ``q_idx [1,1,R,1]``, ``kv_idx [1,1,1,Lk]``), a chunk of query blocks at a time (memory
+    bounded, never ``Lq x Lk`` at once), and must return a bool tensor broadcastable to
+    ``[B, H, R, Lk]``. ``q_idx`` is the query row, as in FlexAttention. Tiles where it is all
+    True run as full tiles, all-False tiles are skipped, mixed tiles carry a bitmask.
+    """
+
+    _NAME = "from_mask_mod"
+
+    def __init__(self, mask_mod: Callable, B: Optional[int], H: Optional[int], Lq: int, Lk: int,
+                 block_size: int = 64, device=None):
+        if not callable(mask_mod):
+            raise TypeError(f"mask_mod: expected a callable (b, h, q_idx, kv_idx) -> bool tensor, got "
+                            f"{type(mask_mod).__name__}")
+        B = 1 if B is None else _check_int("B", B, 1)
+        H = 1 if H is None else _check_int("H", H, 1)
+        Lq, Lk = _check_lens(Lq, Lk)
+        self.block_size = _check_block("block_size", block_size)
+        self.mask_mod, self.batch_heads = mask_mod, (B, H)
+        device = _device(device)
+        t = _tile_of(self.block_size)
+        tiles, shape = _tiles_from_mask_mod(mask_mod, B, H, 0, Lq, Lk, t, t, device)
+        super().__init__((Lq, Lk), shape, (self.block_size, self.block_size), device)
+        self._cache[(t, t, 0, Lq)] = tiles
+
+    def _element(self, b, h, q_row, kv_pos):
+        B, H = self.batch_heads
+        return _eval_mask_mod(self.mask_mod, B, H, q_row.flatten(), kv_pos.flatten())
+
+    def _make_tiles(self, row0, Lq, Lk, tq, tk):
+        B, H = self.batch_heads
+        return _tiles_from_mask_mod(self.mask_mod, B, H, row0, Lq, Lk, tq, tk, self.device, shape=self.shape)[0]
+
+
+class FlexPattern(_FixedLengthPattern):
+    """The pattern of a ``torch.nn.attention.flex_attention.BlockMask``: its partial blocks
+    (``kv_num_blocks``/``kv_indices``, where its ``mask_mod`` applies, evaluated here into
+    bitmasks), its full blocks (``full_kv_*``) and its ``BLOCK_SIZE``; gives the outputs
+    ``flex_attention`` gives with it. Usable for exactly its ``seq_lengths``. Made by
+    :meth:`BlockSparse.from_flex`."""
+
+    _NAME = "from_flex"
+
+    def __init__(self, flex_block_mask):
+        for attr in ("kv_num_blocks", "kv_indices", "BLOCK_SIZE", "mask_mod", "seq_lengths"):
+            if not hasattr(flex_block_mask, attr):
+                raise TypeError("flex_block_mask: expected a torch.nn.attention.flex_attention.BlockMask, got "
+                                f"{type(flex_block_mask).__name__} (no {attr})")
+        bsq, bsk = (int(x) for x in flex_block_mask.BLOCK_SIZE)
+        _check_block("flex_block_mask.BLOCK_SIZE[0]", bsq)
+        _check_block("flex_block_mask.BLOCK_SIZE[1]", bsk)
+        Lq, Lk = (int(x) for x in flex_block_mask.seq_lengths)
+        kvn, kvi = flex_block_mask.kv_num_blocks, flex_block_mask.kv_indices
+        if kvn.dim() != 3 or kvi.dim() != 4 or kvn.shape[-1] < math.ceil(Lq / bsq):
+            raise ValueError(f"flex_block_mask: expected kv_num_blocks [B, H, >= {math.ceil(Lq / bsq)}] for "
+                             f"seq_lengths {(Lq, Lk)}, got {tuple(kvn.shape)}")
+        super().__init__((Lq, Lk), (kvn.shape[0], kvn.shape[1]), (bsq, bsk), kvn.device)
+        self.block_size = bsq
+        self.mask_mod = flex_block_mask.mask_mod
+        nq, nk = math.ceil(Lq / bsq), math.ceil(Lk / bsk)
+        # status of each flex block: 0 not listed, 1 partial (mask_mod), 2 full
+        status = torch.zeros(*self.shape, nq, nk + 1, dtype=torch.int8, device=self.device)
+        lists = [(kvn, kvi, 1)]
+        if getattr(flex_block_mask, "full_kv_num_blocks", None) is not None:
+            lists.append((flex_block_mask.full_kv_num_blocks, flex_block_mask.full_kv_indices, 2))
+        for num, idx, val in lists:
+            num, idx = num[..., :nq], idx[..., :nq, :]
+            used = torch.arange(idx.shape[-1], device=self.device) < num[..., None].long()
+            if bool((used & ((idx < 0) | (idx >= nk))).any()):
+                raise ValueError(f"flex_block_mask: expected key block indices in [0, {nk}) for seq_lengths "
+                                 f"{(Lq, Lk)} and BLOCK_SIZE {(bsq, bsk)}")
+            status.scatter_(-1, torch.where(used, idx.long(), nk), torch.full_like(idx, val, dtype=torch.int8))
+        self.status = status[..., :nk]
+
+    def _element(self, b, h, q, kv):
+        bsq, bsk = self.block_sizes
+        status = self.status
+        nq, nk = status.shape[-2:]
+        bb = b if status.shape[0] > 1 else torch.zeros_like(b)
+        hh = h if status.shape[1] > 1 else torch.zeros_like(h)
+        st = status[bb, hh, (q // bsq).clamp(max=nq - 1), (kv // bsk).clamp(max=nk - 1)]
+        out = st == 2
+        part = st == 1
+        if bool(part.any()):
+            m = self.mask_mod(bb, hh, q, kv)
+            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+                raise TypeError("flex_block_mask.mask_mod: expected it to return a bool tensor, got "
+                                f"{getattr(m, 'dtype', type(m).__name__)}")
+            out = out | (part & m)
+        return out
+
+    def _make_tiles(self, row0, Lq, Lk, tq, tk):
         """Listed flex blocks -> tiles; partial blocks get bits from the mask_mod. Layout row r is
         pattern row r + row0 (the offset of _blocks_to_tiles)."""
-        status = self._status
-        b, h, I, J = status.nonzero(as_tuple=True)
-        partial = status[b, h, I, J] == 1
-        fn = self._flex_elem(status)
+        b, h, I, J = self.status.nonzero(as_tuple=True)
+        partial = self.status[b, h, I, J] == 1
 
         def visible(bb, hh, II, JJ, qrow, kpos):
-            return fn(bb, hh, qrow, kpos)
-        bsq, bsk = self._fbs
-        return _blocks_to_tiles(b, h, I, J, bsq, bsk, row0, Lq, Lk, tq, tk, self._bh[1], visible, needs_bits=partial)
-
-
+            return self._element(bb, hh, qrow, kpos)
+        bsq, bsk = self.block_sizes
+        return _blocks_to_tiles(b, h, I, J, bsq, bsk, row0, Lq, Lk, tq, tk, self.shape[1], visible,
+                                needs_bits=partial)
