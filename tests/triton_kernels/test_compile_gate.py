@@ -9,6 +9,7 @@ import sys
 import pytest
 
 SHARDS = 2
+pytestmark = pytest.mark.gate
 
 
 @pytest.mark.parametrize("shard", range(SHARDS))
