@@ -180,7 +180,7 @@ class BlockLayout:
       already dense).
 
     Build one with :meth:`from_block_mask`, :meth:`from_indices` or :meth:`from_entries`; all
-    validate their input.
+    validate their input. :meth:`from_topk` builds one on the device with fixed-width lists.
     ``to_dense_mask()`` gives the element mask (for oracles and plots), ``density`` the fraction of
     attended (query, key) pairs.
 
@@ -320,6 +320,45 @@ class BlockLayout:
         return cls.from_entries(b, h, r, kv_indices[b, h, r, slot].long(), shape=tuple(kv_num_blocks.shape[:2]),
                                 block_size=(bq, bk), seq_lens=(lq, lk), causal=causal, window=window, sinks=sinks,
                                 _name="kv_indices")
+
+    @classmethod
+    def from_topk(cls, indices: torch.Tensor, block_size, seq_lens, causal: Optional[str] = None,
+                  window: Optional[int] = None, sinks: int = 0, validate: Optional[bool] = None) -> "BlockLayout":
+        """Build a layout on the device from key-block ids per query block (top-k selections, routing,
+        HiP): no host read, fixed list widths, so it runs inside ``torch.compile(fullgraph=True)``
+        and a CUDA graph capture.
+
+        Args:
+            indices: int32 or int64 ``[B|1, H|1, nQ, k]``: the key blocks query block i attends, any
+                order, duplicates allowed, -1 for an unused slot. An id outside ``[0, nK)`` is
+                dropped on the device (it never reaches a kernel); see ``validate``.
+            block_size, seq_lens, causal, window, sinks: as in :meth:`from_block_mask`;
+                ``seq_lens`` ``(Lq, Lk)`` is required and must give ``nQ`` query blocks.
+            validate: check the ids' range (ValueError naming ``indices`` with the range expected
+                and the min and max received) with one host read. None (default): check unless
+                compiling (``torch.compiler.is_compiling()``) or capturing a CUDA graph; False: never
+                read; True: always (a graph break under ``torch.compile``).
+
+        Returns:
+            BlockLayout with fixed-width lists: ``kv_indices`` and ``full_kv_indices`` are ``k`` wide
+            (1 if ``k == 0``), the transposed ``q_indices`` and ``full_q_indices`` ``nQ`` wide. Each
+            row holds its distinct ids ascending, then 0; the counts exclude -1, duplicates,
+            out-of-range ids and tiles the causal / window rule leaves empty, so no kernel runs a
+            tile for them. The partial/full split, the lists' contents and ``to_dense_mask()`` are
+            those of :meth:`from_block_mask` on the block mask of the same tiles.
+
+        Example::
+
+            >>> import torch, sparseattn as sa
+            >>> q, k = torch.randn(1, 2, 256, 64), torch.randn(1, 2, 256, 64)
+            >>> pooled = q.unflatten(2, (4, 64)).mean(3) @ k.unflatten(2, (4, 64)).mean(3).transpose(-1, -2)
+            >>> ids = pooled.topk(2, dim=-1).indices                   # [1, 2, nQ=4, 2]
+            >>> layout = sa.BlockLayout.from_topk(ids, 64, (256, 256), causal="top_left")
+            >>> layout.kv_indices.shape, layout.q_indices.shape
+            (torch.Size([1, 2, 4, 2]), torch.Size([1, 2, 4, 4]))
+        """
+        from .dynamic import from_topk
+        return from_topk(cls, indices, block_size, seq_lens, causal, window, sinks, validate)
 
     @classmethod
     def from_entries(cls, b: torch.Tensor, h: torch.Tensor, r: torch.Tensor, c: torch.Tensor, *, shape,
