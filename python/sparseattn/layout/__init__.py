@@ -6,6 +6,8 @@
 * :mod:`.builders`: tile lists from masks and entries, bit packing, the CUDA list builder;
 * :mod:`.dynamic`: layouts built on the device from computed key-block indices (no host read).
 """
-from .block_layout import BlockLayout, check_block_mask, mask_to_lists, unpack_bits
+from .block_layout import BlockLayout
+from .builders import check_block_mask, mask_to_lists
+from .predicates import unpack_bits
 
 __all__ = ["BlockLayout", "check_block_mask", "mask_to_lists", "unpack_bits"]

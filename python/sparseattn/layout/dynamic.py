@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .block_layout import _check_block_size, _check_kinds, _check_seq_lens, _classify_tiles, _is_compiling
+from .builders import _check_block_size, _check_kinds, _check_seq_lens, _classify_tiles, _is_compiling
 
 
 def _check_indices(indices, nq: int) -> None:
