@@ -390,3 +390,9 @@ def test_bad_input():
         sa.PerHead([sa.SlidingWindow(3), "x"])
     with pytest.raises(ValueError, match="one head"):
         sa.PerHead([sa.BlockSparse(torch.ones(1, 2, 1, 1, dtype=torch.bool), 64)]).layout(64, 64)
+
+
+def test_per_head_count_mismatch_names_the_pattern():
+    q = k = v = randn(1, 4, 64, 16)
+    with pytest.raises(ValueError, match="PerHead has 3 patterns .* q has 4 heads"):
+        sa.sparse_attention(q, k, v, sa.PerHead([sa.SlidingWindow(8)] * 3))

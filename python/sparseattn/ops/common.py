@@ -10,8 +10,10 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
-def check_inputs(q, k, v, *, gqa: bool, names=("q", "k", "v"), same_value_dim: bool = True):
-    """The one input check of every public attention function. Returns (B, Hq, Hkv, Lq, Lk, D)."""
+def check_inputs(q, k, v, *, gqa: bool, names=("q", "k", "v"), same_value_dim: bool = True,
+                 why_same_heads: str = "without enable_gqa=True"):
+    """The one input check of every public attention function. Returns (B, Hq, Hkv, Lq, Lk, D).
+    ``why_same_heads``: what the error says when ``gqa`` is False and the head counts differ."""
     for t, n in zip((q, k, v), names):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{n}: expected a torch.Tensor, got {type(t).__name__}")
@@ -41,7 +43,7 @@ def check_inputs(q, k, v, *, gqa: bool, names=("q", "k", "v"), same_value_dim: b
         if Hq % Hkv:
             raise ValueError(f"{qn}: expected a number of heads divisible by {kn}'s {Hkv}, got {Hq}")
     elif Hq != Hkv:
-        raise ValueError(f"{qn}, {kn}: expected the same number of heads without enable_gqa=True, got {Hq} and {Hkv}")
+        raise ValueError(f"{qn}, {kn}: expected the same number of heads {why_same_heads}, got {Hq} and {Hkv}")
     return B, Hq, Hkv, Lq, Lk, D
 
 
@@ -54,8 +56,17 @@ def check_dtype_and_dim(q: torch.Tensor, name: str = "q") -> None:
         raise ValueError(f"{name}: expected head dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
 
 
-def check_layout(layout, B, Hq, Lq, Lk, device) -> None:
-    """A layout built for these lengths, batch, heads and device."""
+def check_layout(layout, B, Hq, Lq, Lk, device, pattern=None) -> None:
+    """A layout built for these lengths, batch, heads and device (``pattern``: the object it was
+    built from, named in the error)."""
+    if pattern is not None and isinstance(layout, BlockLayout):
+        bl, hl = layout.shape
+        if hl not in (1, Hq):
+            per = (f"has {len(pattern.patterns)} patterns (one per head)" if hasattr(pattern, "patterns")
+                   else f"gives a layout for {hl} heads")
+            raise ValueError(f"layout: {type(pattern).__name__} {per}, but q has {Hq} heads")
+        if bl not in (1, B):
+            raise ValueError(f"layout: {type(pattern).__name__} gives a layout for batch {bl}, but q has batch {B}")
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"layout: expected a sparseattn.BlockLayout or a pattern with .layout(Lq, Lk, device), "
                         f"got {type(layout).__name__}")

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import sparseattn as sa
+from sparseattn import reference
 from utils import DEVICE, DTYPES, assert_oracle, randn, strided
 
 KERNEL = "triton"
@@ -155,3 +156,39 @@ def test_bf16_on_cpu_takes_torch():
         pytest.skip("CPU-only routing rule")
     q, k, v = _qkv(1, 2, 2, 50, 50, 16, torch.bfloat16)
     check_sdpa(q, k, v, is_causal=True, backend="torch")
+
+
+@pytest.mark.parametrize("lq,lk", [(64, 100), (100, 64), (70, 70)])
+@pytest.mark.parametrize("variant", ["upper_left", "lower_right"])
+def test_causal_bias_is_the_causal_rule(lq, lk, variant):
+    """torch's CausalBias tensor subclass is a causal mask with its alignment, never read as data."""
+    from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+
+    bias = (causal_upper_left if variant == "upper_left" else causal_lower_right)(lq, lk)
+    q, k, v = (randn(2, 2, L, 32) for L in (lq, lk, lk))
+    out = sa.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(0 if variant == "upper_left" else lk - lq)
+    assert_oracle(f"CausalBias {variant}", out, reference.attention(q, k, v, mask=mask),
+                  reference.attention(q, k, v, mask=mask, dtype=q.dtype))
+    with pytest.raises(ValueError, match="CausalBias for"):
+        sa.scaled_dot_product_attention(q, k, v, attn_mask=causal_upper_left(lq + 1, lk))
+
+
+def test_any_rank_and_broadcast_batch_like_torch():
+    cases = [((5, 40, 16), (5, 50, 16), (5, 50, 16), None),          # [N, L, E]
+             ((40, 16), (50, 16), (50, 16), None),                    # [L, E]
+             ((2, 3, 4, 40, 16), (2, 1, 4, 50, 16), (1, 3, 4, 50, 16), None),   # two batch dims, broadcast
+             ((3, 2, 40, 16), (1, 2, 50, 16), (1, 2, 50, 16), (40, 50))]       # K/V batch 1, a 2-D mask
+    for qs, ks, vs, ms in cases:
+        q, k, v = randn(*qs), randn(*ks), randn(*vs)
+        mask = None if ms is None else torch.rand(ms, device=q.device) < 0.7
+        out = sa.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                                             is_causal=mask is None)
+        base = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        assert out.shape == base.shape
+        assert_oracle(f"rank {qs}", out, ref, base)
+    q, k = randn(3, 2, 40, 16, requires_grad=True), randn(1, 2, 50, 16, requires_grad=True)
+    out = sa.sparse_attention(q, k, k, sa.SlidingWindow(16))     # K/V batch 1, as FlexAttention
+    out.sum().backward()
+    assert k.grad.shape == k.shape and torch.isfinite(k.grad).all()

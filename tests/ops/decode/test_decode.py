@@ -10,7 +10,7 @@ from sparseattn import reference
 from sparseattn.ops.decode.cpu import decode_attention_cpu as _decode_cpu
 from sparseattn.ops.decode.op import _decode_triton
 
-from utils import assert_oracle
+from utils import assert_oracle, randn
 
 CPU_DTYPES = [torch.float16, torch.float32]
 
@@ -212,3 +212,23 @@ def test_decode_bad_input(case, exc, words):
     msg = str(info.value)
     for w in words:
         assert w in msg, f"{case}: {w!r} not in {msg!r}"
+
+
+@pytest.mark.parametrize("name", ["window_sinks", "power"])
+def test_reference_takes_pattern_objects(name):
+    """The oracle takes what the op takes: pattern objects, with ragged lengths."""
+    B, Hq, Hkv, Lq, Lmax, D = 3, 2, 1, 2, 200, 32
+    p = {"window_sinks": sa.SlidingWindow(37, sinks=5), "power": sa.PowerAttention(64)}[name]
+    q = randn(B, Hq, Lq, D, device="cpu")
+    k, v = randn(B, Hkv, Lmax, D, device="cpu"), randn(B, Hkv, Lmax, D, device="cpu")
+    lens = torch.tensor([200, 130, 1], dtype=torch.int32)
+    out = sa.decode_attention(q, k, v, p, cache_seqlens=lens)
+    ref = reference.decode_attention(q, k, v, p, cache_seqlens=lens)
+    base = reference.decode_attention(q, k, v, p, cache_seqlens=lens, dtype=q.dtype)
+    assert_oracle(f"decode {p}", out, ref, base)
+    # a token-exact pattern moves with the length: its definition, written out for one sequence
+    n = 130
+    rows = p.dense_mask(Lq, n)[0].expand(Hq, Lq, n)
+    mask = torch.zeros(Hq, Lq, Lmax, dtype=torch.bool)
+    mask[..., :n] = rows & torch.ones(Lq, n, dtype=torch.bool).tril(n - Lq)
+    assert torch.equal(reference.decode_mask(Lq, Lmax, lens, p, B)[1].expand(Hq, Lq, Lmax), mask)

@@ -276,3 +276,9 @@ def test_bad_input():
         step(q[:, :, 0], k[:, :, 0], v[:, :, 0], state, torch.ones(1, device=DEVICE))
     with pytest.raises(ValueError, match="slopes: expected a constant"):
         la(q, k, v, torch.ones(2, device=DEVICE, requires_grad=True))
+
+
+def test_lightning_names_its_head_constraint():
+    q, k = randn(1, 4, 16, 16), randn(1, 2, 16, 16)
+    with pytest.raises(ValueError, match="lightning_attention has no GQA"):
+        sa.lightning_attention(q, k, k)

@@ -91,8 +91,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     """Block-sparse attention: each query block attends only to the key blocks ``layout`` lists.
 
     Args:
-        q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]`` with ``Hq % Hkv == 0`` (GQA/MQA, K/V are not
-            repeated); float16, bfloat16 or float32; D up to 256; any strides.
+        q: ``[B, Hq, Lq, D]``; k, v: ``[B|1, Hkv, Lk, D]`` with ``Hq % Hkv == 0`` (GQA/MQA, K/V are not
+            repeated; a K/V batch of 1 is shared by the batch, as FlexAttention allows, read with
+            stride 0); float16, bfloat16 or float32; D up to 256; any strides.
         layout: a :class:`BlockLayout` built for ``seq_lens=(Lq, Lk)``, lists of shape
             ``[B|1, Hq|1, ...]``, or a pattern: a static one (``.layout(Lq, Lk, device)``) or a
             content-based one (``.layout_for(q, k)``, built on the device from q and k).
@@ -112,10 +113,14 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
         >>> layout = sa.BlockLayout.from_block_mask(bm, block_size=64, seq_lens=(256, 256))
         >>> out = sa.sparse_attention(q, k, v, layout)
     """
+    if isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor) and q.dim() == 4 \
+            and k.dim() == 4 and v.dim() == 4 and q.shape[0] > 1 and k.shape[0] == v.shape[0] == 1:
+        k, v = k.expand(q.shape[0], *k.shape[1:]), v.expand(q.shape[0], *v.shape[1:])  # read with stride 0
     B, Hq, _, Lq, Lk, D = check_inputs(q, k, v, gqa=True)
     check_dtype_and_dim(q)
+    pattern = None if isinstance(layout, BlockLayout) else layout
     layout = resolve_layout(layout, q, k)
-    check_layout(layout, B, Hq, Lq, Lk, q.device)
+    check_layout(layout, B, Hq, Lq, Lk, q.device, pattern)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     out, lse = run(q, k, v, layout, None, scale)
     return (out, lse) if return_lse else out

@@ -47,14 +47,14 @@ def _block_any_all(mask: torch.Tensor, bq: int, bk: int, lq: int, lk: int):
     return m_any.bool(), m_all.bool()
 
 
-def _dense_layout(lq: int, lk: int, causal: bool, device) -> BlockLayout:
-    """Layout of dense (or top-left causal) attention; cached outside torch.compile."""
+def _dense_layout(lq: int, lk: int, causal: Optional[str], device) -> BlockLayout:
+    """Layout of dense (or causal: "top_left" / "bottom_right") attention; cached outside torch.compile."""
     key = (lq, lk, causal, str(device))
     if key in _dense_layouts:
         return _dense_layouts[key]
     bq, bk = SDPA_BLOCK
     bm = torch.ones(1, 1, math.ceil(lq / bq), math.ceil(lk / bk), dtype=torch.bool, device=device)
-    layout = BlockLayout.from_block_mask(bm, SDPA_BLOCK, (lq, lk), causal="top_left" if causal else None)
+    layout = BlockLayout.from_block_mask(bm, SDPA_BLOCK, (lq, lk), causal=causal)
     if not torch.compiler.is_compiling():
         if len(_dense_layouts) > 64:
             _dense_layouts.clear()
@@ -73,6 +73,45 @@ def mask_layout(mask: torch.Tensor, B, Hq, lq, lk) -> BlockLayout:
     return BlockLayout.from_block_mask(m_any.expand(shape), SDPA_BLOCK, (lq, lk),
                                        mask=mask.expand(mask.shape[0], mask.shape[1], lq, lk),
                                        partial_blocks=~m_all.expand(shape), sync_free=True)
+
+
+def _causal_bias(attn_mask, Lq: int, Lk: int) -> Optional[str]:
+    """The causal alignment of a ``torch.nn.attention.bias.CausalBias`` ("top_left" for
+    ``causal_upper_left``, "bottom_right" for ``causal_lower_right``); None for a plain tensor.
+    Other tensor subclasses of ``torch.nn.attention`` are refused (their storage is not a mask)."""
+    cls = type(attn_mask)
+    if not cls.__module__.startswith("torch.nn.attention"):
+        return None
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+
+    if not isinstance(attn_mask, CausalBias):
+        raise TypeError(f"attn_mask: expected a bool or float tensor or a CausalBias, got {cls.__name__}")
+    if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (Lq, Lk):
+        raise ValueError(f"attn_mask: expected a CausalBias for (Lq, Lk) = {(Lq, Lk)}, got "
+                         f"{(attn_mask.seq_len_q, attn_mask.seq_len_kv)}")
+    return "top_left" if attn_mask.variant == CausalVariant.UPPER_LEFT else "bottom_right"
+
+
+def _to_4d(query, key, value):
+    """Views ``[B, H, L, D]`` of inputs of any rank torch takes (``[..., H, L, D]``, ``[L, D]``), batch
+    dims broadcast between query and key/value (stride 0, no copy for 4-D inputs); and the shape
+    of the output's leading dims."""
+    for t, n in zip((query, key, value), ("query", "key", "value")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{n}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 2:
+            raise ValueError(f"{n}: expected at least 2 dims [..., L, D], got shape {tuple(t.shape)}")
+    if query.dim() == key.dim() == value.dim() == 4 and query.shape[0] == key.shape[0] == value.shape[0]:
+        return query, key, value, None
+    heads = [t.shape[-3] if t.dim() >= 3 else 1 for t in (query, key, value)]
+    try:
+        lead = torch.broadcast_shapes(*(tuple(t.shape[:-3]) for t in (query, key, value)))
+    except RuntimeError:
+        raise ValueError(f"query, key, value: expected batch dims that broadcast, got shapes {tuple(query.shape)}, "
+                         f"{tuple(key.shape)}, {tuple(value.shape)}") from None
+    out = [t.reshape((1,) * (max(0, 3 - t.dim())) + tuple(t.shape)).expand(*lead, h, *t.shape[-2:])
+           .reshape(-1, h, *t.shape[-2:]) for t, h in zip((query, key, value), heads)]
+    return (*out, tuple(lead) + ((heads[0],) if query.dim() >= 3 else ()))
 
 
 def fallback_reason(query, key, value, attn_mask, dropout_p) -> Optional[str]:
@@ -113,8 +152,13 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
 
     Args:
         query: ``[B, Hq, Lq, D]``; key: ``[B, Hkv, Lk, D]``; value: ``[B, Hkv, Lk, Dv]``; any strides.
+            As torch, any rank >= 2 (``[..., H, L, D]``, ``[L, D]``), and batch dims that broadcast
+            between query and key/value (a K/V batch of 1 for a query batch of 3 is read with
+            stride 0, not copied).
         attn_mask: bool (True = attend) or float (added to the scores), broadcastable to
             ``[B, Hq, Lq, Lk]``. Bool masks become a layout: tiles with no True are skipped.
+            A ``torch.nn.attention.bias.CausalBias`` (``causal_upper_left`` /
+            ``causal_lower_right``) becomes the in-kernel causal rule with that alignment.
         dropout_p: dropout probability (> 0 falls back to torch).
         is_causal: top-left causal mask (``ones(Lq, Lk).tril()``, as torch); not with attn_mask.
         scale: score scale, default ``1 / sqrt(D)``.
@@ -135,8 +179,28 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         >>> q = k = v = torch.randn(2, 8, 128, 64)
         >>> out = sa.scaled_dot_product_attention(q, k, v, is_causal=True)
     """
+    query4, key, value, lead = _to_4d(query, key, value)
+    if lead is not None:
+        if isinstance(attn_mask, torch.Tensor) and _causal_bias(attn_mask, query4.shape[2], key.shape[2]) is None:
+            target = (*lead, query4.shape[2], key.shape[2])
+            if attn_mask.dim() > len(target) or any(m not in (1, t) for m, t in zip(attn_mask.shape[::-1],
+                                                                                     target[::-1])):
+                raise ValueError(f"attn_mask: expected a shape broadcastable to {list(target)}, got "
+                                 f"{list(attn_mask.shape)}")
+            attn_mask = attn_mask.expand(target).reshape(-1, *query4.shape[1:3], key.shape[2])
+        out = scaled_dot_product_attention(query4, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        return out.reshape(*lead, *out.shape[2:])
     B, Hq, _, Lq, Lk, D = check_inputs(query, key, value, gqa=enable_gqa, names=("query", "key", "value"),
                                         same_value_dim=False)
+    causal = "top_left" if is_causal else None
+    if attn_mask is not None and _causal_bias(attn_mask, Lq, Lk) is not None:
+        if is_causal:
+            raise ValueError("attn_mask: expected None when is_causal=True (as torch), got a CausalBias")
+        causal = _causal_bias(attn_mask, Lq, Lk)
+        # the fallbacks get torch's own semantics as a bool mask (rows that see nothing give 0)
+        attn_mask = torch.ones(Lq, Lk, dtype=torch.bool, device=query.device).tril(0 if causal == "top_left"
+                                                                                    else Lk - Lq)
+        is_causal = False
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask: expected a torch.Tensor or None, got {type(attn_mask).__name__}")
@@ -155,12 +219,14 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                            is_causal, scale, enable_gqa, reason)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     bias = None
-    if attn_mask is None:
-        layout = _dense_layout(Lq, Lk, is_causal, query.device)
+    if causal is not None:
+        layout = _dense_layout(Lq, Lk, causal, query.device)
+    elif attn_mask is None:
+        layout = _dense_layout(Lq, Lk, None, query.device)
     elif attn_mask.dtype == torch.bool:
         layout = mask_layout(mask4, B, Hq, Lq, Lk)
     else:
-        layout = _dense_layout(Lq, Lk, False, query.device)
+        layout = _dense_layout(Lq, Lk, None, query.device)
         bias = mask4.expand(mask4.shape[0], mask4.shape[1], Lq, Lk)
     out, _ = run(query, key, value, layout, bias, scale)
     return out

@@ -96,6 +96,9 @@ def _(q, k, v, state, slopes, scale):
 
 
 # ----------------------------------------------------------------------------- public API
+# Lightning has no GQA: its state is per head, [B, H, Dk, Dv], and q, k, v share H.
+_NO_GQA = "(lightning_attention has no GQA: repeat K/V heads with k.repeat_interleave(Hq // Hkv, 1) first)"
+
 def _set_backend(q: Tensor) -> None:
     backend = backend_for(q)
     _dispatch.set_backend(backend, _dispatch.cpu_reason(q) if backend == "cpu" else None)
@@ -217,7 +220,7 @@ def lightning_attention(q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor
         >>> o.shape, state.shape
         (torch.Size([1, 4, 300, 64]), torch.Size([1, 4, 64, 64]))
     """
-    B, H, _, L, _, Dk = check_inputs(q, k, v, gqa=False, same_value_dim=False)
+    B, H, _, L, _, Dk = check_inputs(q, k, v, gqa=False, same_value_dim=False, why_same_heads=_NO_GQA)
     Dv = v.shape[-1]
     check_dims(q, Dk, Dv)
     if L < 1:
@@ -259,7 +262,8 @@ def lightning_attention_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, slo
             raise TypeError(f"{n}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 3:
             raise ValueError(f"{n}: expected 3 dims [B, H, D] (one token), got shape {tuple(t.shape)}")
-    check_inputs(q[:, :, None], k[:, :, None], v[:, :, None], gqa=False, same_value_dim=False)
+    check_inputs(q[:, :, None], k[:, :, None], v[:, :, None], gqa=False, same_value_dim=False,
+                 why_same_heads=_NO_GQA)
     B, H, Dk = q.shape
     Dv = v.shape[-1]
     check_dims(q, Dk, Dv)
