@@ -396,3 +396,19 @@ def test_per_head_count_mismatch_names_the_pattern():
     q = k = v = randn(1, 4, 64, 16)
     with pytest.raises(ValueError, match="PerHead has 3 patterns .* q has 4 heads"):
         sa.sparse_attention(q, k, v, sa.PerHead([sa.SlidingWindow(8)] * 3))
+
+
+def test_layout_built_once_per_lengths(monkeypatch):
+    """A pattern passed every step builds its layout once per (Lq, Lk, device), bounded."""
+    p = sa.SlidingWindow(32, sinks=2)
+    calls = []
+    build = type(p)._new_layout
+    monkeypatch.setattr(type(p), "_new_layout", lambda self, *a: calls.append(a) or build(self, *a))
+    q = k = v = randn(1, 2, 96, 16)
+    first = sa.sparse_attention(q, k, v, p)
+    assert torch.equal(sa.sparse_attention(q, k, v, p), first)
+    assert p.layout(96, 96, q.device) is p.layout(96, 96, q.device)
+    assert len(calls) == 1
+    for L in range(1, 2 * p.LAYOUT_CACHE):
+        p.layout(L, L)
+    assert len(p._layouts) == p.LAYOUT_CACHE

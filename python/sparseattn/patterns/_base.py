@@ -190,9 +190,15 @@ def _grid(Lq, Lk, off, device):
 # ----------------------------------------------------------------------------- base
 class _Pattern:
     """Shared machinery. Subclasses define ``_kinds``, ``_tile``, ``_shape(Lq, Lk)``,
-    ``_tiles(Lq, Lk, device, tq, tk, decode)`` and ``dense_mask``."""
+    ``_tiles(Lq, Lk, device, tq, tk, decode)`` and ``dense_mask``.
+
+    Patterns are immutable: the layout of each (Lq, Lk, device, decode) is built once and kept
+    (the last :data:`LAYOUT_CACHE` of them per pattern), so a training loop that passes the same
+    pattern object every step pays the build once. A tensor given to a pattern (a block mask) must
+    not be changed in place afterwards; build a new pattern instead."""
 
     _kinds: Tuple = _NO_KINDS
+    LAYOUT_CACHE = 8
 
     def _tile(self) -> Tuple[int, int]:
         return MAX_TILE, MAX_TILE
@@ -204,6 +210,15 @@ class _Pattern:
     def _build(self, Lq, Lk, device, decode):
         Lq, Lk = _check_lens(Lq, Lk)
         device = _device(device)
+        cache = self.__dict__.setdefault("_layouts", {})
+        key = (Lq, Lk, str(device), decode)
+        if key not in cache:
+            if len(cache) >= self.LAYOUT_CACHE:
+                cache.pop(next(iter(cache)))
+            cache[key] = self._new_layout(Lq, Lk, device, decode)
+        return cache[key]
+
+    def _new_layout(self, Lq, Lk, device, decode):
         tq, tk = self._tile()
         t = self._tiles(Lq, Lk, device, tq, tk, decode)
         causal, window, sinks = self._kinds_for(Lq, Lk)
