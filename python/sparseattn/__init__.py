@@ -3,7 +3,7 @@
 Example::
 
     >>> import torch, sparseattn as sa
-    >>> q = k = v = torch.randn(1, 4, 256, 64)
+    >>> q = k = v = torch.randn(1, 2, 256, 64)
     >>> out = sa.scaled_dot_product_attention(q, k, v, is_causal=True)      # drop-in for torch's
     >>> out = sa.sparse_attention(q, k, v, sa.SlidingWindow(128, sinks=4))  # a pattern or a BlockLayout
 """

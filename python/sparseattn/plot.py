@@ -1,9 +1,11 @@
-"""``python -m sparseattn.plot``: a PNG per pattern of its block mask at L = 4K, and a table of
-density against L (printed as Markdown and written beside the pictures).
+"""``python -m sparseattn.plot``: a PNG per pattern of docs/patterns.md showing its layout at
+L = 4K, and a table of density against L (printed as Markdown and written beside the pictures,
+``docs/img/pattern_density.md``).
 
-Each picture shows the layout the kernels run (one pixel per layout tile): full tiles dark,
-partial tiles (masked inside by the causal/window/sink bounds or a bitmask) light, skipped tiles
-white. Needs matplotlib (``pip install matplotlib``).
+Each picture shows the layout the kernels run (one pixel per layout tile, one panel per head):
+full tiles dark, partial tiles (masked inside by the causal, window, sink or sequence bounds, or a
+bitmask) light, skipped tiles white. docs/patterns.md explains the patterns, the pictures and the
+table. Needs matplotlib (``pip install matplotlib``).
 """
 from __future__ import annotations
 
@@ -42,20 +44,40 @@ def _document_mask_mod(L: int, n_docs: int = 5, seed: int = 0):
     return mask_mod
 
 
-def example_patterns(L: int = L_PICTURE) -> Dict[str, object]:
-    """The patterns shown in docs/patterns.md (name -> pattern)."""
+def structured_patterns() -> Dict[str, object]:
+    """The length-independent patterns of docs/patterns.md (name -> pattern): pictured, and in the
+    density table."""
     return {
         "sliding_window": SlidingWindow(512, sinks=64),
         "power_attention": PowerAttention(block_size=64, window_blocks=1, sink_blocks=1),
         "power_attention_paper": PowerAttention(block_size=256, window_blocks=4, sink_blocks=1),
-        "block_sparse_documents": BlockSparse.from_mask_mod(_document_mask_mod(L), None, None, L, L),
         "per_head": PerHead([SlidingWindow(10 ** 9), SlidingWindow(256, sinks=64),
                              PowerAttention(128), SlidingWindow(1024, sinks=4)]),
     }
 
 
+def example_patterns(L: int = L_PICTURE) -> Dict[str, object]:
+    """The patterns pictured in docs/patterns.md (name -> pattern): the structured ones and a
+    document mask through ``BlockSparse.from_mask_mod`` (built for ``L x L`` only, so it has a
+    picture but no row in the density table: its density is the mask's own)."""
+    pats = structured_patterns()
+    pats["block_sparse_documents"] = BlockSparse.from_mask_mod(_document_mask_mod(L), None, None, L, L)
+    return pats
+
+
 def tile_image(layout) -> torch.Tensor:
-    """uint8 [Hl, nQ, nK] of batch 0: 2 full tile, 1 partial tile, 0 skipped."""
+    """uint8 [Hl, nQ, nK] of batch 0: 2 full tile, 1 partial tile, 0 skipped.
+
+    Example (128-tiles; the sinks' tile, the window's far edge and the diagonal are partial)::
+
+        >>> import sparseattn as sa
+        >>> tile_image(sa.SlidingWindow(256, sinks=4).layout(640, 640))
+        tensor([[[1, 0, 0, 0, 0],
+                 [2, 1, 0, 0, 0],
+                 [1, 2, 1, 0, 0],
+                 [1, 1, 2, 1, 0],
+                 [1, 0, 1, 2, 1]]], dtype=torch.uint8)
+    """
     partial, full = layout.tile_masks()
     return (full[0].to(torch.uint8) * 2 + partial[0].to(torch.uint8))
 
@@ -91,8 +113,22 @@ def _density(p, L: int) -> float:
 
 
 def density_table(lengths: List[int] = DENSITY_LENGTHS) -> str:
-    """Markdown: density (fraction of causal-square pairs attended) of the structured patterns."""
-    pats = {k: v for k, v in example_patterns().items() if not isinstance(v, BlockSparse)}
+    """Markdown: density (fraction of the ``L x L`` score square attended; dense causal is about
+    0.5) of the structured patterns against L. A PerHead row is the mean over its heads.
+
+    Example (the first columns of docs/patterns.md's table)::
+
+        >>> print(density_table([1024, 4096]))
+        | pattern | L=1K | L=4K |
+        |---|---|---|
+        | sliding_window `SlidingWindow(window=512, sinks=64)` | 0.4046 | 0.1308 |
+        | power_attention `PowerAttention(block_size=64, window_blocks=1, sink_blocks=1)` | 0.2661 | 0.1002 |
+        | power_attention_paper `PowerAttention(block_size=256, window_blocks=4, sink_blocks=1)` | 0.5005 | 0.3126 |
+        | per_head `PerHead([...])` | 0.4140 | 0.2405 |
+        | dense causal (for scale) | 0.5005 | 0.5001 |
+        <BLANKLINE>
+    """
+    pats = structured_patterns()
     lines = ["| pattern | " + " | ".join(f"L={L // 1024}K" for L in lengths) + " |",
              "|---|" + "---|" * len(lengths)]
     for name, p in pats.items():

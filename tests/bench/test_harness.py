@@ -1,6 +1,12 @@
-"""The main job's harness: a quick CPU run writes its tables; a failing check refuses a case."""
+"""The main job's harness: a quick CPU run writes its tables; a failing check refuses a case; the
+suites share one input cache; a suite that fails to import is an error naming it."""
+import argparse
 import json
 import os
+import sys
+
+import pytest
+import torch
 
 from sparseattn import bench
 
@@ -77,3 +83,66 @@ def test_flex_settings_raise_recompile_limit_and_fail_instead_of_eager():
         for name, value in saved.items():
             setattr(dc, name, value)
     assert dc.recompile_limit == saved["recompile_limit"]
+
+
+def test_input_cache_same_key_same_tensors_new_key_new_tensors(monkeypatch):
+    """One cache for every suite: the same (size, name) gives the same tensors (rotated copies: one
+    on a CPU); another size gives new ones, after the old ones were dropped and memory freed."""
+    freed = []
+    monkeypatch.setattr(bench.harness, "free_device_memory", lambda: freed.append(1))
+    made = []
+
+    def make(n):
+        def f():
+            made.append(n)
+            return (torch.randn(n), torch.randn(n))
+        return f
+
+    cache = bench.InputCache()
+    a = cache.get(("toy", 4, torch.float32, "cpu"), "qkv", make(4), "cpu", rotate=True)
+    b = cache.get(("toy", 4, torch.float32, "cpu"), "qkv", make(4), "cpu", rotate=True)
+    assert all(x is y for x, y in zip(a, b)) and made == [4]
+    mask = cache.get(("toy", 4, torch.float32, "cpu"), "mask", lambda: torch.ones(4, dtype=torch.bool), "cpu")
+    assert cache.get(("toy", 4, torch.float32, "cpu"), "mask", lambda: None, "cpu") is mask
+    assert freed == []
+    c = cache.get(("toy", 8, torch.float32, "cpu"), "qkv", make(8), "cpu", rotate=True)
+    assert made == [4, 8] and c[0].shape == (8,) and not any(x is y for x, y in zip(a, c))
+    assert freed == [1] and set(cache.values) == {"qkv"}        # the old size's values are gone
+    cache.clear()
+    assert cache.values == {} and freed == [1, 1]
+
+
+def test_rotating_cycles_copies_on_cuda_only():
+    made = []
+
+    def make():
+        made.append(1)
+        return (torch.zeros(4),)
+    rot = bench.Rotating(make, "cuda", min_bytes=40, max_copies=3)   # 16 bytes a set: 3 copies
+    sets = [rot() for _ in range(4)]
+    assert len(made) == 3 and sets[0] is not sets[1] and sets[0] is sets[3]
+    cpu = bench.Rotating(make, "cpu")
+    assert cpu() is cpu()
+
+
+def test_every_suite_uses_the_shared_input_cache(monkeypatch):
+    """Each suite's first timed case takes its inputs from bench.INPUTS (no per-suite copy)."""
+    monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")
+    args = argparse.Namespace(lengths=[128], head_dims=None)
+    try:
+        for name in bench.SUITE_LIST:
+            cases = bench.SUITES[name]("cpu", True, args)
+            case = next(c for c in cases if not c.op.startswith("layout build"))
+            bench.INPUTS.clear()
+            case.run()
+            assert bench.INPUTS.size is not None and bench.INPUTS.size[0] == name, (name, bench.INPUTS.size)
+    finally:
+        bench.INPUTS.clear()
+
+
+def test_suite_failing_to_import_is_an_error_naming_it(monkeypatch):
+    monkeypatch.setattr(bench, "SUITE_LIST", {"broken": ("broken_suite", "broken_suite")})
+    monkeypatch.setitem(sys.modules, "sparseattn.bench.broken_suite", None)   # its import fails
+    with pytest.raises(ImportError, match=r"benchmark suite 'broken' \(sparseattn\.bench\.broken_suite\)"):
+        bench._register()
+    assert "broken" not in bench.SUITES

@@ -2,14 +2,15 @@
 
 Suites are registered from the explicit list below, not discovered: a suite module that fails to
 import is an error naming it (``ImportError: benchmark suite 'decode' ...``), never a suite that
-silently disappears. A suite is ``fn(device, quick, args) -> iterable of Case``.
+silently disappears. A suite is ``fn(device, quick, args) -> iterable of Case``; its cases build
+their inputs through the one shared cache :data:`INPUTS` (:class:`.harness.InputCache`).
 """
 from __future__ import annotations
 
 import importlib
 
 from . import harness
-from .harness import SUITES, Case, Rotating, lazy, main, run_cases, time_ms, to_markdown
+from .harness import INPUTS, SUITES, Case, InputCache, Rotating, lazy, main, run_cases, time_ms, to_markdown
 
 # name -> (module of this package, function)
 SUITE_LIST = {
@@ -31,5 +32,5 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["SUITES", "SUITE_LIST", "Case", "Rotating", "harness", "lazy", "main", "run_cases", "time_ms",
-           "to_markdown"]
+__all__ = ["INPUTS", "SUITES", "SUITE_LIST", "Case", "InputCache", "Rotating", "harness", "lazy", "main",
+           "run_cases", "time_ms", "to_markdown"]

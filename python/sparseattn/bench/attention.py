@@ -1,5 +1,7 @@
 """The attention suite: dense, causal and block-sparse prefill, forward and forward+backward,
-against torch SDPA (each backend) and FlexAttention with the same block mask."""
+against torch SDPA (each backend) and FlexAttention with the same block mask. Inputs, dense masks
+and FlexAttention block masks live in the shared input cache (:data:`.harness.INPUTS`), one size
+at a time."""
 from __future__ import annotations
 
 import math
@@ -8,7 +10,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, Rotating, flex_attention_fn, lazy, sdpa_backends
+from .harness import INPUTS, Case, flex_attention_fn, sdpa_backends
 
 
 def attention_suite(device: str, quick: bool, args) -> Iterable[Case]:
@@ -52,14 +54,18 @@ def _attention_case(sa, device, dtype, B, H, L, D, pattern, direction, layout, t
     bwd = direction == "fwd+bwd"
     causal = pattern == "causal"
 
+    size = ("attention", B, H, L, D, dtype, device)
+
     def make():
         return tuple(torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=bwd) for _ in range(3))
 
-    inputs = Rotating(make, device)
-    dense_mask = lazy(lambda: layout.to_dense_mask() if layout is not None else None)
+    def dense_mask():
+        if layout is None:
+            return None
+        return INPUTS.get(size, f"dense mask {pattern}", layout.to_dense_mask, device)
 
     def step(attn):
-        q, k, v = inputs()
+        q, k, v = INPUTS.get(size, f"qkv {direction}", make, device, rotate=True)
         out = attn(q, k, v)
         if bwd:
             out.backward(out)  # any gradient of the right shape
@@ -93,7 +99,9 @@ def _attention_case(sa, device, dtype, B, H, L, D, pattern, direction, layout, t
         else:
             def mask_mod(b, h, q, kv):
                 return table[q // bs, kv // bs]
-        block_mask = lazy(lambda: create_block_mask(mask_mod, None, None, L, L, device=device, BLOCK_SIZE=bs))
+        def block_mask():
+            return INPUTS.get(size, f"flex block mask {pattern}", lambda: create_block_mask(
+                mask_mod, None, None, L, L, device=device, BLOCK_SIZE=bs), device)
         anchors["flex attention"] = lambda: step(lambda q, k, v: flex_fn(q, k, v, block_mask=block_mask()))
     else:
         anchors["flex attention"] = None

@@ -4,8 +4,9 @@ GPU: B in {1, 4, 16}, Hq=32, Hkv=8, D=128, bf16, one new token against caches of
 (1M for B=1 where memory allows); dense decode and a 10%-of-blocks layout. ``bytes`` counts the
 K/V bytes actually read, so the table's GB/s sits next to the "copy bandwidth" rows (a torch copy
 moving the same bytes, measured in the same run). Anchors: torch SDPA (each backend) and
-FlexAttention decode with the same block mask. Inputs are allocated when a case first runs and
-freed when the next case starts (a 256K x 16 cache is 16 GB).
+FlexAttention decode with the same block mask. Inputs are allocated when a case first runs, in
+the shared input cache (:data:`.harness.INPUTS`): the dense and the sparse row of one size share
+the K/V cache, and it is freed when the next size starts (a 256K x 16 cache is 16 GB).
 """
 from __future__ import annotations
 
@@ -15,22 +16,10 @@ from typing import Callable, Dict, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, flex_attention_fn, sdpa_backends
+from .harness import INPUTS, Case, flex_attention_fn, sdpa_backends
 
 HQ, HKV, D = 32, 8, 128
 BLOCK_K = 64
-_slot: Dict[str, object] = {"key": None, "value": None}
-
-
-def _lazy(key, make: Callable[[], object]):
-    """The inputs of the case being timed; the previous case's are dropped first."""
-    if _slot["key"] != key:
-        _slot["key"] = _slot["value"] = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        _slot["value"] = make()
-        _slot["key"] = key
-    return _slot["value"]
 
 
 def decode_suite(device: str, quick: bool, args=None) -> Iterable[Case]:
@@ -66,8 +55,9 @@ def _copy_case(nbytes: int, device: str) -> Case:
     n = nbytes // 2
 
     def run():
-        src, dst = _lazy(("copy", nbytes), lambda: (torch.empty(n, dtype=torch.bfloat16, device=device).normal_(),
-                                                    torch.empty(n, dtype=torch.bfloat16, device=device)))
+        src, dst = INPUTS.get(("copy", nbytes, device), "src dst", lambda: (
+            torch.empty(n, dtype=torch.bfloat16, device=device).normal_(),
+            torch.empty(n, dtype=torch.bfloat16, device=device)), device)
         return dst.copy_(src)
 
     # A copy moves its bytes twice (read + write): GB/s is the device's copy bandwidth.
@@ -79,19 +69,25 @@ def _decode_case(sa, device, dtype, B, hq, hkv, L, d, pattern, flex) -> Case:
     gen = torch.Generator(device="cpu").manual_seed(L)
     table = torch.rand(nk, generator=gen) < 0.1
     table[-1] = True  # the newest block (the query's own) is always read
-    key = ("decode", B, L, pattern, str(dtype))
+    size = ("decode", B, hq, hkv, L, d, dtype, device)
 
     def make():
         q = torch.randn(B, hq, 1, d, device=device, dtype=dtype)
         k = torch.randn(B, hkv, L, d, device=device, dtype=dtype)
         v = torch.randn(B, hkv, L, d, device=device, dtype=dtype)
+        return q, k, v
+
+    def inputs():
+        """(q, k, v, layout): rotated inputs, and the layout of this pattern (None: dense)."""
+        q, k, v = INPUTS.get(size, "qkv", make, device, rotate=True)
         layout = None
         if pattern != "dense":
-            layout = sa.BlockLayout.from_block_mask(table.to(device)[None, None, None], (16, BLOCK_K), (1, L))
+            layout = INPUTS.get(size, f"layout {pattern}", lambda: sa.BlockLayout.from_block_mask(
+                table.to(device)[None, None, None], (16, BLOCK_K), (1, L)), device)
         return q, k, v, layout
 
     def ours():
-        q, k, v, layout = _lazy(key, make)
+        q, k, v, layout = inputs()
         return sa.decode_attention(q, k, v, layout)
 
     keys = L if pattern == "dense" else min(L, int(table.sum()) * BLOCK_K)
@@ -102,7 +98,7 @@ def _decode_case(sa, device, dtype, B, hq, hkv, L, d, pattern, flex) -> Case:
         dense_mask = table.repeat_interleave(BLOCK_K)[:L].to(device)[None, :]  # [1, L]: broadcasts
     for name, ctx in sdpa_backends(device).items():
         def run_sdpa(ctx=ctx):
-            q, k, v, _ = _lazy(key, make)
+            q, k, v, _ = inputs()
             if ctx is None:
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask, enable_gqa=True)
             with ctx():
@@ -116,9 +112,9 @@ def _decode_case(sa, device, dtype, B, hq, hkv, L, d, pattern, flex) -> Case:
             return tbl[kv_idx // BLOCK_K] if pattern != "dense" else kv_idx >= 0
 
         def run_flex():
-            q, k, v, _ = _lazy(key, make)
-            bm = _lazy_block_mask(key, lambda: create_block_mask(mask_mod, None, None, 1, L, device=device,
-                                                                 BLOCK_SIZE=BLOCK_K))
+            q, k, v, _ = inputs()
+            bm = INPUTS.get(size, f"flex block mask {pattern}", lambda: create_block_mask(
+                mask_mod, None, None, 1, L, device=device, BLOCK_SIZE=BLOCK_K), device)
             return flex_fn(q, k, v, block_mask=bm, enable_gqa=True)
         anchors["flex attention"] = run_flex
     else:
@@ -145,12 +141,3 @@ def _decode_case(sa, device, dtype, B, hq, hkv, L, d, pattern, flex) -> Case:
                 run=ours, anchors=anchors, flops=4.0 * B * hq * keys * d, bytes=2.0 * B * hkv * keys * d * elem,
                 check=check)
 
-
-_masks: Dict[object, object] = {}
-
-
-def _lazy_block_mask(key, make):
-    if key not in _masks:
-        _masks.clear()
-        _masks[key] = make()
-    return _masks[key]

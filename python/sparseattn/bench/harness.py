@@ -11,6 +11,7 @@ CPU SDPA; block layouts run sparseattn's PyTorch CPU path) against torch SDPA on
 the GPU kernels were not timed.
 
 Suites register in :data:`SUITES`; a suite is ``fn(device, quick, args) -> iterable of Case``.
+Cases build their inputs when they first run, through the one shared cache :data:`INPUTS`.
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -67,7 +67,8 @@ def time_ms(fn: Callable[[], object], device: str) -> float:
 
 
 class Rotating:
-    """Cycle through copies of a case's inputs, so that no call finds them in L2 (GPU).
+    """Cycle through copies of a case's inputs, so that no call finds them in L2 (GPU): as many
+    copies (at most ``max_copies``) as make ``min_bytes`` together; one copy on a CPU.
     Created on the first call: a case holds no memory until it runs."""
 
     def __init__(self, make: Callable[[], tuple], device: str, min_bytes: int = 256 << 20, max_copies: int = 4):
@@ -86,7 +87,7 @@ class Rotating:
 
 
 def lazy(make: Callable[[], object]) -> Callable[[], object]:
-    """A value built on first use (large masks and anchors' block masks of a case)."""
+    """A value of one case built on first use (a pattern, its layout)."""
     box = []
 
     def get():
@@ -94,6 +95,55 @@ def lazy(make: Callable[[], object]) -> Callable[[], object]:
             box.append(make())
         return box[0]
     return get
+
+
+def free_device_memory() -> None:
+    """Hand the CUDA caching allocator's free blocks back to the device (no-op without CUDA), so
+    that the next size starts from an empty device rather than from the previous size's blocks."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+class InputCache:
+    """The inputs of the case being timed, shared by every suite.
+
+    ``get(size, name, make, device)`` returns the value ``make()`` built for ``(size, name)``,
+    building it on first use. ``size`` is a hashable key of the problem's shapes, dtype and device
+    (``("attention", B, H, L, D, dtype, device)``); ``name`` tells apart the values of one size
+    (``"qkv fwd"``, ``"flex block mask causal"``), so the cases of one size (a forward and a
+    forward+backward row, a dense and a sparse row, and their anchors) share them. The cache holds
+    one size at a time: asking for another size drops every value of the previous one and frees
+    its GPU memory (:func:`free_device_memory`) before building the new one, so a 256K-token case
+    never sits next to the previous size's tensors.
+
+    ``rotate=True`` (input tensors): ``make`` returns a tuple of tensors and each call returns the
+    next of a few copies of it (:class:`Rotating`), so that repeated timed calls do not find their
+    inputs in L2; ``rotate=False`` (masks, layouts, anything read-only): one value.
+    """
+
+    def __init__(self):
+        self.size = None
+        self.values: Dict[str, object] = {}
+
+    def get(self, size, name: str, make: Callable[[], object], device: str, rotate: bool = False):
+        if size != self.size:
+            self.clear()
+            self.size = size
+        if name not in self.values:
+            self.values[name] = Rotating(make, device) if rotate else make()
+        value = self.values[name]
+        return value() if rotate else value
+
+    def clear(self) -> None:
+        """Drop every value and free the GPU memory they held."""
+        had = bool(self.values)
+        self.size, self.values = None, {}
+        if had:
+            free_device_memory()
+
+
+# The one cache of the suites' inputs (emptied by run_cases when a run ends).
+INPUTS = InputCache()
 
 
 # ----------------------------------------------------------------------------- attention suite
@@ -232,6 +282,8 @@ def run_cases(cases: List[Case], device: str) -> List[dict]:
         _run_cases(cases, device, rows, checked, progress)
     except KeyboardInterrupt:  # keep what was measured: the table is written with the rows so far
         print(f"\ninterrupted: {len(rows)} of {len(cases)} cases ran", file=sys.stderr)
+    finally:
+        INPUTS.clear()
     progress.close()
     return rows
 
@@ -274,8 +326,6 @@ def _run_cases(cases: List[Case], device: str, rows: List[dict], checked: dict, 
         rows.append(row)
         progress.step(label)
         del case
-        if device == "cuda":
-            torch.cuda.empty_cache()
 
 
 def to_markdown(env: dict, rows: List[dict]) -> str:

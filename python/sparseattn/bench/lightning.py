@@ -13,31 +13,20 @@ convention). ``params`` carry the LASP-2
 collective payload per rank and step (``lasp2_payload_bytes = B * H * Dk * Dv * 4``, independent
 of L) next to the LASP-2H payload (K and V of the whole sequence) for the same shape.
 
-CPU (quick): tiny sizes on sparseattn's PyTorch CPU path against torch SDPA on CPU.
+CPU (quick): tiny sizes on sparseattn's PyTorch CPU path against torch SDPA on CPU. Inputs are
+built when a case first runs, in the shared input cache (:data:`.harness.INPUTS`), rotated, and
+freed when the next size starts (a 256K-token case holds several GB).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, Rotating
+from .harness import INPUTS, Case
 
 CHUNK = 64
-_slot: Dict[str, object] = {"key": None, "value": None}
-
-
-def _inputs(key, make: Callable[[], tuple], device: str) -> tuple:
-    """The (rotated) inputs of the case being timed; the previous case's are dropped first (a
-    256K-token case holds several GB)."""
-    if _slot["key"] != key:
-        _slot["key"] = _slot["value"] = None
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        _slot["value"] = Rotating(make, device)
-        _slot["key"] = key
-    return _slot["value"]()
 
 
 def _fla():
@@ -84,11 +73,11 @@ def _case(sa, device, dtype, B, H, L, D, direction, slopes, fla) -> Case:
         return (tuple(t.requires_grad_(need) for t in (q, k, v))
                 + (torch.randn(B, L, H, D, device=device, dtype=dtype),))
 
-    key = (B, H, L, D, dtype, direction)
+    size = ("lightning", B, H, L, D, dtype, device)
 
     def step(fn: Callable):
         def go():
-            q, k, v, do = _inputs(key, make, device)
+            q, k, v, do = INPUTS.get(size, f"qkv do {direction}", make, device, rotate=True)
             o = fn(q, k, v)
             if direction == "fwd+bwd":
                 torch.autograd.grad(o, (q, k, v), do if o.shape == do.shape else do.transpose(1, 2))

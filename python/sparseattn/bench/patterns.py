@@ -5,8 +5,10 @@ L = 8K..128K, B = 1, H = 16, D = 128, bf16, forward and forward+backward, next t
 torch SDPA (each backend) and FlexAttention with the same mask (its ``mask_mod``, 128-blocks),
 plus one "layout build" row per pattern and length (the cost of ``pattern.layout``, to compare
 with the attention time). CPU (``--quick`` or not): tiny sizes through the PyTorch CPU path.
-Inputs are created when a case first runs; every pattern is checked against the float64 oracle
-(``dense_mask`` at a small length) before it is timed.
+Inputs and FlexAttention block masks are created when a case first runs, in the shared input
+cache (:data:`.harness.INPUTS`); every pattern is checked against the float64 oracle
+(``dense_mask`` at a small length) before it is timed. What each pattern attends, its density and
+how it becomes a BlockLayout: docs/patterns.md.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Callable, Dict, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, Rotating, flex_attention_fn, lazy, sdpa_backends
+from .harness import INPUTS, Case, flex_attention_fn, lazy, sdpa_backends
 
 H_GPU, D_GPU = 16, 128
 
@@ -51,9 +53,11 @@ def _pattern_defs(device: str, H: int):
         return sa.BlockSparse.from_mask_mod(lambda b, h, q, kv: (doc[q] == doc[kv]) & (kv <= q), None, None, L, L,
                                             block_size=128, device=device)
 
-    # half the heads dense causal, half PowerAttention: both plain bottom-right causal in-kernel.
-    # (Heads with different windows would need bits on every tile until the engine takes a
-    # window per head: see docs/patterns.md.)
+    # half the heads dense causal, half PowerAttention: both plain bottom-right causal in-kernel,
+    # so the layout carries no bitmask at all. (With heads whose windows differ, a head's own
+    # window and sinks become bitmasks only on the tiles where they cut, its partial tiles:
+    # PerHead([SlidingWindow(10**9)] * 2 + [SlidingWindow(256, sinks=4)] * 2) at L = 2048 lists
+    # 388 tiles, 86 of them with bits. See docs/patterns.md, PerHead.)
     half = H // 2
 
     def per_head(L):
@@ -110,13 +114,13 @@ def _pattern_case(name, pattern, layout, make_mod, make_pattern, device, dtype, 
     bwd = direction == "fwd+bwd"
     B = 1
 
+    size = ("patterns", B, H, L, D, dtype, device)
+
     def make():
         return tuple(torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=bwd) for _ in range(3))
 
-    inputs = Rotating(make, device)
-
     def step(attn):
-        q, k, v = inputs()
+        q, k, v = INPUTS.get(size, f"qkv {direction}", make, device, rotate=True)
         out = attn(q, k, v)
         if bwd:
             out.backward(out)
@@ -143,7 +147,8 @@ def _pattern_case(name, pattern, layout, make_mod, make_pattern, device, dtype, 
                                          _compile=True)
             except TypeError:   # an older torch without _compile
                 return create_block_mask(make_mod(L), None, heads, L, L, device=device, BLOCK_SIZE=128)
-        block_mask = lazy(make_block_mask)
+        def block_mask():
+            return INPUTS.get(size, f"flex block mask {name}", make_block_mask, device)
         anchors["flex attention (same mask)"] = lambda: step(lambda q, k, v: flex_fn(q, k, v, block_mask=block_mask()))
     else:
         anchors["flex attention (same mask)"] = None

@@ -121,7 +121,8 @@ def lightning_attention_sp(q_local: Tensor, k_local: Tensor, v_local: Tensor, sl
 
     Example (every rank, after ``torch.distributed.init_process_group``)::
 
-        >>> o_local = sa.distributed.lightning_attention_sp(q_local, k_local, v_local, sa.lightning_slopes(H))
+        >>> o_local = sa.distributed.lightning_attention_sp(  # needs a process group  # doctest: +SKIP
+        ...     q_local, k_local, v_local, sa.lightning_slopes(H))
     """
     B, H, _, L, _, Dk = check_inputs(q_local, k_local, v_local, gqa=False, same_value_dim=False,
                                       names=("q_local", "k_local", "v_local"))
@@ -184,7 +185,8 @@ def attention_sp(q_local: Tensor, k_local: Tensor, v_local: Tensor, is_causal: b
 
     Example (every rank)::
 
-        >>> o_local = sa.distributed.attention_sp(q_local, k_local, v_local, is_causal=True)
+        >>> o_local = sa.distributed.attention_sp(  # needs a process group  # doctest: +SKIP
+        ...     q_local, k_local, v_local, is_causal=True)
     """
     _, _, _, L, _, D = check_inputs(q_local, k_local, v_local, gqa=enable_gqa, same_value_dim=False,
                                      names=("q_local", "k_local", "v_local"))

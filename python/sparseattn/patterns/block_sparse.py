@@ -71,9 +71,9 @@ class BlockSparse(_Pattern):
     Example::
 
         >>> import torch, sparseattn as sa
-        >>> bm = torch.rand(1, 4, 16, 16) < 0.3
+        >>> bm = torch.rand(1, 2, 4, 4) < 0.3
         >>> p = sa.BlockSparse(bm, block_size=64)
-        >>> q = k = v = torch.randn(2, 4, 1000, 64)
+        >>> q = k = v = torch.randn(2, 2, 250, 64)
         >>> out = sa.sparse_attention(q, k, v, p)
     """
 

@@ -19,8 +19,8 @@ class PerHead(_Pattern):
     Example::
 
         >>> import torch, sparseattn as sa
-        >>> p = sa.PerHead([sa.SlidingWindow(10**9)] * 2 + [sa.SlidingWindow(256, sinks=4)] * 6)
-        >>> q = k = v = torch.randn(1, 8, 1000, 64)
+        >>> p = sa.PerHead([sa.SlidingWindow(10**9)] * 2 + [sa.SlidingWindow(128, sinks=4)] * 2)
+        >>> q = k = v = torch.randn(1, 4, 300, 64)
         >>> out = sa.sparse_attention(q, k, v, p)
     """
 

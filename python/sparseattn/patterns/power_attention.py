@@ -21,7 +21,7 @@ class PowerAttention(_Pattern):
     Example::
 
         >>> import torch, sparseattn as sa
-        >>> q = k = v = torch.randn(1, 4, 1000, 64)
+        >>> q = k = v = torch.randn(1, 2, 500, 64)
         >>> out = sa.sparse_attention(q, k, v, sa.PowerAttention(block_size=64))
     """
 

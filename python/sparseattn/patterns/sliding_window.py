@@ -19,8 +19,8 @@ class SlidingWindow(_Pattern):
     Example::
 
         >>> import torch, sparseattn as sa
-        >>> q = k = v = torch.randn(1, 4, 1000, 64)
-        >>> out = sa.sparse_attention(q, k, v, sa.SlidingWindow(256, sinks=4))
+        >>> q = k = v = torch.randn(1, 2, 500, 64)
+        >>> out = sa.sparse_attention(q, k, v, sa.SlidingWindow(128, sinks=4))
     """
 
     def __init__(self, window: int, sinks: int = 0):
