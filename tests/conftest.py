@@ -9,6 +9,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import interpreter_shim  # bf16 and TF32 dots as on the GPU (see its docstring)
+
+    interpreter_shim.install()
 
 # Fresh outputs of every launcher are NaN-filled: an unwritten element fails loudly.
 os.environ["SPARSEATTN_NAN_FILL"] = "1"

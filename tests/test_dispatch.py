@@ -46,6 +46,9 @@ def test_sdpa_fallback_reason_and_one_warning(fresh_reasons):
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="CPU routing")
 def test_cpu_reasons(monkeypatch, fresh_reasons):
+    from sparseattn.triton_kernels import probe
+
+    monkeypatch.setattr(probe, "interpreter_bf16_dot_ok", lambda: False)   # an interpreter without the fix
     q, k, v = _qkv(torch.bfloat16)
     with pytest.warns(sa.FallbackWarning, match="bfloat16"):
         sa.sparse_attention(q, k, v, sa.SlidingWindow(16))

@@ -85,12 +85,16 @@ def interpreter_on() -> bool:
 def cpu_reason(q: torch.Tensor) -> Optional[str]:
     """Why CPU tensor ``q`` does not take the (interpreted) Triton kernels, or None when it does.
 
-    bf16 CPU tensors take the CPU path even with the interpreter on: the interpreter cannot run
-    bf16 ``tl.dot`` (it multiplies raw bit patterns)."""
+    bf16 CPU tensors take the CPU path when the interpreter's bf16 ``tl.dot`` is wrong (Triton
+    3.6's multiplies raw bit patterns): probed once with a tiny dot, so a fixed interpreter (or
+    the tests' shim) sends bf16 to the kernels."""
     if not interpreter_on():
         return "CPU tensors (the Triton kernels need CUDA, or TRITON_INTERPRET=1 for tests)"
     if q.dtype == torch.bfloat16:
-        return "bfloat16 CPU tensors (the Triton interpreter's bf16 dot is wrong)"
+        from .triton_kernels.probe import interpreter_bf16_dot_ok
+
+        if not interpreter_bf16_dot_ok():
+            return "bfloat16 CPU tensors (the Triton interpreter's bf16 dot is wrong)"
     if _config.flag("SPARSEATTN_CPU_PATH"):
         return "SPARSEATTN_CPU_PATH=1"
     return None
