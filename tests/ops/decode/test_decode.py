@@ -110,13 +110,14 @@ def test_decode_pattern_object_and_defaults():
     assert_oracle("decode pattern", out, ref, reference.decode_attention(q, k, v, layout, dtype=torch.float32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["dense", "ragged", "layout bk16"])
-def test_decode_triton_fallback_matches_oracle(kind):
+def test_decode_triton_fallback_matches_oracle(kind, dtype):
     """The path CUDA tensors take without the extension, run here through the Triton interpreter."""
     if not sa._dispatch.interpreter_on():
         pytest.skip("needs the Triton interpreter (CPU) or a GPU")
     B, Hq, Hkv, Lq, Lmax, D = 2, 4, 2, 4, 150, 16
-    q, k, v = _inputs(B, Hq, Hkv, Lq, Lmax, D, torch.float16)
+    q, k, v = _inputs(B, Hq, Hkv, Lq, Lmax, D, dtype)
     lens = None if kind == "dense" else torch.tensor([150, 3], dtype=torch.int32)
     layout = _random_layout(B, Hq, Lq, Lmax, 16, True, True, 0.5) if kind == "layout bk16" else None
     out, lse = _decode_triton(q, k, v, lens, layout, 1 / math.sqrt(D))
