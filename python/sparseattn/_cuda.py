@@ -43,18 +43,33 @@ def cuda_unavailable_reason(device=None) -> Optional[str]:
     """None when the CUDA extension can run on ``device`` (default: the current CUDA device),
     else one line saying why not: not built, no driver, no device, or an unsupported GPU."""
     if _C is None:
-        return (f"the CUDA extension sparseattn._C is not built ({_IMPORT_ERROR}); reinstall with nvcc on PATH "
+        return (f"extension not built: sparseattn._C is missing ({_IMPORT_ERROR}); reinstall with nvcc on PATH "
                 "or SPARSEATTN_BUILD_CUDA=1")
     if device is not None and torch.device(device).type != "cuda":
-        return f"{torch.device(device)} is not a CUDA device"
+        return f"not a CUDA device: {torch.device(device)}"
     if not torch.cuda.is_available():
         reason = _C.device_unavailable_reason(0)
-        return reason or (f"torch.cuda.is_available() is False (torch {torch.__version__}, "
-                          f"built with CUDA {torch.version.cuda})")
+        return _plain_cause(reason) if reason else (
+            f"no GPU for torch: torch.cuda.is_available() is False (torch {torch.__version__}, "
+            f"built with CUDA {torch.version.cuda})")
     index = _device_index(device)
     if index not in _reasons:
         _reasons[index] = _C.device_unavailable_reason(index)
-    return _reasons[index] or None
+    return _plain_cause(_reasons[index]) if _reasons[index] else None
+
+
+def _plain_cause(cuda_text: str) -> str:
+    """CUDA's wording, led by the plain cause a user acts on."""
+    low = cuda_text.lower()
+    if "insufficient" in low or "driver" in low:
+        cause = "no usable NVIDIA driver"
+    elif "no cuda device" in low or "nodevice" in low or "no cuda-capable" in low:
+        cause = "no GPU"
+    elif "cannot run this build" in low:
+        cause = "GPU not supported by this build"
+    else:
+        cause = "CUDA unavailable"
+    return f"{cause}: {cuda_text}"
 
 
 def cuda_available(device=None) -> bool:

@@ -140,11 +140,17 @@ def density_table(lengths: List[int] = DENSITY_LENGTHS) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sparseattn.plot", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=os.path.join("docs", "img"), help="folder for the PNGs (default docs/img)")
+    ap.add_argument("--out", default="sparseattn_plots",
+                    help="folder for the PNGs (default ./sparseattn_plots; the repository's are in docs/img)")
     ap.add_argument("--no-table", action="store_true", help="skip the density table")
     args = ap.parse_args(argv)
-    _require_matplotlib()
+    try:
+        _require_matplotlib()
+    except ImportError as e:
+        print(f"python -m sparseattn.plot: {e}", file=sys.stderr)
+        return 2
     os.makedirs(args.out, exist_ok=True)
+    print(f"writing to {os.path.abspath(args.out)}")
     for name, p in example_patterns().items():
         print(save_picture(name, p, os.path.join(args.out, f"pattern_{name}.png")))
     if not args.no_table:

@@ -146,3 +146,30 @@ def test_suite_failing_to_import_is_an_error_naming_it(monkeypatch):
     with pytest.raises(ImportError, match=r"benchmark suite 'broken' \(sparseattn\.bench\.broken_suite\)"):
         bench._register()
     assert "broken" not in bench.SUITES
+
+
+def test_cuda_without_gpu_is_one_line_and_exit_2(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert bench.main(["--device", "cuda", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "torch sees no CUDA device" in err
+
+
+def test_plot_without_matplotlib_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path):
+    import builtins
+
+    from sparseattn import plot
+
+    real = builtins.__import__
+
+    def no_matplotlib(name, *a, **k):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert plot.main(["--out", str(tmp_path / "p"), "--no-table"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install matplotlib" in err
+    assert not (tmp_path / "p").exists()

@@ -80,6 +80,8 @@ def test_import_without_extension():
 def test_no_gpu_raises_clear_error():
     reason = sa.cuda_unavailable_reason()
     assert isinstance(reason, str) and reason and "\n" not in reason
+    assert reason.split(":")[0] in ("extension not built", "no usable NVIDIA driver", "no GPU", "no GPU for torch",
+                                    "GPU not supported by this build", "CUDA unavailable"), reason
     assert sa.cuda_available() is False
     q = torch.randn(1, 4, 1, 64, dtype=torch.float16)
     k = v = torch.randn(1, 4, 128, 64, dtype=torch.float16)

@@ -368,6 +368,10 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     args = ap.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print(f"python -m sparseattn.bench: --device cuda, but torch sees no CUDA device (torch {torch.__version__}, "
+              f"CUDA build {torch.version.cuda}); use --device cpu", file=sys.stderr)
+        return 2
     if device == "cpu":
         os.environ["SPARSEATTN_CPU_PATH"] = "1"  # time the CPU path, never the Triton interpreter
     env = _environment(device)
