@@ -173,3 +173,33 @@ def test_plot_without_matplotlib_is_one_line_and_exit_2(monkeypatch, capsys, tmp
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install matplotlib" in err
     assert not (tmp_path / "p").exists()
+
+
+def test_runs_keep_their_files_and_flag_noisy_timings(tmp_path, monkeypatch):
+    """Suites run one after another keep their own files; a timing whose spread is too wide is flagged."""
+    monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")
+    calls = {"n": 0}
+
+    def fake_stats(fn, device, repeats=7):   # ours steady, the anchor's max 3x its median
+        calls["n"] += 1
+        hi = 1.0 if calls["n"] == 1 else 3.0
+        return {"ms": 1.0, "min": 1.0, "max": hi, "n": repeats}
+
+    monkeypatch.setattr(bench.harness, "time_stats", fake_stats)
+
+    def suite_a(device, quick, args):
+        yield bench.Case(op="a", params={"L": 1}, run=lambda: None, anchors={"x": lambda: None}, flops=1.0)
+
+    def suite_b(device, quick, args):
+        yield bench.Case(op="b", params={"L": 1}, run=lambda: None, flops=1.0)
+
+    monkeypatch.setitem(bench.SUITES, "toy_a", suite_a)
+    monkeypatch.setitem(bench.SUITES, "toy_b", suite_b)
+    assert bench.main(["--suite", "toy_a", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert bench.main(["--suite", "toy_b", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 4 and any("toy_a" in n for n in names) and any("toy_b" in n for n in names)
+    md_a = next(tmp_path.glob("*toy_a.md")).read_text()
+    assert "noisy: x" in md_a and "1.000 [1.000-1.000]" in md_a
+    rows_a = json.load(open(next(tmp_path.glob("*toy_a.json"))))["rows"]
+    assert rows_a[0]["noisy"] == ["x"] and rows_a[0]["ms_max"] == 1.0

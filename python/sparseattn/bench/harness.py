@@ -50,20 +50,36 @@ class Case:
 
 
 # ----------------------------------------------------------------------------- timing
-def time_ms(fn: Callable[[], object], device: str) -> float:
-    """Median time of one call in ms: CUDA events via triton.testing.do_bench on a GPU (it warms
-    up and flushes L2 between calls), wall clock over a few calls on a CPU."""
+# A case whose (max - min) / median over its repeats passes this is flagged: its ratios are noise.
+NOISY_SPREAD = 0.25
+
+
+def time_stats(fn: Callable[[], object], device: str, repeats: int = 7) -> Dict[str, float]:
+    """Median, min and max time of one call in ms over repeats: CUDA events via
+    triton.testing.do_bench on a GPU (it warms up and flushes L2 between calls; its samples are the
+    repeats), wall clock over ``repeats`` calls after one warm-up on a CPU."""
     if device == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
+        times = [float(t) for t in triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="all")]
+    else:
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"ms": statistics.median(times), "min": min(times), "max": max(times), "n": len(times)}
+
+
+def time_ms(fn: Callable[[], object], device: str) -> float:
+    """Median time of one call in ms (:func:`time_stats`)."""
+    return time_stats(fn, device)["ms"]
+
+
+def spread(stats: Dict[str, float]) -> float:
+    """(max - min) / median of a timing."""
+    return (stats["max"] - stats["min"]) / stats["ms"] if stats["ms"] > 0 else 0.0
 
 
 class Rotating:
@@ -306,23 +322,29 @@ def _run_cases(cases: List[Case], device: str, rows: List[dict], checked: dict, 
             progress.step(label)
             continue
         try:
-            ms = time_ms(case.run, device)
+            stats = time_stats(case.run, device)
         except torch.cuda.OutOfMemoryError:
             row["refused"] = "out of memory"
             rows.append(row)
             progress.step(label)
             continue
-        row.update(ms=ms, tflops=case.flops / ms / 1e9 if case.flops else None,
+        ms = stats["ms"]
+        row.update(ms=ms, ms_min=stats["min"], ms_max=stats["max"], repeats=stats["n"],
+                   tflops=case.flops / ms / 1e9 if case.flops else None,
                    gbps=case.bytes / ms / 1e6 if case.bytes else None, anchors={})
         for name, fn in case.anchors.items():
             if fn is None:
                 row["anchors"][name] = None
                 continue
             try:
-                a_ms = time_ms(fn, device)
-                row["anchors"][name] = {"ms": a_ms, "ratio": a_ms / ms}
+                a = time_stats(fn, device)
+                row["anchors"][name] = {"ms": a["ms"], "min": a["min"], "max": a["max"], "ratio": a["ms"] / ms}
             except Exception as e:  # noqa: BLE001 - an anchor that cannot run this case is n/a, with why
                 row["anchors"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
+        noisy = [n for n, st in [("sparseattn", stats)] + [(k, v) for k, v in row["anchors"].items()
+                                                            if v and "max" in v] if spread(st) > NOISY_SPREAD]
+        if noisy:
+            row["noisy"] = noisy
         rows.append(row)
         progress.step(label)
         del case
@@ -331,8 +353,10 @@ def _run_cases(cases: List[Case], device: str, rows: List[dict], checked: dict, 
 def to_markdown(env: dict, rows: List[dict]) -> str:
     lines = ["# sparseattn benchmark", ""]
     lines += [f"- {k}: {v}" for k, v in env.items() if v is not None]
-    lines += ["", "Ratio = anchor time / sparseattn time (> 1: sparseattn is faster). TFLOP/s counts only "
-                  "attended (query, key) pairs; fwd+bwd counts 3.5x the forward FLOPs.", ""]
+    lines += ["", "Ratio = anchor time / sparseattn time (> 1: sparseattn is faster), medians over repeats; "
+                  "ms is median [min-max]. TFLOP/s counts only attended (query, key) pairs; fwd+bwd counts 3.5x "
+                  f"the forward FLOPs. `noisy`: (max - min) / median > {NOISY_SPREAD} for the timing named, so "
+                  "its ratios are not comparable.", ""]
     anchor_names = sorted({a for r in rows for a in r.get("anchors", {})})
     param_names = [k for k in ("direction", "B", "H", "L", "D", "dtype", "Lq", "cache", "density")
                    if any(k in r for r in rows)]
@@ -344,7 +368,9 @@ def to_markdown(env: dict, rows: List[dict]) -> str:
         if "refused" in r:
             cells += [f"refused: {r['refused'][:80]}", "", ""] + [""] * len(anchor_names)
         else:
-            cells += [f"{r['ms']:.3f}", f"{r['tflops']:.3g}" if r.get("tflops") else "",
+            noisy = f" noisy: {', '.join(r['noisy'])}" if r.get("noisy") else ""
+            cells += [f"{r['ms']:.3f} [{r['ms_min']:.3f}-{r['ms_max']:.3f}]{noisy}",
+                      f"{r['tflops']:.3g}" if r.get("tflops") else "",
                       f"{r['gbps']:.0f}" if r.get("gbps") else ""]
             for a in anchor_names:
                 info = r["anchors"].get(a)
@@ -375,13 +401,16 @@ def main(argv=None) -> int:
     if device == "cpu":
         os.environ["SPARSEATTN_CPU_PATH"] = "1"  # time the CPU path, never the Triton interpreter
     env = _environment(device)
-    cases = [c for name in (args.suite or sorted(SUITES)) for c in SUITES[name](device, args.quick, args)]
+    suites = args.suite or sorted(SUITES)
+    cases = [c for name in suites for c in SUITES[name](device, args.quick, args)]
     rows = run_cases(cases, device)
     if len(rows) < len(cases):
         env["interrupted"] = f"only the first {len(rows)} of {len(cases)} cases ran"
     md = to_markdown(env, rows)
     os.makedirs(args.out, exist_ok=True)
-    stem = f"{env['date'][:10]}-{(env.get('gpu') or 'cpu').replace(' ', '_')}"
+    # one file per run: date and time, device and suites (runs one after another keep their rows)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d-%H%M%S")
+    stem = f"{stamp}-{(env.get('gpu') or 'cpu').replace(' ', '_')}-{'+'.join(suites)}"
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump({"environment": env, "rows": rows}, f, indent=1)
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
