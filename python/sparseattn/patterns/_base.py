@@ -23,11 +23,11 @@ or 32 are grouped into 64-tiles (mixed tiles get bits).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from ..layout import BlockLayout, check_block_mask
+from ..layout import BlockLayout
 from ..layout.predicates import kinds_keep, kinds_over_tiles
 
 MIN_TILE, MAX_TILE = 64, 128       # layout tiles the kernels accept (the kernel tile divides them)
@@ -138,7 +138,6 @@ def _blocks_to_tiles(b, h, I, J, bsq, bsk, off, lq, lk, tq, tk, hl, visible, nee
     [J*bsk, (J+1)*bsk)); query row r sits at position r + off. Every tile a listed block touches
     is listed; a tile that spans several pattern blocks (or whose entry has ``needs_bits``) gets
     bits from ``visible(b, h, I, J)`` (element-wise via positions)."""
-    dev = b.device
     nq, nk = math.ceil(lq / tq), math.ceil(lk / tk)
     lo = torch.clamp(I * bsq - off, min=0)
     hi = torch.clamp((I + 1) * bsq - 1 - off, max=lq - 1)

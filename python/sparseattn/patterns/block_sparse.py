@@ -32,7 +32,7 @@ def _tiles_from_mask_mod(mask_mod, B, H, row0, Lq, Lk, tq, tk, device, shape=Non
     """Exact tiles of a mask_mod over query rows row0 .. row0+Lq-1 (layout rows 0..Lq-1) and keys
     0..Lk-1, a chunk of query tiles at a time: all-True tiles listed without bits, all-False
     dropped, mixed ones with bits. Returns (_Tiles, (Bl, Hl))."""
-    nq, nk = math.ceil(Lq / tq), math.ceil(Lk / tk)
+    nk = math.ceil(Lk / tk)
     cols = torch.arange(Lk, device=device)
     rows_per = max(1, _CHUNK // max(1, B * H * tq * Lk)) * tq
     parts, bl, hl = [], None, None

@@ -1,5 +1,4 @@
 """scaled_dot_product_attention drop-in: torch's semantics, against the float64 oracle."""
-import math
 
 import pytest
 import torch

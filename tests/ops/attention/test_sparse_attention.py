@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sparseattn as sa
-from utils import DEVICE, DTYPES, assert_oracle, randn, strided
+from utils import DEVICE, DTYPES, assert_oracle, randn
 from checks import attention_inputs as _inputs, check_attention as check
 
 

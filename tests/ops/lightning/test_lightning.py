@@ -8,7 +8,7 @@ import sparseattn as sa
 from sparseattn import reference
 from sparseattn.ops.lightning.op import lightning_attention_bwd, lightning_attention_fwd, lightning_attention_step_op
 
-from utils import DEVICE, DTYPES, assert_oracle, randn, strided
+from utils import DEVICE, DTYPES, assert_oracle, randn
 from checks import check_lightning_bwd as _check_bwd, check_lightning_fwd as _check_fwd, lightning_inputs as _inputs
 
 
