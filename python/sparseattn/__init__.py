@@ -16,6 +16,8 @@ from .ops.attention.sdpa import scaled_dot_product_attention
 from .ops.decode.op import decode_attention
 from .ops.lightning.op import lightning_attention, lightning_attention_step, lightning_slopes
 from .patterns import BlockSparse, PerHead, PowerAttention, SlidingWindow
+from .patterns import SparseD, SparseDSchedule, TopKBlocks
+from .ops.routing.op import routing_attention, routing_kmeans_update
 from . import distributed
 
 __version__ = "0.1.0"
@@ -24,4 +26,5 @@ __all__ = ["BlockLayout", "FallbackWarning", "last_backend", "last_fallback_reas
            "scaled_dot_product_attention", "sparse_attention"]
 __all__ += ["cuda_available", "cuda_unavailable_reason", "decode_attention"]
 __all__ += ["BlockSparse", "PerHead", "PowerAttention", "SlidingWindow"]
+__all__ += ["SparseD", "SparseDSchedule", "TopKBlocks", "routing_attention", "routing_kmeans_update"]
 __all__ += ["distributed", "lightning_attention", "lightning_attention_step", "lightning_slopes"]

@@ -18,6 +18,7 @@ SUITE_LIST = {
     "patterns": ("patterns", "patterns_suite"),
     "decode": ("decode", "decode_suite"),
     "lightning": ("lightning", "lightning_suite"),
+    "dynamic": ("dynamic", "dynamic_suite"),
 }
 
 

@@ -9,5 +9,7 @@ from .block_sparse import BlockSparse, FlexPattern, MaskModPattern
 from .per_head import PerHead
 from .power_attention import PowerAttention
 from .sliding_window import SlidingWindow
+from .topk_blocks import TopKBlocks
+from .sparsed import SparseD, SparseDSchedule
 
-__all__ = ["BlockSparse", "FlexPattern", "MaskModPattern", "PerHead", "PowerAttention", "SlidingWindow", "MIN_TILE", "MAX_TILE"]
+__all__ = ["BlockSparse", "FlexPattern", "MaskModPattern", "PerHead", "PowerAttention", "SlidingWindow", "TopKBlocks", "SparseD", "SparseDSchedule", "MIN_TILE", "MAX_TILE"]
