@@ -16,8 +16,8 @@ def layout(Lq=64, Lk=64, shape=(1, 1)):
 
 
 SDPA_CASES = [
-    ("rank", lambda: (randn(2, 64, 16), *qkv()[1:]), {}, ValueError, r"query: expected 4 dims"),
-    ("batch", lambda: (qkv()[0], *qkv(B=2)[1:]), {}, ValueError, r"expected batch size 1"),
+    ("rank", lambda: (randn(16), *qkv()[1:]), {}, ValueError, r"query: expected at least 2 dims"),
+    ("batch", lambda: (qkv(B=2)[0], *qkv(B=3)[1:]), {}, ValueError, r"expected batch dims that broadcast"),
     ("head_dim", lambda: (qkv()[0], *qkv(D=32)[1:]), {}, ValueError, r"key: expected head dim 16"),
     ("kv_len", lambda: (*qkv()[:2], randn(1, 2, 70, 16)), {}, ValueError, r"the same heads and length"),
     ("gqa_off", lambda: qkv(Hq=4, Hkv=2), {}, ValueError, r"enable_gqa=True"),

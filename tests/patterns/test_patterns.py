@@ -2,7 +2,6 @@
 here, layouts against dense_mask, sparse_attention / decode_attention against the float64 oracle,
 from_flex against flex_attention, layout build cost at 128K, bad input."""
 import math
-import time
 
 import pytest
 import torch
@@ -322,9 +321,7 @@ def test_decode_rejects_windowed_layout_with_ragged_lengths():
                                sa.PerHead([sa.SlidingWindow(10 ** 9)] * 2 + [sa.PowerAttention(128)] * 2)])
 def test_layout_build_128k(p):
     L = 128 * 1024
-    t0 = time.perf_counter()
     lay = p.layout(L, L, "cpu")
-    dt = time.perf_counter() - t0
     nq, nk = lay.num_blocks
     # lists proportional to the listed tiles: no dense nQ x nK (or L x L) tensor in the layout
     widest = max(lay.kv_indices.shape[-1], lay.full_kv_indices.shape[-1])
@@ -340,15 +337,12 @@ def test_per_head_mixed_windows_128k():
     bits stay O(edge tiles), not O(listed tiles x 128 x 128)."""
     L = 128 * 1024
     p = sa.PerHead([sa.SlidingWindow(2048, sinks=64), sa.SlidingWindow(512, sinks=4)] * 2)
-    t0 = time.perf_counter()
     lay = p.layout(L, L, "cpu")
-    dt = time.perf_counter() - t0
     listed = int(lay.full_kv_num_blocks.sum() + lay.kv_num_blocks.sum())
     # At most 3 tiles per query row and head carry bits (the window's start straddles up to two
     # tiles, plus the sink tile), against ~18 listed tiles per row and head.
     assert 0 < _nbits(lay) <= 3 * lay.num_blocks[0] * 4, _nbits(lay)
-    assert listed < 24 * lay.num_blocks[0] * 4
-    assert dt < 30.0, f"layout build took {dt:.2f} s"
+    assert listed < 24 * lay.num_blocks[0] * 4   # (no timing assert: the bounds above are the O(.) guard)
 
 
 # ----------------------------------------------------------------------------- bad input
