@@ -329,7 +329,7 @@ def test_layout_build_128k(p):
     assert _nbits(lay) == 0 and lay.mask is None
     if not isinstance(p, sa.PerHead) or all(isinstance(s, sa.SlidingWindow) and s.window < L for s in p.patterns):
         assert int(lay.full_kv_num_blocks.sum() + lay.kv_num_blocks.sum()) < 64 * nq * lay.shape[1]
-    assert dt < 30.0, f"layout build took {dt:.2f} s"  # generous: CI shares 2 cores; a dense build takes minutes
+    # (no timing assert: the list widths and counts above are the O(listed tiles) guard)
 
 
 def test_per_head_mixed_windows_128k():
