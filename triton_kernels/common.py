@@ -1,8 +1,10 @@
 """Pieces shared by the Triton kernels: interpreter detection, config choice (pinning, pruning,
-timing) and small jitted helpers. Kernels trust their inputs; every check happens in Python."""
+timing), the compile gate's head dims and dtypes, and small jitted helpers (program tile, strided
+tensor views, masked loads and stores). Kernels trust their inputs; every check happens in Python."""
 from __future__ import annotations
 
 import os
+from collections import namedtuple
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -16,8 +18,29 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Shared memory per block, bytes (H100: 227 KB, A100: 163 KB).
 SMEM_LIMIT = {90: 232448, 80: 166912}
 
+# What the compile gate compiles every kernel for (the kernel modules' compile_specs).
+GATE_HEAD_DIMS = (16, 32, 64, 128, 256)
+GATE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
 CONFIG_ENV = "SPARSEATTN_CONFIG"
 AUTOTUNE_ENV = "SPARSEATTN_AUTOTUNE"
+
+
+# Kernel arguments are grouped in namedtuples, which Triton flattens at the launch and kernels read
+# by field name. View: a [B, H, rows, columns] tensor, pointer and strides (a broadcast dimension
+# has stride 0). Plane: one (batch, head) plane of a View, as `plane` returns it.
+View = namedtuple("View", ["ptr", "sb", "sh", "sr", "sc"])
+Plane = namedtuple("Plane", ["ptr", "sr", "sc"])
+
+
+def view(t: torch.Tensor, strides: Optional[Tuple[int, ...]] = None) -> View:
+    """The View of a 4-d tensor, with its own strides or the given ones."""
+    return View(t, *(t.stride() if strides is None else strides))
+
+
+def view_type(ptr: str) -> View:
+    """The compile gate's signature of a View whose pointer has Triton type ``ptr``."""
+    return View(ptr, "i32", "i32", "i32", "i32")
 
 
 def pinned_config() -> Optional[Dict[str, int]]:
@@ -32,6 +55,11 @@ def pinned_config() -> Optional[Dict[str, int]]:
             raise ValueError(f"{CONFIG_ENV}: expected 'KEY=INT,...', got {text!r}")
         out[key.strip()] = int(val)
     return out
+
+
+def block_d_of(head_dim: int) -> int:
+    """The kernels' head-dim tile: the head dim rounded up to a power of two, at least 16."""
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 def device_smem_limit(device: Optional[torch.device] = None) -> int:
@@ -144,6 +172,47 @@ def load_tile(ptrs, row_ok, col_ok, ROW_MASK: tl.constexpr, COL_MASK: tl.constex
 
 
 @triton.jit
+def load_rows(P, offs, bound, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``offs`` of a Plane as a [len(offs), BLOCK_D] tile, zero past ``bound`` (checked only
+    when MASKED) and past the head dim (checked only when it is padded)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    return load_tile(P.ptr + offs[:, None].to(tl.int64) * P.sr + offs_d[None, :] * P.sc, offs[:, None] < bound,
+                     (offs_d < HEAD_DIM)[None, :], MASKED, HEAD_DIM != BLOCK_D)
+
+
+@triton.jit
+def load_cols(P, offs, bound, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``offs`` of a Plane loaded transposed, as a [BLOCK_D, len(offs)] tile (else as load_rows)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    return load_tile(P.ptr + offs[None, :].to(tl.int64) * P.sr + offs_d[:, None] * P.sc, offs[None, :] < bound,
+                     (offs_d < HEAD_DIM)[:, None], MASKED, HEAD_DIM != BLOCK_D)
+
+
+@triton.jit
+def store_rows(P, offs, bound, value, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store a [len(offs), BLOCK_D] tile into rows ``offs`` of a Plane, in the Plane's dtype
+    (rows past ``bound`` and columns past the head dim are left alone)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(P.ptr + offs[:, None].to(tl.int64) * P.sr + offs_d[None, :] * P.sc, value.to(P.ptr.dtype.element_ty),
+             mask=(offs[:, None] < bound) & (offs_d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def load_vec(ptr, offs, bound, MASKED: tl.constexpr):
+    """A per-row vector (LSE, delta) at ``offs``, zero past ``bound`` (checked only when MASKED)."""
+    if MASKED:
+        return tl.load(ptr + offs, mask=offs < bound, other=0.0)
+    else:
+        return tl.load(ptr + offs)
+
+
+@triton.jit
+def plane(t, b, h):
+    """The Plane (b, h) of a View."""
+    return Plane(t.ptr + b * t.sb + h * t.sh, t.sr, t.sc)
+
+
+@triton.jit
 def tile_and_plane(L, BLOCK: tl.constexpr):
     """(tile, batch x head plane) of this program. The grid is one flat axis of cdiv(L, BLOCK)
     tiles per plane (tiles of one plane consecutive): axes 1 and 2 stop at 65535 programs, which
@@ -151,3 +220,15 @@ def tile_and_plane(L, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(L, BLOCK)
     return pid % n_tiles, pid // n_tiles
+
+
+@triton.jit
+def program_tile(L, H, GROUP, BLOCK: tl.constexpr, LAYOUT_B: tl.constexpr):
+    """This program's tile of rows (the grid of `tile_and_plane` over L rows and H heads):
+    (b, h, h // GROUP, the layout block that holds the tile, the tile's row positions); b and h
+    are 64-bit."""
+    pid, bh = tile_and_plane(L, BLOCK)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    start = pid * BLOCK
+    return b, h, h // GROUP, start // LAYOUT_B, start + tl.arange(0, BLOCK)

@@ -36,8 +36,8 @@ class Spec:
 
 
 def signature(kernel, types: Dict[str, str]) -> Dict[str, str]:
-    """Triton types of a kernel's runtime arguments: ``types`` by name, "i32" for the rest
-    (sizes and strides); constexpr parameters are left out."""
+    """Triton types of a kernel's runtime arguments: ``types`` by name (a namedtuple argument gets
+    a namedtuple of types), "i32" for the rest (sizes, strides); constexpr parameters are left out."""
     import inspect
 
     fn = getattr(kernel, "fn", kernel)

@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty, on_device
-from .common import Tuner, device_smem_limit, tile_and_plane
+from .common import (GATE_DTYPES, GATE_HEAD_DIMS, Tuner, block_d_of, device_smem_limit, plane, tile_and_plane, view,
+                     view_type)
 
 # Autotune configs, beside the kernel: BLOCK_M is the chunk (rows per step), BLOCK_N the value
 # columns one program owns. The prune is _fits.
@@ -67,10 +68,7 @@ TUNER = Tuner("lightning_attention", LIGHTNING_CONFIGS, _fits)
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
 def _lightning_attention_fwd_kernel(
-        Q, K, V, S0, O, SF, SLOPES,
-        sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
-        ssb, ssh, ssk, ssv, sob, soh, sot, sod, sfb, sfh, sfk, sfv,
-        H, L, scale, inter_scale, kv_scale,
+        Q, K, V, S0, O, SF, SLOPES, H, L, scale, inter_scale, kv_scale,
         DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, STORE_SF: tl.constexpr,
         REVERSE: tl.constexpr, S0_SHIFT: tl.constexpr, LOWP_STATE: tl.constexpr,
@@ -79,7 +77,8 @@ def _lightning_attention_fwd_kernel(
                + inter_scale * lambda^(i+1) q_t S_chunk            (i: position in the chunk)
     S_next = lambda^n S_chunk + kv_scale * sum_j lambda^(n-1-j) k_j^T v_j; S before the first
     chunk is S0 (fp32). With REVERSE, chunk position p reads row L-1-p. With S0_SHIFT, the first
-    chunk's state carries one decay step less (exponents i and n-1)."""
+    chunk's state carries one decay step less (exponents i and n-1). Q, K, V, O [B, H, L, D] and
+    S0, SF [B, H, Dk, Dv] are Views."""
     pid_v, pid_bh = tile_and_plane(DV, BLOCK_N)  # value tiles of one (batch, head) consecutive
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -94,14 +93,12 @@ def _lightning_attention_fwd_kernel(
         log_lam = 0.0
     st_ok = k_ok[:, None] & v_ok[None, :]
     if HAS_S0:
-        state = tl.load(S0 + b * ssb + h * ssh + offs_k[:, None] * ssk + offs_v[None, :] * ssv,
-                        mask=st_ok, other=0.0).to(tl.float32)
+        S0p = plane(S0, b, h)
+        state = tl.load(S0p.ptr + offs_k[:, None] * S0p.sr + offs_v[None, :] * S0p.sc, mask=st_ok,
+                        other=0.0).to(tl.float32)
     else:
         state = tl.zeros([BLOCK_DK, BLOCK_N], dtype=tl.float32)
-    Q_base = Q + b * sqb + h * sqh
-    K_base = K + b * skb + h * skh
-    V_base = V + b * svb + h * svh
-    O_base = O + b * sob + h * soh
+    Qp, Kp, Vp, Op = plane(Q, b, h), plane(K, b, h), plane(V, b, h), plane(O, b, h)
     causal = offs_c[:, None] >= offs_c[None, :]
     if HAS_DECAY:
         # exp of (position difference x log lambda), masked to 0 above the diagonal
@@ -115,11 +112,11 @@ def _lightning_attention_fwd_kernel(
             row = (L - 1 - pos).to(tl.int64)
         else:
             row = pos.to(tl.int64)
-        q = tl.load(Q_base + row[:, None] * sqt + offs_k[None, :] * sqd, mask=valid[:, None] & k_ok[None, :],
+        q = tl.load(Qp.ptr + row[:, None] * Qp.sr + offs_k[None, :] * Qp.sc, mask=valid[:, None] & k_ok[None, :],
                     other=0.0)
-        k = tl.load(K_base + row[:, None] * skt + offs_k[None, :] * skd, mask=valid[:, None] & k_ok[None, :],
+        k = tl.load(Kp.ptr + row[:, None] * Kp.sr + offs_k[None, :] * Kp.sc, mask=valid[:, None] & k_ok[None, :],
                     other=0.0)
-        v = tl.load(V_base + row[:, None] * svt + offs_v[None, :] * svd, mask=valid[:, None] & v_ok[None, :],
+        v = tl.load(Vp.ptr + row[:, None] * Vp.sr + offs_v[None, :] * Vp.sc, mask=valid[:, None] & v_ok[None, :],
                     other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)                              # [M, M]
         if HAS_DECAY:
@@ -142,11 +139,12 @@ def _lightning_attention_fwd_kernel(
             acc = tl.dot(qd.to(q.dtype), state.to(q.dtype), acc)
         else:  # fp16 (tf32: fp16's mantissa with fp32's range) and fp32 (ieee)
             acc = tl.dot(qd, state, acc, input_precision=STATE_PRECISION)
-        tl.store(O_base + row[:, None] * sot + offs_v[None, :] * sod, acc.to(O.dtype.element_ty),
+        tl.store(Op.ptr + row[:, None] * Op.sr + offs_v[None, :] * Op.sc, acc.to(Op.ptr.dtype.element_ty),
                  mask=valid[:, None] & v_ok[None, :])
         state = state * s_dec + tl.dot(tl.trans(kd), v, input_precision=PRECISION) * kv_scale
     if STORE_SF:
-        tl.store(SF + b * sfb + h * sfh + offs_k[:, None] * sfk + offs_v[None, :] * sfv, state, mask=st_ok)
+        SFp = plane(SF, b, h)
+        tl.store(SFp.ptr + offs_k[:, None] * SFp.sr + offs_v[None, :] * SFp.sc, state, mask=st_ok)
 
 
 @triton.jit
@@ -179,10 +177,6 @@ def _lightning_attention_step_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
-def block_d_of(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
-
-
 def _problem(dk, dv, elem, smem):
     """What the prune looks at (layout_* size the Tuner's always-fitting fallback: 32 x 32 tiles)."""
     return dict(block_dk=block_d_of(dk), block_dv=block_d_of(dv), elem=elem, smem=smem, layout_bq=32,
@@ -205,15 +199,14 @@ def lightning_attention_pass(q, k, v, slopes: Optional[torch.Tensor], s0: Option
     B, H, L, Dk = q.shape
     Dv = v.shape[-1]
     out = empty(B, H, L, Dv, dtype=v.dtype, device=q.device)
-    sf = empty(B, H, Dk, Dv, dtype=torch.float32, device=q.device) if store_sf else out
-    s0_t = s0 if s0 is not None else out
+    sf = empty(B, H, Dk, Dv, dtype=torch.float32, device=q.device) if store_sf else None
     if s0 is None:
-        s0_strides = (0, 0, 0, 0)
+        s0_view = view(out, (0, 0, 0, 0))
     elif s0_transposed:
-        s0_strides = (s0.stride(0), s0.stride(1), s0.stride(3), s0.stride(2))
+        s0_view = view(s0, (s0.stride(0), s0.stride(1), s0.stride(3), s0.stride(2)))
     else:
-        s0_strides = s0.stride()
-    sf_strides = sf.stride() if store_sf else (0, 0, 0, 0)
+        s0_view = view(s0)
+    sf_view = view(sf) if store_sf else view(out, (0, 0, 0, 0))
     flags = _flags(q, Dk, Dv)
     flags.update(HAS_DECAY=slopes is not None, HAS_S0=s0 is not None, STORE_SF=store_sf, REVERSE=reverse,
                  S0_SHIFT=int(s0_shift))
@@ -221,16 +214,15 @@ def lightning_attention_pass(q, k, v, slopes: Optional[torch.Tensor], s0: Option
 
     def launch(cfg):
         grid = (triton.cdiv(Dv, cfg["BLOCK_N"]) * B * H,)
-        _lightning_attention_fwd_kernel[grid](
-            q, k, v, s0_t, out, sf, slopes_t, *q.stride(), *k.stride(), *v.stride(), *s0_strides,
-            *out.stride(), *sf_strides, H, L, scale, inter_scale, kv_scale, **flags, **cfg)
+        _lightning_attention_fwd_kernel[grid](view(q), view(k), view(v), s0_view, view(out), sf_view, slopes_t, H, L,
+                                              scale, inter_scale, kv_scale, **flags, **cfg)
 
     prob = _problem(Dk, Dv, q.element_size(), device_smem_limit(q.device))
     key = {"dtype": str(q.dtype), "L": triton.next_power_of_2(L), "BH": B * H,
            **{k_: v_ for k_, v_ in flags.items() if k_ not in ("PRECISION", "STATE_PRECISION")}}
     with on_device(q):
         launch(TUNER.pick(launch, **prob, **key))
-    return out, (sf if store_sf else None)
+    return out, sf
 
 
 def lightning_attention_fwd(q, k, v, slopes: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
@@ -272,10 +264,6 @@ def lightning_attention_step(q, k, v, state, slopes: Optional[torch.Tensor], sca
 
 
 # ----------------------------------------------------------------------------- compile gate
-GATE_HEAD_DIMS = (16, 32, 64, 128, 256)
-GATE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
 def compile_specs(cc: int):
     """The chunk kernel at every config its prune can select on sm_<cc> for Dk = Dv in
     {16..256} and each dtype (decay, S0, final state and reversal on: the largest code; bf16 at
@@ -285,8 +273,10 @@ def compile_specs(cc: int):
 
     for tname, dtype in GATE_DTYPES.items():
         ptr = "*" + tname
-        types = {**{n: ptr for n in ("Q", "K", "V", "O")}, **{n: "*fp32" for n in ("S0", "SF", "S", "SN", "SLOPES")},
-                 **{n: "fp32" for n in ("scale", "inter_scale", "kv_scale")}}
+        scalars = {"SLOPES": "*fp32", **{n: "fp32" for n in ("scale", "inter_scale", "kv_scale")}}
+        types = {**{n: view_type(ptr) for n in ("Q", "K", "V", "O")}, **{n: view_type("*fp32") for n in ("S0", "SF")},
+                 **scalars}
+        step_types = {**{n: ptr for n in ("Q", "K", "V", "O")}, "S": "*fp32", "SN": "*fp32", **scalars}
         elem = torch.empty((), dtype=dtype).element_size()
         q = torch.empty(0, dtype=dtype)
         for d in GATE_HEAD_DIMS:
@@ -302,6 +292,6 @@ def compile_specs(cc: int):
                                tags={"dtype": tname, "D": d, "features": features, **cfg})
         for d in (64, 256):
             yield Spec("lightning_step", _lightning_attention_step_kernel,
-                       signature(_lightning_attention_step_kernel, types),
+                       signature(_lightning_attention_step_kernel, step_types),
                        dict(DK=d, DV=d, BLOCK_DK=block_d_of(d), BLOCK_N=STEP_BLOCK_N, HAS_DECAY=True), 4, 1,
                        tags={"dtype": tname, "D": d})

@@ -1,0 +1,233 @@
+"""The tile walk of the softmax attention kernels, its in-block rules, and its extension point.
+
+A program owns a tile of rows: query rows in the forward and dQ kernels (query-major), key rows in
+dK/dV (``KEY_MAJOR``). :func:`walk` visits the tiles of the other side that the BlockLayout lists
+for the owner's layout block: first the partial blocks, with the in-block rules, then the full
+blocks, with no mask arithmetic at all (a layout block may span several kernel tiles). It is the
+only such loop. Per visited tile it
+
+1. loads the tile's score operand ``x`` ``[BLOCK_D, BLOCK]`` (K rows query-major, Q rows key-major)
+   and, when the kernel asks, a second operand ``y`` the same way (dQ's V: loaded before the
+   score rather than in the body, its pass needs fewer registers);
+2. scores it, ``s = own @ x`` (``[own, visited]``), and applies the rules (:func:`apply_rules`):
+   scale to base 2 and the score modifications, then in partial tiles the in-block masks;
+3. calls ``BODY(carry, ctx, s, x, y, offs, MASKED, RULES, HEAD_DIM, BLOCK_D, PRECISION) ->
+   (carry, p)``, the kernel's work on the tile (online softmax and P.V, or a gradient), which
+   returns the tile's probabilities ``p`` ``[own, visited]``;
+4. calls ``TILE_HOOK(extra, p, offs_own, offs) -> extra``, extra work per visited tile for outputs
+   accumulated during the walk (:func:`no_hook`: none).
+
+BODY and TILE_HOOK are @triton.jit functions passed as constexprs. ``carry``, ``extra`` and
+``ctx`` (what BODY reads: pointers, resident tiles, bounds) are tuples of runtime values, so each
+body and hook owns its state; in Triton 3.6 a tuple variable holding a constexpr breaks the
+compiler, so constexprs travel as arguments.
+
+How to extend (each behaviour written once, never a copy of the walk):
+
+* an in-block rule or score modification (softcap, ALiBi, position-id causal, key padding): its
+  runtime data become fields of :data:`Rules` (taken to the (batch, head) plane in
+  :func:`rules_at` when they are per plane), its switch a field of :data:`RuleFlags`, its code a
+  small jit function that :func:`apply_rules` calls under the switch. Python mirrors each rule in
+  ``sparseattn.layout.predicates`` (the builders, the CPU path and the oracles share them).
+* an extra output accumulated during the walk (column sums of P, probability mass per key group):
+  a TILE_HOOK whose accumulators (and read-only inputs) ride in ``extra``, stored by the kernel
+  after the walk. The backward bodies' ``p`` is normalised, ``exp2(s - lse)`` from the saved LSE;
+  the forward's is relative to the running row maximum.
+* a reweighted P.V (attention redistribution): a forward BODY whose carry keeps one accumulator per
+  key group, combined per row after the walk.
+"""
+from __future__ import annotations
+
+from collections import namedtuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import load_cols, load_vec, plane, view, view_type
+
+# The rules' runtime data (a kernel argument): sequence lengths (the bounds rule), the causal and
+# sliding-window parameters, the base-2 score scale, the element mask and the float bias as Views
+# of [B|1, H|1, Lq, Lk], and the packed tile bitmasks [n tiles, LAYOUT_BQ, words].
+Rules = namedtuple("Rules", ["Lq", "Lk", "causal_off", "window", "sinks", "qk_scale", "mask", "bias", "bits"])
+# Which rules a kernel compiles in (a constexpr kernel argument).
+RuleFlags = namedtuple("RuleFlags", ["causal", "window", "mask", "bias", "bits"])
+# One direction of a BlockLayout's lists: per (plane, row block) the count and sorted indices of the
+# partial blocks (with their bitmask ids) and of the full ones. The plane of (b, h) is
+# b * sb + h * sh; ``rows`` row blocks per plane; ``wp`` / ``wf`` the widths of the index lists.
+Lists = namedtuple("Lists", ["num", "idx", "bid", "full_num", "full_idx", "sb", "sh", "rows", "wp", "wf"])
+
+
+def rules_of(q: torch.Tensor, k: torch.Tensor, mask, bias, bits, dummy: torch.Tensor, qk_scale: float,
+             causal_offset, window, sinks: int) -> Rules:
+    """The Rules of a launch; absent tensors are replaced by ``dummy`` (never read)."""
+    def bcast(t):  # size-1 (broadcast) dims get stride 0
+        if t is None:
+            return view(dummy, (0, 0, 0, 0))
+        return view(t, tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(4)))
+
+    return Rules(q.shape[2], k.shape[2], causal_offset or 0, window or 0, sinks, qk_scale,
+                 bcast(None if mask is None else mask.view(torch.uint8)), bcast(bias),
+                 dummy if bits is None else bits)
+
+
+def lists_of(num, idx, bid, full_num, full_idx) -> Lists:
+    """The Lists of one direction of ``BlockLayout.lists()``."""
+    planes_b, planes_h = num.shape[0], num.shape[1]
+    return Lists(num, idx, bid, full_num, full_idx, planes_h if planes_b > 1 else 0, 1 if planes_h > 1 else 0,
+                 num.shape[-1], idx.shape[-1], full_idx.shape[-1])
+
+
+def rules_type(ptr: str) -> Rules:
+    """The compile gate's signature of Rules (bias of Triton pointer type ``ptr``)."""
+    return Rules("i32", "i32", "i32", "i32", "i32", "fp32", view_type("*u8"), view_type(ptr), "*i32")
+
+
+def lists_type() -> Lists:
+    """The compile gate's signature of Lists."""
+    return Lists(*(["*i32"] * 5), *(["i32"] * 5))
+
+
+# ----------------------------------------------------------------------------- the rules
+# Mask rules take the positions (``qi`` / ``kj``, broadcastable, in the orientation of the scores)
+# and the running ``keep``, and narrow it; a rule that reads memory reads only where keep holds.
+@triton.jit
+def _in_bounds(qi, kj, rules):
+    return (qi < rules.Lq) & (kj < rules.Lk)
+
+
+@triton.jit
+def _causal(keep, qi, kj, rules):
+    return keep & (kj <= qi + rules.causal_off)
+
+
+@triton.jit
+def _window(keep, qi, kj, rules):
+    """The last ``window`` keys at or before the (aligned) query, plus the first ``sinks`` keys."""
+    return keep & ((qi + rules.causal_off - kj < rules.window) | (kj < rules.sinks))
+
+
+@triton.jit
+def _element_mask(keep, qi, kj, rules):
+    m = tl.load(rules.mask.ptr + qi.to(tl.int64) * rules.mask.sr + kj.to(tl.int64) * rules.mask.sc, mask=keep,
+                other=0)
+    return keep & (m != 0)
+
+
+@triton.jit
+def _tile_bits(keep, qi, kj, rules, bid, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr):
+    """Bit (qi, kj) of the tile's packed bitmask ``bid`` (-1: the tile has none)."""
+    NW: tl.constexpr = (LAYOUT_BK + 31) // 32
+    col_in = kj % LAYOUT_BK
+    tile = rules.bits + tl.maximum(bid, 0).to(tl.int64) * (LAYOUT_BQ * NW)
+    w = tl.load(tile + (qi % LAYOUT_BQ) * NW + col_in // 32, mask=keep & (bid >= 0), other=-1)
+    return keep & (((w >> (col_in % 32)) & 1) != 0)
+
+
+@triton.jit
+def _add_bias(s, qi, kj, rules, MASKED: tl.constexpr):
+    """Add the float bias (natural-log units, hence the log2(e))."""
+    b_ptrs = rules.bias.ptr + qi.to(tl.int64) * rules.bias.sr + kj.to(tl.int64) * rules.bias.sc
+    if MASKED:
+        b = tl.load(b_ptrs, mask=_in_bounds(qi, kj, rules), other=0.0)
+    else:
+        b = tl.load(b_ptrs)
+    return s + b.to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
+def apply_rules(s, qi, kj, rules, bid, MASKED: tl.constexpr, RULES: tl.constexpr, LAYOUT_BQ: tl.constexpr,
+                LAYOUT_BK: tl.constexpr):
+    """Raw scores -> base-2 scores: scale and score modifications, then (partial tiles only) the
+    in-block masks selected by RULES, masked scores set to -inf."""
+    s = s * rules.qk_scale
+    if RULES.bias:
+        s = _add_bias(s, qi, kj, rules, MASKED)
+    if MASKED:
+        keep = _in_bounds(qi, kj, rules)
+        if RULES.causal:
+            keep = _causal(keep, qi, kj, rules)
+        if RULES.window:
+            keep = _window(keep, qi, kj, rules)
+        if RULES.mask:
+            keep = _element_mask(keep, qi, kj, rules)
+        if RULES.bits:
+            keep = _tile_bits(keep, qi, kj, rules, bid, LAYOUT_BQ, LAYOUT_BK)
+        s = tl.where(keep, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def rules_at(rules, b, h):
+    """The Rules of the (b, h) plane (element mask and bias as Planes)."""
+    return Rules(rules.Lq, rules.Lk, rules.causal_off, rules.window, rules.sinks, rules.qk_scale,
+                 plane(rules.mask, b, h), plane(rules.bias, b, h), rules.bits)
+
+
+# ----------------------------------------------------------------------------- the walk
+@triton.jit
+def layout_row(lists, b, h, blk):
+    """Row of the lists of layout block ``blk`` of the (b, h) plane."""
+    return (b * lists.sb + h * lists.sh) * lists.rows + blk
+
+
+@triton.jit
+def _listed(lists, row, MASKED: tl.constexpr):
+    """(block indices, bitmask ids, count) of a row's partial blocks (MASKED) or full blocks (no ids)."""
+    if MASKED:
+        return lists.idx + row * lists.wp, lists.bid + row * lists.wp, tl.load(lists.num + row)
+    else:
+        return lists.full_idx + row * lists.wf, lists.full_idx + row * lists.wf, tl.load(lists.full_num + row)
+
+
+@triton.jit
+def lse2(LSE, offs, Lq, MASKED: tl.constexpr):
+    """Saved LSE rows in base 2, -inf (the row sees nothing) turned into +inf so that
+    exp2(s - lse) = 0."""
+    lse = load_vec(LSE, offs, Lq, MASKED)
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
+def no_hook(extra, p, offs_own, offs):
+    """The TILE_HOOK of a walk without extra outputs."""
+    return extra
+
+
+@triton.jit
+def walk(carry, extra, ctx, own, offs_own, X, Y, rules, lists, row, KEY_MAJOR: tl.constexpr, RULES: tl.constexpr,
+         BLOCK: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, HEAD_DIM: tl.constexpr,
+         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, BODY: tl.constexpr, TILE_HOOK: tl.constexpr):
+    """Walk the tiles listed in ``row`` of ``lists`` for the owned tile ``own`` ``[own rows, BLOCK_D]``
+    at positions ``offs_own`` (module docstring). ``X`` is the Plane of the visited side's score
+    operand, ``Y`` that of the second operand (or None), ``rules`` the plane's Rules
+    (:func:`rules_at`), BLOCK the visited tile's size. Returns (carry, extra)."""
+    if KEY_MAJOR:
+        LAYOUT_B: tl.constexpr = LAYOUT_BQ
+        bound = rules.Lq
+    else:
+        LAYOUT_B: tl.constexpr = LAYOUT_BK
+        bound = rules.Lk
+    SUB: tl.constexpr = LAYOUT_B // BLOCK
+    for MASKED in tl.static_range(1, -1, -1):  # partial blocks, then full blocks
+        idx, bids, count = _listed(lists, row, MASKED)
+        for t in range(count * SUB):
+            blk = tl.load(idx + t // SUB)
+            if MASKED and RULES.bits:
+                bid = tl.load(bids + t // SUB)
+            else:
+                bid = -1
+            offs = blk * LAYOUT_B + (t % SUB) * BLOCK + tl.arange(0, BLOCK)
+            x = load_cols(X, offs, bound, MASKED, HEAD_DIM, BLOCK_D)                          # [D, BLOCK]
+            if Y is not None:
+                y = load_cols(Y, offs, bound, MASKED, HEAD_DIM, BLOCK_D)
+            else:
+                y = None
+            s = tl.dot(own, x, input_precision=PRECISION)
+            if KEY_MAJOR:
+                s = apply_rules(s, offs[None, :], offs_own[:, None], rules, bid, MASKED, RULES, LAYOUT_BQ, LAYOUT_BK)
+            else:
+                s = apply_rules(s, offs_own[:, None], offs[None, :], rules, bid, MASKED, RULES, LAYOUT_BQ, LAYOUT_BK)
+            carry, p = BODY(carry, ctx, s, x, y, offs, MASKED, RULES, HEAD_DIM, BLOCK_D, PRECISION)
+            extra = TILE_HOOK(extra, p, offs_own, offs)
+    return carry, extra
