@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _config
+
 # Triton decides interpreter-or-compiler when a kernel is decorated, i.e. when the kernel modules
 # are imported; this records that decision for the dispatcher.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -22,7 +24,7 @@ SMEM_LIMIT = {90: 232448, 80: 166912}
 GATE_HEAD_DIMS = (16, 32, 64, 128, 256)
 GATE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
-CONFIG_ENV = "SPARSEATTN_CONFIG"
+CONFIG_ENV = "SPARSEATTN_CONFIG"    # read through sparseattn/_config.py, like every SPARSEATTN_* variable
 AUTOTUNE_ENV = "SPARSEATTN_AUTOTUNE"
 
 
@@ -45,7 +47,7 @@ def view_type(ptr: str) -> View:
 
 def pinned_config() -> Optional[Dict[str, int]]:
     """Parse SPARSEATTN_CONFIG, e.g. ``BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=3``."""
-    text = os.environ.get(CONFIG_ENV, "").strip()
+    text = _config.get(CONFIG_ENV)
     if not text:
         return None
     out = {}
@@ -115,7 +117,7 @@ class Tuner:
         """The config to run: the only candidate, or the fastest one timed on this GPU (once per
         key; during a CUDA graph capture an untimed key runs the first candidate, untimed)."""
         cands = self.candidates(**problem)
-        if len(cands) == 1 or os.environ.get(AUTOTUNE_ENV, "1") == "0":
+        if len(cands) == 1 or not _config.flag(AUTOTUNE_ENV):
             return cands[0]
         key = tuple(sorted(problem.items()))
         if key not in self.cache and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
