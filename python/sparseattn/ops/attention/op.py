@@ -77,13 +77,12 @@ def _backward(ctx, dout, dlse):
 torch.library.register_autograd("sparseattn::sparse_attention_fwd", _backward, setup_context=_setup_context)
 
 
-def run(q, k, v, layout: BlockLayout, bias, scale, fallback: Optional[str] = None):
-    """The fused op on a checked layout; records the backend (``fallback``: why a caller took
-    this route instead of its fast path)."""
+def run(q, k, v, layout: BlockLayout, bias, scale):
+    """The fused op on a checked layout; records the backend (and why, off the kernels)."""
     backend = backend_for(q)
-    _dispatch.set_backend(backend, fallback or (_dispatch.cpu_reason(q) if backend == "cpu" else None))
+    _dispatch.set_backend(backend, _dispatch.cpu_reason(q) if backend == "cpu" else None)
     return sparse_attention_fwd(q, k, v, layout.lists(), layout.mask, bias, layout.bits, scale,
-                                    *layout.block_size, layout.causal_offset, layout.window, layout.sinks)
+                                *layout.block_size, layout.causal_offset, layout.window, layout.sinks)
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
