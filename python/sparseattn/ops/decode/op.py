@@ -28,7 +28,7 @@ from ... import _cuda, _dispatch
 from ...layout import BlockLayout, mask_to_lists
 from ..attention.op import sparse_attention
 from ..attention.sdpa import mask_layout
-from ..common import MAX_HEAD_DIM, SUPPORTED_DTYPES, check_inputs
+from ..common import check_dtype_and_dim, check_inputs
 from .cpu import decode_attention_cpu
 
 MAX_LQ = 16
@@ -40,12 +40,9 @@ def _check_decode(q, k_cache, v_cache, layout_or_pattern, cache_seqlens):
     """Validate everything before any launch.
     Returns (B, Hq, Hkv, Lq, Lmax, D, layout or None, pattern or None)."""
     B, Hq, Hkv, Lq, Lmax, D = check_inputs(q, k_cache, v_cache, gqa=True, names=("q", "k_cache", "v_cache"))
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"q: expected float16, bfloat16 or float32, got {q.dtype}")
+    check_dtype_and_dim(q)
     if not 1 <= Lq <= MAX_LQ:
         raise ValueError(f"q: expected 1 <= Lq <= {MAX_LQ} query positions (dim 2), got {Lq}")
-    if D > MAX_HEAD_DIM:
-        raise ValueError(f"q: expected head dim <= {MAX_HEAD_DIM}, got {D}")
     if cache_seqlens is not None:
         if not isinstance(cache_seqlens, Tensor):
             raise TypeError(f"cache_seqlens: expected an int32 torch.Tensor [B] or None, got "
