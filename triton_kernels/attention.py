@@ -24,8 +24,9 @@ import triton.language as tl
 from .._alloc import empty, on_device
 from .common import (GATE_DTYPES, GATE_HEAD_DIMS, Tuner, attention_tile_fits, block_d_of, device_smem_limit,
                      load_rows, load_vec, plane, program_tile, store_rows, tile_and_plane, view, view_type)
-from .walk import (RuleFlags, layout_row, lists_of, lists_type, lse2, no_hook, rules_at, rules_of, rules_type,
-                   walk)
+from ..ops.common import ScoreOptions
+from .walk import (RuleFlags, layout_row, lists_of, lists_type, lse2, no_hook, rule_flags, rules_at,
+                   rules_of, rules_type, walk)
 
 LOG2E = 1.4426950408889634
 
@@ -69,21 +70,21 @@ DQ_TUNER = Tuner("sparse_attention_bwd_dq", DQ_CONFIGS, _fits("dq"))
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_tile(carry, ctx, s, k, y, offs_n, MASKED: tl.constexpr, RULES: tl.constexpr, HEAD_DIM: tl.constexpr,
-              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """Forward BODY: online softmax over one key tile and its P.V. carry (acc [M, D], row sum,
+def _fwd_tile(carry, ctx, s, dcap, k, y, offs_n, MASKED: tl.constexpr, RULES: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """Forward BODY: online softmax over one key tile and its P.V. carry (acc [M, DV], row sum,
     row max), ctx (V plane, Lk); p = exp2(s - row max so far)."""
     acc, l_i, m_i = carry
     V, Lk = ctx
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASKED or RULES.bias:  # a row can still be all -inf here: keep exp2 away from inf - inf
+    if MASKED or RULES.bias or RULES.key_bias:  # a row can still be all -inf here: keep exp2 away from inf - inf
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_use = m_new
     p = tl.math.exp2(s - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = load_rows(V, offs_n, Lk, MASKED, HEAD_DIM, BLOCK_D)                                  # [N, D]
+    v = load_rows(V, offs_n, Lk, MASKED, HEAD_DV, BLOCK_DV)                                  # [N, DV]
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return (acc, l_i, m_new), p
 
@@ -91,23 +92,24 @@ def _fwd_tile(carry, ctx, s, k, y, offs_n, MASKED: tl.constexpr, RULES: tl.const
 @triton.jit
 def _sparse_attention_fwd_kernel(
         Q, K, V, O, LSE, rules, lists, H, GROUP,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, RULES: tl.constexpr, PRECISION: tl.constexpr):
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
+        RULES: tl.constexpr, PRECISION: tl.constexpr):
     """O and LSE [B, H, Lq] of one query tile. Q, K, V, O: Views; rules: Rules; lists: the layout's
     Lists by query block."""
     Lq = rules.Lq
     b, h, hk, blk, offs_m = program_tile(Lq, H, GROUP, BLOCK_M, LAYOUT_BQ)
     q = load_rows(plane(Q, b, h), offs_m, Lq, True, HEAD_DIM, BLOCK_D)
-    init = (tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.float32),
+    init = (tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.float32),
             tl.full([BLOCK_M], float("-inf"), dtype=tl.float32))
     carry, _ = walk(init, (), (plane(V, b, hk), rules.Lk), q, offs_m, plane(K, b, hk), None, rules_at(rules, b, h),
                     lists, layout_row(lists, b, h, blk), False, RULES, BLOCK_N, LAYOUT_BQ, LAYOUT_BK, HEAD_DIM, BLOCK_D,
-                    PRECISION, _fwd_tile, no_hook)
+                    HEAD_DV, BLOCK_DV, PRECISION, _fwd_tile, no_hook)
     acc, l_i, m_i = carry
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    store_rows(plane(O, b, h), offs_m, Lq, acc / l_safe[:, None], HEAD_DIM, BLOCK_D)
+    store_rows(plane(O, b, h), offs_m, Lq, acc / l_safe[:, None], HEAD_DV, BLOCK_DV)
     tl.store(LSE + (b * H + h) * Lq + offs_m, lse, mask=offs_m < Lq)
 
 
@@ -132,17 +134,20 @@ def _sparse_attention_bwd_preprocess_kernel(O, DO, DLSE, DELTA, H, Lq, HEAD_DIM:
 
 
 @triton.jit
-def _dkdv_tile(carry, ctx, s_t, q_t, y, offs_m, MASKED: tl.constexpr, RULES: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """dK/dV BODY over one query tile (key-major: s_t, p_t are [N, M]). carry (dk, dv) [N, D];
-    ctx (v tile, dO plane, LSE and delta rows of the query head, Lq)."""
+def _dkdv_tile(carry, ctx, s_t, dcap, q_t, y, offs_m, MASKED: tl.constexpr, RULES: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """dK/dV BODY over one query tile (key-major: s_t, p_t are [N, M]). carry (dk [N, D], dv
+    [N, DV]); ctx (v tile, dO plane, LSE and delta rows of the query head, Lq)."""
     dk, dv = carry
     v, DO, LSE, DELTA, Lq = ctx
     p_t = tl.math.exp2(s_t - lse2(LSE, offs_m, Lq, MASKED)[None, :])
-    do = load_rows(DO, offs_m, Lq, MASKED, HEAD_DIM, BLOCK_D)                               # [M, D]
+    do = load_rows(DO, offs_m, Lq, MASKED, HEAD_DV, BLOCK_DV)                               # [M, DV]
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)                                # [N, M]
     ds_t = p_t * (dp_t - load_vec(DELTA, offs_m, Lq, MASKED)[None, :])
+    if RULES.softcap:
+        ds_t = ds_t * dcap
     dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=PRECISION)
     return (dk, dv), p_t
 
@@ -150,68 +155,72 @@ def _dkdv_tile(carry, ctx, s_t, q_t, y, offs_m, MASKED: tl.constexpr, RULES: tl.
 @triton.jit
 def _sparse_attention_bwd_dkdv_kernel(
         Q, K, V, DO, DK, DV, LSE, DELTA, rules, lists, H, HKV, GROUP, sm_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, RULES: tl.constexpr, PRECISION: tl.constexpr):
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
+        RULES: tl.constexpr, PRECISION: tl.constexpr):
     """dK, dV of one key tile, summed over the query heads of its GQA group (no atomics). lists: the
     layout's transposed Lists, by key block."""
     Lq, Lk = rules.Lq, rules.Lk
     b, hk, _, blk, offs_n = program_tile(Lk, HKV, 1, BLOCK_N, LAYOUT_BK)
     k = load_rows(plane(K, b, hk), offs_n, Lk, True, HEAD_DIM, BLOCK_D)
-    v = load_rows(plane(V, b, hk), offs_n, Lk, True, HEAD_DIM, BLOCK_D)
-    carry = (tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32))
+    v = load_rows(plane(V, b, hk), offs_n, Lk, True, HEAD_DV, BLOCK_DV)
+    carry = (tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32))
     for g in range(GROUP):
         h = hk * GROUP + g
         ctx = (v, plane(DO, b, h), LSE + (b * H + h) * Lq, DELTA + (b * H + h) * Lq, Lq)
         # walk(...)[0]: `_` holds a tensor above, and a Triton loop may not rebind it to a tuple
         carry = walk(carry, (), ctx, k, offs_n, plane(Q, b, h), None, rules_at(rules, b, h), lists,
                      layout_row(lists, b, h, blk), True, RULES, BLOCK_M, LAYOUT_BQ, LAYOUT_BK, HEAD_DIM, BLOCK_D,
-                     PRECISION, _dkdv_tile, no_hook)[0]
+                     HEAD_DV, BLOCK_DV, PRECISION, _dkdv_tile, no_hook)[0]
     dk, dv = carry
     store_rows(plane(DK, b, hk), offs_n, Lk, dk * sm_scale, HEAD_DIM, BLOCK_D)
-    store_rows(plane(DV, b, hk), offs_n, Lk, dv, HEAD_DIM, BLOCK_D)
+    store_rows(plane(DV, b, hk), offs_n, Lk, dv, HEAD_DV, BLOCK_DV)
 
 
 @triton.jit
-def _dq_tile(dq, ctx, s, k_t, v_t, offs_n, MASKED: tl.constexpr, RULES: tl.constexpr, HEAD_DIM: tl.constexpr,
-             BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """dQ BODY over one key tile (the walk loads its V tile too, v_t [D, N]). carry dq [M, D];
+def _dq_tile(dq, ctx, s, dcap, k_t, v_t, offs_n, MASKED: tl.constexpr, RULES: tl.constexpr, HEAD_DIM: tl.constexpr,
+             BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ BODY over one key tile (the walk loads its V tile too, v_t [DV, N]). carry dq [M, D];
     ctx (dO tile, base-2 LSE, delta)."""
     do, lse, delta = ctx
     p = tl.math.exp2(s - lse[:, None])
     dp = tl.dot(do, v_t, input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
+    if RULES.softcap:
+        ds = ds * dcap
     return tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=PRECISION), p
 
 
 @triton.jit
 def _sparse_attention_bwd_dq_kernel(
         Q, K, V, DO, DQ, LSE, DELTA, rules, lists, H, GROUP, sm_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, RULES: tl.constexpr, PRECISION: tl.constexpr):
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
+        RULES: tl.constexpr, PRECISION: tl.constexpr):
     """dQ of one query tile (lists: the layout's Lists by query block)."""
     Lq = rules.Lq
     b, h, hk, blk, offs_m = program_tile(Lq, H, GROUP, BLOCK_M, LAYOUT_BQ)
     q = load_rows(plane(Q, b, h), offs_m, Lq, True, HEAD_DIM, BLOCK_D)
-    do = load_rows(plane(DO, b, h), offs_m, Lq, True, HEAD_DIM, BLOCK_D)
+    do = load_rows(plane(DO, b, h), offs_m, Lq, True, HEAD_DV, BLOCK_DV)
     ctx = (do, lse2(LSE + (b * H + h) * Lq, offs_m, Lq, True), load_vec(DELTA + (b * H + h) * Lq, offs_m, Lq, True))
     dq, _ = walk(tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), (), ctx, q, offs_m, plane(K, b, hk), plane(V, b, hk),
                  rules_at(rules, b, h), lists, layout_row(lists, b, h, blk), False, RULES, BLOCK_N, LAYOUT_BQ,
-                 LAYOUT_BK, HEAD_DIM, BLOCK_D, PRECISION, _dq_tile, no_hook)
+                 LAYOUT_BK, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION, _dq_tile, no_hook)
     store_rows(plane(DQ, b, h), offs_m, Lq, dq * sm_scale, HEAD_DIM, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------- launchers
-def problem(q: torch.Tensor, layout_bq: int, layout_bk: int, head_dim: int) -> dict:
-    """What the prune of every attention kernel looks at."""
-    return dict(layout_bq=layout_bq, layout_bk=layout_bk, block_d=block_d_of(head_dim),
+def problem(q: torch.Tensor, layout_bq: int, layout_bk: int, head_dim: int, value_dim: Optional[int] = None) -> dict:
+    """What the prune of every attention kernel looks at (the wider of the key and value head dims)."""
+    return dict(layout_bq=layout_bq, layout_bk=layout_bk, block_d=block_d_of(max(head_dim, value_dim or head_dim)),
                 elem=q.element_size(), smem=device_smem_limit(q.device))
 
 
-def _flags(mask, bias, bits, causal_offset, window, layout_bq, layout_bk, head_dim):
-    rules = RuleFlags(causal=causal_offset is not None, window=window is not None, mask=mask is not None,
-                      bias=bias is not None, bits=bits is not None)
-    return dict(HEAD_DIM=head_dim, BLOCK_D=block_d_of(head_dim), LAYOUT_BQ=layout_bq, LAYOUT_BK=layout_bk,
-                RULES=rules, PRECISION="ieee")  # fp32 inputs get true fp32 products, like torch
+def _flags(mask, bias, bits, causal_offset, window, opts: ScoreOptions, layout_bq, layout_bk, head_dim, value_dim):
+    rules = rule_flags(mask, bias, bits, causal_offset, window, opts)
+    return dict(HEAD_DIM=head_dim, BLOCK_D=block_d_of(head_dim), HEAD_DV=value_dim, BLOCK_DV=block_d_of(value_dim),
+                LAYOUT_BQ=layout_bq, LAYOUT_BK=layout_bk, RULES=rules,
+                PRECISION="ieee")  # fp32 inputs get true fp32 products, like torch
 
 
 def _key(flags, q, k):
@@ -226,16 +235,22 @@ def _key(flags, q, k):
 
 def sparse_attention_fwd(q, k, v, layout_lists: List[torch.Tensor], mask: Optional[torch.Tensor],
                          bias: Optional[torch.Tensor], bits: Optional[torch.Tensor], scale: float, layout_bq: int,
-                         layout_bk: int, causal_offset: Optional[int], window: Optional[int], sinks: int):
+                         layout_bk: int, causal_offset: Optional[int], window: Optional[int], sinks: int,
+                         key_mask: Optional[torch.Tensor] = None, key_bias: Optional[torch.Tensor] = None,
+                         alibi: Optional[torch.Tensor] = None, q_pos: Optional[torch.Tensor] = None,
+                         k_pos: Optional[torch.Tensor] = None, softcap: Optional[float] = None):
     """Launch the forward over a layout given as ``BlockLayout.lists()`` plus its tile bitmasks,
-    element mask and kinds. Returns (out [B, Hq, Lq, D] like q's dtype, lse [B, Hq, Lq] float32)."""
+    element mask and kinds, and the score options (:class:`ScoreOptions`; a key mask and positions
+    only act in partial tiles, so the layout must list the tiles they cut as partial). Returns
+    (out [B, Hq, Lq, Dv] like q's dtype, lse [B, Hq, Lq] float32)."""
     B, H, Lq, D = q.shape
-    Hkv = k.shape[1]
-    out = empty(B, H, Lq, D, dtype=q.dtype, device=q.device)
+    Hkv, Dv = k.shape[1], v.shape[3]
+    opts = ScoreOptions(key_mask, key_bias, alibi, q_pos, k_pos, softcap)
+    out = empty(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
     lse = empty(B, H, Lq, dtype=torch.float32, device=q.device)
-    rules = rules_of(q, k, mask, bias, bits, layout_lists[1], scale * LOG2E, causal_offset, window, sinks)
+    rules = rules_of(q, k, mask, bias, bits, layout_lists[1], scale * LOG2E, causal_offset, window, sinks, opts)
     lists = lists_of(*layout_lists[:5])
-    flags = _flags(mask, bias, bits, causal_offset, window, layout_bq, layout_bk, D)
+    flags = _flags(mask, bias, bits, causal_offset, window, opts, layout_bq, layout_bk, D, Dv)
 
     def launch(cfg):
         grid = (triton.cdiv(Lq, cfg["BLOCK_M"]) * B * H,)
@@ -243,25 +258,30 @@ def sparse_attention_fwd(q, k, v, layout_lists: List[torch.Tensor], mask: Option
                                            **flags, **cfg)
 
     with on_device(q):
-        launch(FWD_TUNER.pick(launch, **problem(q, layout_bq, layout_bk, D), **_key(flags, q, k)))
+        launch(FWD_TUNER.pick(launch, **problem(q, layout_bq, layout_bk, D, Dv), **_key(flags, q, k)))
     return out, lse
 
 
 def sparse_attention_bwd(do, dlse, q, k, v, out, lse, layout_lists: List[torch.Tensor],
                          mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: Optional[torch.Tensor],
                          scale: float, layout_bq: int, layout_bk: int, causal_offset: Optional[int],
-                         window: Optional[int], sinks: int):
+                         window: Optional[int], sinks: int, key_mask: Optional[torch.Tensor] = None,
+                         key_bias: Optional[torch.Tensor] = None, alibi: Optional[torch.Tensor] = None,
+                         q_pos: Optional[torch.Tensor] = None, k_pos: Optional[torch.Tensor] = None,
+                         softcap: Optional[float] = None):
     """Launch the backward: delta preprocess, dK/dV over the transposed lists, dQ over the lists.
-    ``do`` and ``dlse`` (or None) must be contiguous. Returns (dq, dk, dv) in the input dtypes."""
+    ``do`` and ``dlse`` (or None) must be contiguous. Returns (dq, dk, dv) in the input dtypes.
+    Deterministic: no atomics, every gradient element is written by one program in a fixed order."""
     B, H, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    opts = ScoreOptions(key_mask, key_bias, alibi, q_pos, k_pos, softcap)
     delta = empty(B, H, Lq, dtype=torch.float32, device=q.device)
     dq = empty(B, H, Lq, D, dtype=q.dtype, device=q.device)
     dk = empty(B, Hkv, Lk, D, dtype=k.dtype, device=q.device)
-    dv = empty(B, Hkv, Lk, D, dtype=v.dtype, device=q.device)
-    rules = rules_of(q, k, mask, bias, bits, layout_lists[1], scale * LOG2E, causal_offset, window, sinks)
-    flags = _flags(mask, bias, bits, causal_offset, window, layout_bq, layout_bk, D)
-    prob = problem(q, layout_bq, layout_bk, D)
+    dv = empty(B, Hkv, Lk, Dv, dtype=v.dtype, device=q.device)
+    rules = rules_of(q, k, mask, bias, bits, layout_lists[1], scale * LOG2E, causal_offset, window, sinks, opts)
+    flags = _flags(mask, bias, bits, causal_offset, window, opts, layout_bq, layout_bk, D, Dv)
+    prob = problem(q, layout_bq, layout_bk, D, Dv)
     qs, ks, vs, dos = view(q), view(k), view(v), view(do)
 
     def launch_dkdv(cfg):
@@ -277,7 +297,7 @@ def sparse_attention_bwd(do, dlse, q, k, v, out, lse, layout_lists: List[torch.T
     key = _key(flags, q, k)
     with on_device(q):
         _sparse_attention_bwd_preprocess_kernel[(triton.cdiv(Lq, PREPROCESS_BLOCK_M) * B * H,)](
-            out, do, dlse if dlse is not None else delta, delta, H, Lq, HEAD_DIM=D, BLOCK_D=block_d_of(D),
+            out, do, dlse if dlse is not None else delta, delta, H, Lq, HEAD_DIM=Dv, BLOCK_D=block_d_of(Dv),
             BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=dlse is not None)
         launch_dkdv(DKDV_TUNER.pick(launch_dkdv, **prob, **key))
         launch_dq(DQ_TUNER.pick(launch_dq, **prob, **key))
@@ -306,26 +326,28 @@ def compile_specs(cc: int):
                  "sm_scale": "fp32"}
         pre_types = {**types, "O": ptr, "DO": ptr}  # the preprocess reads O and dO contiguous
         elem = torch.empty((), dtype=dtype).element_size()
-        for d in GATE_HEAD_DIMS:
+        # (D, Dv): every head dim with Dv = D, plus a value head dim narrower than the key's (MLA's 192 / 128)
+        dims = [(d, d) for d in GATE_HEAD_DIMS] + ([(192, 128)] if tname == "bf16" else [])
+        for d, dv in dims:
             if tname == "fp16" and d not in (64, 128):
                 continue  # fp16 tiles and code equal bf16's but for the MMA type: two head dims suffice
-            prob = dict(layout_bq=128, layout_bk=128, block_d=block_d_of(d), elem=elem, smem=SMEM_LIMIT[cc])
+            prob = dict(layout_bq=128, layout_bk=128, block_d=block_d_of(max(d, dv)), elem=elem, smem=SMEM_LIMIT[cc])
             fast = tname == "bf16" and d in (64, 128)
             for variant in (("all", "plain", "causal") if fast else ("all",)):
                 rules = RuleFlags(**{f: f in _VARIANTS[variant] for f in RuleFlags._fields})
-                flags = dict(HEAD_DIM=d, BLOCK_D=block_d_of(d), LAYOUT_BQ=128, LAYOUT_BK=128, RULES=rules,
-                             PRECISION="ieee")
+                flags = dict(HEAD_DIM=d, BLOCK_D=block_d_of(d), HEAD_DV=dv, BLOCK_DV=block_d_of(dv), LAYOUT_BQ=128,
+                             LAYOUT_BK=128, RULES=rules, PRECISION="ieee")
                 for name, kernel, tuner in (("fwd", _sparse_attention_fwd_kernel, FWD_TUNER),
                                             ("dkdv", _sparse_attention_bwd_dkdv_kernel, DKDV_TUNER),
                                             ("dq", _sparse_attention_bwd_dq_kernel, DQ_TUNER)):
                     for i, cfg in enumerate(tuner.candidates(**prob)):
                         tiles = {k: v for k, v in cfg.items() if k.isupper()}
-                        tags = {"dtype": tname, "D": d, "variant": variant, **cfg}
+                        tags = {"dtype": tname, "D": d, **({"Dv": dv} if dv != d else {}), "variant": variant, **cfg}
                         if fast and variant != "all" and i == 0 and cc == 90:
                             tags["max_spill"] = SPILL_BUDGET[name]
                         yield Spec(name, kernel, signature(kernel, types), {**flags, **tiles},
                                    cfg["num_warps"], cfg["num_stages"], tags=tags)
             yield Spec("preprocess", _sparse_attention_bwd_preprocess_kernel,
                        signature(_sparse_attention_bwd_preprocess_kernel, pre_types),
-                       dict(HEAD_DIM=d, BLOCK_D=block_d_of(d), BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=True), 4, 1,
-                       tags={"dtype": tname, "D": d})
+                       dict(HEAD_DIM=dv, BLOCK_D=block_d_of(dv), BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=True), 4, 1,
+                       tags={"dtype": tname, "D": dv})

@@ -11,9 +11,11 @@ only such loop. Per visited tile it
    score rather than in the body, its pass needs fewer registers);
 2. scores it, ``s = own @ x`` (``[own, visited]``), and applies the rules (:func:`apply_rules`):
    scale to base 2 and the score modifications, then in partial tiles the in-block masks;
-3. calls ``BODY(carry, ctx, s, x, y, offs, MASKED, RULES, HEAD_DIM, BLOCK_D, PRECISION) ->
-   (carry, p)``, the kernel's work on the tile (online softmax and P.V, or a gradient), which
-   returns the tile's probabilities ``p`` ``[own, visited]``;
+3. calls ``BODY(carry, ctx, s, dcap, x, y, offs, MASKED, RULES, HEAD_DIM, BLOCK_D, HEAD_DV,
+   BLOCK_DV, PRECISION) -> (carry, p)``, the kernel's work on the tile (online softmax and P.V, or
+   a gradient), which returns the tile's probabilities ``p`` ``[own, visited]``; ``dcap`` is the
+   softcap's derivative factor (``1 - tanh^2``, or 1.0 without a softcap) that gradient bodies
+   multiply dS by; HEAD_DV / BLOCK_DV are the value head dim and its tile;
 4. calls ``TILE_HOOK(extra, p, offs_own, offs) -> extra``, extra work per visited tile for outputs
    accumulated during the walk (:func:`no_hook`: none).
 
@@ -24,8 +26,8 @@ compiler, so constexprs travel as arguments.
 
 How to extend (each behaviour written once, never a copy of the walk):
 
-* an in-block rule or score modification (softcap, ALiBi, position-id causal, key padding): its
-  runtime data become fields of :data:`Rules` (taken to the (batch, head) plane in
+* an in-block rule or score modification (as softcap, ALiBi, per-key bias, position-id causal and
+  key padding are): its runtime data become fields of :data:`Rules` (taken to the (batch, head) plane in
   :func:`rules_at` when they are per plane), its switch a field of :data:`RuleFlags`, its code a
   small jit function that :func:`apply_rules` calls under the switch. Python mirrors each rule in
   ``sparseattn.layout.predicates`` (the builders, the CPU path and the oracles share them).
@@ -39,36 +41,58 @@ How to extend (each behaviour written once, never a copy of the walk):
 from __future__ import annotations
 
 from collections import namedtuple
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import load_cols, load_vec, plane, view, view_type
+from ..ops.common import ScoreOptions
+from .common import View, load_cols, load_vec, plane, view, view_type
 
 # The rules' runtime data (a kernel argument): sequence lengths (the bounds rule), the causal and
-# sliding-window parameters, the base-2 score scale, the element mask and the float bias as Views
-# of [B|1, H|1, Lq, Lk], and the packed tile bitmasks [n tiles, LAYOUT_BQ, words].
-Rules = namedtuple("Rules", ["Lq", "Lk", "causal_off", "window", "sinks", "qk_scale", "mask", "bias", "bits"])
+# sliding-window parameters, the base-2 score scale and the softcap (natural units, 0 = none), the
+# element mask and the float bias as Views of [B|1, H|1, Lq, Lk], the packed tile bitmasks
+# [n tiles, LAYOUT_BQ, words], and the per-key / per-row data as Views with stride 0 on the
+# other axis: the key keep mask [B, 1, 1, Lk] (uint8), the per-key bias [B|1, H|1, 1, Lk], the
+# ALiBi slopes [B|1, H, 1, 1] (fp32), the query and key positions [B|1, 1, Lq, 1] / [B|1, 1, 1, Lk].
+Rules = namedtuple("Rules", ["Lq", "Lk", "causal_off", "window", "sinks", "qk_scale", "softcap", "mask", "bias",
+                             "bits", "key_mask", "key_bias", "alibi", "q_pos", "k_pos"])
 # Which rules a kernel compiles in (a constexpr kernel argument).
-RuleFlags = namedtuple("RuleFlags", ["causal", "window", "mask", "bias", "bits"])
+RuleFlags = namedtuple("RuleFlags", ["causal", "window", "mask", "bias", "bits", "softcap", "alibi", "key_bias",
+                                     "key_mask", "positions"])
 # One direction of a BlockLayout's lists: per (plane, row block) the count and sorted indices of the
 # partial blocks (with their bitmask ids) and of the full ones. The plane of (b, h) is
 # b * sb + h * sh; ``rows`` row blocks per plane; ``wp`` / ``wf`` the widths of the index lists.
 Lists = namedtuple("Lists", ["num", "idx", "bid", "full_num", "full_idx", "sb", "sh", "rows", "wp", "wf"])
 
 
-def rules_of(q: torch.Tensor, k: torch.Tensor, mask, bias, bits, dummy: torch.Tensor, qk_scale: float,
-             causal_offset, window, sinks: int) -> Rules:
-    """The Rules of a launch; absent tensors are replaced by ``dummy`` (never read)."""
-    def bcast(t):  # size-1 (broadcast) dims get stride 0
-        if t is None:
-            return view(dummy, (0, 0, 0, 0))
-        return view(t, tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(4)))
+def _bcast_view(t: Optional[torch.Tensor], dummy: torch.Tensor, axes: str) -> View:
+    """The View of ``t`` read as [B, H, rows, cols]: ``axes`` names which of "bhrc" its dims are
+    (size-1 dims and absent axes get stride 0); None -> a View of ``dummy`` (never read)."""
+    if t is None:
+        return view(dummy, (0, 0, 0, 0))
+    strides = dict(zip(axes, (0 if n == 1 else st for n, st in zip(t.shape, t.stride()))))
+    return view(t, tuple(strides.get(a, 0) for a in "bhrc"))
 
-    return Rules(q.shape[2], k.shape[2], causal_offset or 0, window or 0, sinks, qk_scale,
-                 bcast(None if mask is None else mask.view(torch.uint8)), bcast(bias),
-                 dummy if bits is None else bits)
+
+def rules_of(q: torch.Tensor, k: torch.Tensor, mask, bias, bits, dummy: torch.Tensor, qk_scale: float,
+             causal_offset, window, sinks: int, opts: ScoreOptions) -> Rules:
+    """The Rules of a launch; absent tensors are replaced by ``dummy`` (never read)."""
+    return Rules(q.shape[2], k.shape[2], causal_offset or 0, window or 0, sinks, qk_scale, opts.softcap or 0.0,
+                 _bcast_view(None if mask is None else mask.view(torch.uint8), dummy, "bhrc"),
+                 _bcast_view(bias, dummy, "bhrc"), dummy if bits is None else bits,
+                 _bcast_view(None if opts.key_mask is None else opts.key_mask.view(torch.uint8), dummy, "bc"),
+                 _bcast_view(opts.key_bias, dummy, "bhc"), _bcast_view(opts.alibi, dummy, "bh"),
+                 _bcast_view(opts.q_pos, dummy, "br"), _bcast_view(opts.k_pos, dummy, "bc"))
+
+
+def rule_flags(mask, bias, bits, causal_offset, window, opts: ScoreOptions) -> RuleFlags:
+    """The RuleFlags of a launch."""
+    return RuleFlags(causal=causal_offset is not None, window=window is not None, mask=mask is not None,
+                     bias=bias is not None, bits=bits is not None, softcap=opts.softcap is not None,
+                     alibi=opts.alibi is not None, key_bias=opts.key_bias is not None,
+                     key_mask=opts.key_mask is not None, positions=opts.q_pos is not None)
 
 
 def lists_of(num, idx, bid, full_num, full_idx) -> Lists:
@@ -79,8 +103,9 @@ def lists_of(num, idx, bid, full_num, full_idx) -> Lists:
 
 
 def rules_type(ptr: str) -> Rules:
-    """The compile gate's signature of Rules (bias of Triton pointer type ``ptr``)."""
-    return Rules("i32", "i32", "i32", "i32", "i32", "fp32", view_type("*u8"), view_type(ptr), "*i32")
+    """The compile gate's signature of Rules (bias and key bias of Triton pointer type ``ptr``)."""
+    return Rules("i32", "i32", "i32", "i32", "i32", "fp32", "fp32", view_type("*u8"), view_type(ptr), "*i32",
+                 view_type("*u8"), view_type(ptr), view_type("*fp32"), view_type("*i32"), view_type("*i32"))
 
 
 def lists_type() -> Lists:
@@ -91,6 +116,7 @@ def lists_type() -> Lists:
 # ----------------------------------------------------------------------------- the rules
 # Mask rules take the positions (``qi`` / ``kj``, broadcastable, in the orientation of the scores)
 # and the running ``keep``, and narrow it; a rule that reads memory reads only where keep holds.
+# Per-key (per-row) data are loaded at ``kj`` (``qi``) alone: a vector, broadcast over the tile.
 @triton.jit
 def _in_bounds(qi, kj, rules):
     return (qi < rules.Lq) & (kj < rules.Lk)
@@ -125,6 +151,21 @@ def _tile_bits(keep, qi, kj, rules, bid, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.
 
 
 @triton.jit
+def _key_mask(keep, qi, kj, rules):
+    """Key padding: key ``kj`` exists (one byte per key of the tile)."""
+    m = tl.load(rules.key_mask.ptr + kj.to(tl.int64) * rules.key_mask.sc, mask=kj < rules.Lk, other=0)
+    return keep & (m != 0)
+
+
+@triton.jit
+def _positions(keep, qi, kj, rules):
+    """Position-id causal: ``k_pos[kj] <= q_pos[qi]`` (positions need not be sorted or unique)."""
+    qp = tl.load(rules.q_pos.ptr + qi.to(tl.int64) * rules.q_pos.sr, mask=qi < rules.Lq, other=0)
+    kp = tl.load(rules.k_pos.ptr + kj.to(tl.int64) * rules.k_pos.sc, mask=kj < rules.Lk, other=0)
+    return keep & (kp <= qp)
+
+
+@triton.jit
 def _add_bias(s, qi, kj, rules, MASKED: tl.constexpr):
     """Add the float bias (natural-log units, hence the log2(e))."""
     b_ptrs = rules.bias.ptr + qi.to(tl.int64) * rules.bias.sr + kj.to(tl.int64) * rules.bias.sc
@@ -136,11 +177,49 @@ def _add_bias(s, qi, kj, rules, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _add_key_bias(s, kj, rules, MASKED: tl.constexpr):
+    """Add the per-key bias (natural-log units; -inf knocks a key out)."""
+    b_ptrs = rules.key_bias.ptr + kj.to(tl.int64) * rules.key_bias.sc
+    if MASKED:
+        b = tl.load(b_ptrs, mask=kj < rules.Lk, other=0.0)
+    else:
+        b = tl.load(b_ptrs)
+    return s + b.to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
+def _add_alibi(s, qi, kj, rules):
+    """ALiBi, FlashAttention's definition: ``-slope * |i + Lk - Lq - j|`` (natural-log units)."""
+    slope = tl.load(rules.alibi.ptr) * 1.4426950408889634
+    dist = (qi + (rules.Lk - rules.Lq) - kj).to(tl.float32)
+    return s - slope * tl.abs(dist)
+
+
+@triton.jit
+def _softcap(s, rules):
+    """``softcap * tanh(s / softcap)`` of the natural-unit scores, returned in base 2, with the
+    derivative factor ``1 - tanh^2`` (tanh through exp2: Triton 3.6 has no portable tanh)."""
+    x = s * (rules.qk_scale / (rules.softcap * 1.4426950408889634))             # s * scale / softcap
+    e = tl.math.exp2(x * (-2.0 * 1.4426950408889634))                         # exp(-2x)
+    t = 2.0 / (1.0 + e) - 1.0                                                  # tanh(x); e = inf gives -1
+    return t * (rules.softcap * 1.4426950408889634), 1.0 - t * t
+
+
+@triton.jit
 def apply_rules(s, qi, kj, rules, bid, MASKED: tl.constexpr, RULES: tl.constexpr, LAYOUT_BQ: tl.constexpr,
                 LAYOUT_BK: tl.constexpr):
-    """Raw scores -> base-2 scores: scale and score modifications, then (partial tiles only) the
-    in-block masks selected by RULES, masked scores set to -inf."""
-    s = s * rules.qk_scale
+    """Raw scores -> (base-2 scores, softcap derivative factor or 1.0): scale, softcap, then the
+    additive modifications (ALiBi, per-key bias, bias), then (partial tiles only) the in-block
+    masks selected by RULES, masked scores set to -inf."""
+    if RULES.softcap:
+        s, dcap = _softcap(s, rules)
+    else:
+        s = s * rules.qk_scale
+        dcap = 1.0
+    if RULES.alibi:
+        s = _add_alibi(s, qi, kj, rules)
+    if RULES.key_bias:
+        s = _add_key_bias(s, kj, rules, MASKED)
     if RULES.bias:
         s = _add_bias(s, qi, kj, rules, MASKED)
     if MASKED:
@@ -149,19 +228,25 @@ def apply_rules(s, qi, kj, rules, bid, MASKED: tl.constexpr, RULES: tl.constexpr
             keep = _causal(keep, qi, kj, rules)
         if RULES.window:
             keep = _window(keep, qi, kj, rules)
+        if RULES.positions:
+            keep = _positions(keep, qi, kj, rules)
+        if RULES.key_mask:
+            keep = _key_mask(keep, qi, kj, rules)
         if RULES.mask:
             keep = _element_mask(keep, qi, kj, rules)
         if RULES.bits:
             keep = _tile_bits(keep, qi, kj, rules, bid, LAYOUT_BQ, LAYOUT_BK)
         s = tl.where(keep, s, float("-inf"))
-    return s
+    return s, dcap
 
 
 @triton.jit
 def rules_at(rules, b, h):
-    """The Rules of the (b, h) plane (element mask and bias as Planes)."""
-    return Rules(rules.Lq, rules.Lk, rules.causal_off, rules.window, rules.sinks, rules.qk_scale,
-                 plane(rules.mask, b, h), plane(rules.bias, b, h), rules.bits)
+    """The Rules of the (b, h) plane (masks, biases, slopes and positions as Planes)."""
+    return Rules(rules.Lq, rules.Lk, rules.causal_off, rules.window, rules.sinks, rules.qk_scale, rules.softcap,
+                 plane(rules.mask, b, h), plane(rules.bias, b, h), rules.bits, plane(rules.key_mask, b, h),
+                 plane(rules.key_bias, b, h), plane(rules.alibi, b, h), plane(rules.q_pos, b, h),
+                 plane(rules.k_pos, b, h))
 
 
 # ----------------------------------------------------------------------------- the walk
@@ -197,11 +282,13 @@ def no_hook(extra, p, offs_own, offs):
 @triton.jit
 def walk(carry, extra, ctx, own, offs_own, X, Y, rules, lists, row, KEY_MAJOR: tl.constexpr, RULES: tl.constexpr,
          BLOCK: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, HEAD_DIM: tl.constexpr,
-         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, BODY: tl.constexpr, TILE_HOOK: tl.constexpr):
+         BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+         BODY: tl.constexpr, TILE_HOOK: tl.constexpr):
     """Walk the tiles listed in ``row`` of ``lists`` for the owned tile ``own`` ``[own rows, BLOCK_D]``
     at positions ``offs_own`` (module docstring). ``X`` is the Plane of the visited side's score
-    operand, ``Y`` that of the second operand (or None), ``rules`` the plane's Rules
-    (:func:`rules_at`), BLOCK the visited tile's size. Returns (carry, extra)."""
+    operand, ``Y`` that of the second operand (or None; its head dim is HEAD_DV, the value head
+    dim), ``rules`` the plane's Rules (:func:`rules_at`), BLOCK the visited tile's size. Returns
+    (carry, extra)."""
     if KEY_MAJOR:
         LAYOUT_B: tl.constexpr = LAYOUT_BQ
         bound = rules.Lq
@@ -220,14 +307,17 @@ def walk(carry, extra, ctx, own, offs_own, X, Y, rules, lists, row, KEY_MAJOR: t
             offs = blk * LAYOUT_B + (t % SUB) * BLOCK + tl.arange(0, BLOCK)
             x = load_cols(X, offs, bound, MASKED, HEAD_DIM, BLOCK_D)                          # [D, BLOCK]
             if Y is not None:
-                y = load_cols(Y, offs, bound, MASKED, HEAD_DIM, BLOCK_D)
+                y = load_cols(Y, offs, bound, MASKED, HEAD_DV, BLOCK_DV)
             else:
                 y = None
             s = tl.dot(own, x, input_precision=PRECISION)
             if KEY_MAJOR:
-                s = apply_rules(s, offs[None, :], offs_own[:, None], rules, bid, MASKED, RULES, LAYOUT_BQ, LAYOUT_BK)
+                s, dcap = apply_rules(s, offs[None, :], offs_own[:, None], rules, bid, MASKED, RULES, LAYOUT_BQ,
+                                      LAYOUT_BK)
             else:
-                s = apply_rules(s, offs_own[:, None], offs[None, :], rules, bid, MASKED, RULES, LAYOUT_BQ, LAYOUT_BK)
-            carry, p = BODY(carry, ctx, s, x, y, offs, MASKED, RULES, HEAD_DIM, BLOCK_D, PRECISION)
+                s, dcap = apply_rules(s, offs_own[:, None], offs[None, :], rules, bid, MASKED, RULES, LAYOUT_BQ,
+                                      LAYOUT_BK)
+            carry, p = BODY(carry, ctx, s, dcap, x, y, offs, MASKED, RULES, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV,
+                            PRECISION)
             extra = TILE_HOOK(extra, p, offs_own, offs)
     return carry, extra

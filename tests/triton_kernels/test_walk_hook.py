@@ -8,14 +8,15 @@ import triton.language as tl
 
 import sparseattn as sa
 from sparseattn.triton_kernels.common import load_rows, plane, program_tile, view
+from sparseattn.ops.common import ScoreOptions
 from sparseattn.triton_kernels.walk import RuleFlags, layout_row, lists_of, lse2, rules_at, rules_of, walk
 
 from utils import DEVICE
 
 
 @triton.jit
-def _p_tile(carry, ctx, s_t, q_t, y, offs_m, MASKED: tl.constexpr, RULES: tl.constexpr, HEAD_DIM: tl.constexpr,
-            BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+def _p_tile(carry, ctx, s_t, dcap, q_t, y, offs_m, MASKED: tl.constexpr, RULES: tl.constexpr, HEAD_DIM: tl.constexpr,
+            BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     LSE, Lq = ctx
     return carry, tl.math.exp2(s_t - lse2(LSE, offs_m, Lq, MASKED)[None, :])
 
@@ -35,7 +36,7 @@ def _colsum_kernel(Q, K, LSE, OUT, rules, lists, H, HKV, GROUP,
         h = hk * GROUP + g
         extra = walk((), extra, (LSE + (b * H + h) * Lq, Lq), k, offs_n, plane(Q, b, h), None, rules_at(rules, b, h), lists,
                      layout_row(lists, b, h, blk), True, RULES, BLOCK_M, LAYOUT_BQ, LAYOUT_BK, HEAD_DIM, BLOCK_D,
-                     PRECISION, _p_tile, colsum_hook)[1]
+                     HEAD_DIM, BLOCK_D, PRECISION, _p_tile, colsum_hook)[1]
     tl.store(OUT + (b * HKV + hk) * Lk + offs_n, extra[0], mask=offs_n < Lk)
 
 
@@ -49,11 +50,12 @@ def test_column_sum_hook_matches_float64():
     out, lse = sa.sparse_attention(q, k, v, layout, return_lse=True)
     lists = layout.lists()
     scale = D ** -0.5
-    rules = rules_of(q, k, None, None, None, lists[1], scale * 1.4426950408889634, layout.causal_offset, layout.window, layout.sinks)
+    rules = rules_of(q, k, None, None, None, lists[1], scale * 1.4426950408889634, layout.causal_offset, layout.window, layout.sinks,
+                     ScoreOptions())
     res = torch.full((B, HKV, Lk), float("nan"))
     _colsum_kernel[(triton.cdiv(Lk, 64) * B * HKV,)](view(q), view(k), lse, res, rules, lists_of(*lists[5:]), H, HKV, H // HKV,
         HEAD_DIM=D, BLOCK_D=32, BLOCK_M=64, BLOCK_N=64, LAYOUT_BQ=64, LAYOUT_BK=64,
-        RULES=RuleFlags(True, True, False, False, False), PRECISION="ieee")
+        RULES=RuleFlags(*([True, True] + [False] * (len(RuleFlags._fields) - 2))), PRECISION="ieee")
     dense = layout.to_dense_mask().expand(B, H, Lq, Lk)
     kk = k.repeat_interleave(H // HKV, 1).double()
     s = (q.double() @ kk.transpose(-1, -2)) * scale

@@ -8,7 +8,7 @@ import torch
 
 from .builders import (_check_block_size, _check_kinds, _check_seq_lens, _classify_tiles, _entries_to_lists,
                        _gpu_lists, _is_compiling, _pack_bits, check_block_mask, mask_to_lists)
-from .predicates import in_bounds, kinds_keep, unpack_bits
+from .predicates import in_bounds, key_keep, kinds_keep, positions_keep, unpack_bits
 
 
 class BlockLayout:
@@ -71,7 +71,9 @@ class BlockLayout:
     def __init__(self, *, block_size, seq_lens, kv_num_blocks, kv_indices, kv_bit_ids, full_kv_num_blocks,
                  full_kv_indices, q_num_blocks, q_indices, q_bit_ids, full_q_num_blocks, full_q_indices,
                  causal_offset: Optional[int] = None, window: Optional[int] = None, sinks: int = 0,
-                 mask: Optional[torch.Tensor] = None, bits: Optional[torch.Tensor] = None):
+                 mask: Optional[torch.Tensor] = None, bits: Optional[torch.Tensor] = None,
+                 q_pos: Optional[torch.Tensor] = None, k_pos: Optional[torch.Tensor] = None,
+                 key_mask: Optional[torch.Tensor] = None):
         # Internal: use from_block_mask / from_indices / from_entries, which validate and build the lists.
         self.block_size = block_size
         self.seq_lens = seq_lens
@@ -90,6 +92,9 @@ class BlockLayout:
         self.sinks = sinks
         self.mask = mask
         self.bits = bits
+        self.q_pos = q_pos
+        self.k_pos = k_pos
+        self.key_mask = key_mask
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -236,6 +241,54 @@ class BlockLayout:
         return from_topk(cls, indices, block_size, seq_lens, causal, window, sinks, validate)
 
     @classmethod
+    def from_positions(cls, q_pos: torch.Tensor, k_pos: torch.Tensor, block_size=(64, 64)) -> "BlockLayout":
+        """Position-id causal: query ``i`` attends key ``j`` iff ``k_pos[b, j] <= q_pos[b, i]``.
+
+        Positions need not be sorted or unique (Concentric Causal Attention gives many visual
+        tokens one position; packed or left-padded batches have their own numbering). The rule is
+        evaluated in the kernels from the two position vectors (no bitmask, no element mask); the
+        lists say which tiles it cuts: a tile is skipped when ``min k_pos > max q_pos``, full when
+        ``max k_pos <= min q_pos`` (and inside both sequences), partial otherwise. Composes with
+        :meth:`with_key_padding`.
+
+        Args:
+            q_pos: int32 ``[B, Lq]``; k_pos: int32 ``[B, Lk]``, same batch and device.
+            block_size: ``(BLOCK_Q, BLOCK_K)`` or one int, as in :meth:`from_block_mask`.
+
+        Returns:
+            BlockLayout for ``seq_lens=(Lq, Lk)``, lists ``[B, 1, ...]`` (one per batch element).
+
+        Example::
+
+            >>> import torch, sparseattn as sa
+            >>> pos = torch.tensor([[0, 1, 1, 1, 1, 2, 3, 4]], dtype=torch.int32)   # 4 tokens share position 1
+            >>> layout = sa.BlockLayout.from_positions(pos, pos, block_size=16)
+            >>> int(layout.to_dense_mask()[0, 0, 1].sum())                           # token 1 sees 0..4
+            5
+        """
+        from .tokens import from_positions
+        return from_positions(cls, q_pos, k_pos, block_size)
+
+    def with_key_padding(self, key_padding_mask: torch.Tensor) -> "BlockLayout":
+        """This layout with a key keep mask: key ``j`` of batch element ``b`` is attended only if
+        ``key_padding_mask[b, j]`` (True = the key exists; Hugging Face's attention_mask).
+
+        One bit per key read in the kernels, never an element mask; tiles whose keys are all
+        padding are dropped, tiles with some padding become partial, the rest keep their kind.
+        Built on the device with fixed list widths (no host read). Composes with every other kind
+        (a second call ANDs the masks). A row that then sees no key gives 0 (LSE -inf).
+
+        Args:
+            key_padding_mask: bool ``[B, Lk]`` on the layout's device (B = the layout's batch, or
+                any batch when the layout's is 1).
+
+        Returns:
+            BlockLayout with lists ``[B, Hl, ...]``.
+        """
+        from .tokens import with_key_padding
+        return with_key_padding(self, key_padding_mask)
+
+    @classmethod
     def from_entries(cls, b: torch.Tensor, h: torch.Tensor, r: torch.Tensor, c: torch.Tensor, *, shape,
                      block_size, seq_lens, causal: Optional[str] = None, window: Optional[int] = None,
                      sinks: int = 0, bits: Optional[torch.Tensor] = None, bits_index: Optional[torch.Tensor] = None,
@@ -361,16 +414,18 @@ class BlockLayout:
 
     @classmethod
     def from_lists(cls, lists, *, block_size, seq_lens, causal_offset=None, window=None, sinks=0, mask=None,
-                   bits=None) -> "BlockLayout":
+                   bits=None, q_pos=None, k_pos=None, key_mask=None) -> "BlockLayout":
         """Inverse of :meth:`lists` (for the op layer; no validation)."""
         return cls(block_size=block_size, seq_lens=seq_lens, causal_offset=causal_offset, window=window,
-                   sinks=sinks, mask=mask, bits=bits, **dict(zip(cls._LISTS, lists)))
+                   sinks=sinks, mask=mask, bits=bits, q_pos=q_pos, k_pos=k_pos, key_mask=key_mask,
+                   **dict(zip(cls._LISTS, lists)))
 
     def to(self, device) -> "BlockLayout":
         t = lambda x: None if x is None else x.to(device)  # noqa: E731
         return BlockLayout.from_lists([t(x) for x in self.lists()], block_size=self.block_size,
                                       seq_lens=self.seq_lens, causal_offset=self.causal_offset, window=self.window,
-                                      sinks=self.sinks, mask=t(self.mask), bits=t(self.bits))
+                                      sinks=self.sinks, mask=t(self.mask), bits=t(self.bits), q_pos=t(self.q_pos),
+                                      k_pos=t(self.k_pos), key_mask=t(self.key_mask))
 
     def tile_masks(self):
         """(partial, full) bool [Bl, Hl, nQ, nK] rebuilt from the lists."""
@@ -387,11 +442,19 @@ class BlockLayout:
 
     def element_mask(self, rows: torch.Tensor, cols: torch.Tensor, b=None, h=None) -> torch.Tensor:
         """The in-block kinds at query positions ``rows`` and key positions ``cols`` (broadcasting
-        index tensors; ``b``/``h`` index the element mask when there is one). Tile bitmasks are
-        not included: they belong to a tile (see :func:`unpack_bits`)."""
+        index tensors; ``b``/``h`` index the element mask, the positions and the key mask when
+        there are some). Tile bitmasks are not included: they belong to a tile (see
+        :func:`unpack_bits`)."""
         lq, lk = self.seq_lens
         keep = in_bounds(rows, cols, lq, lk) & kinds_keep(rows + (self.causal_offset or 0), cols,
                                                            self.causal_offset is not None, self.window, self.sinks)
+        r, c = rows.clamp(max=lq - 1), cols.clamp(max=lk - 1)
+        if self.q_pos is not None:
+            pb = 0 if self.q_pos.shape[0] == 1 or b is None else b
+            keep = keep & positions_keep(self.q_pos[pb, r], self.k_pos[pb, c])
+        if self.key_mask is not None:
+            kb = 0 if self.key_mask.shape[0] == 1 or b is None else b
+            keep = keep & key_keep(self.key_mask[kb, c])
         if self.mask is not None:
             mb = 0 if self.mask.shape[0] == 1 or b is None else b
             mh = 0 if self.mask.shape[1] == 1 or h is None else h
@@ -423,12 +486,12 @@ class BlockLayout:
         dev = tiles.device
         rows = torch.arange(lq, device=dev)[:, None]
         cols = torch.arange(lk, device=dev)[None, :]
-        if self.mask is None:
-            dense = tiles & self.element_mask(rows, cols)
-        else:
-            b = torch.arange(self.mask.shape[0], device=dev)[:, None, None, None]
-            h = torch.arange(self.mask.shape[1], device=dev)[None, :, None, None]
-            dense = tiles & self.element_mask(rows, cols, b, h)
+        # batch / head indices over the widest of the lists and the per-element / per-token data
+        sizes = [t.shape[:2] for t in (self.mask,) if t is not None] + [tiles.shape[:2]]
+        sizes += [(t.shape[0], 1) for t in (self.q_pos, self.key_mask) if t is not None]
+        b = torch.arange(max(n for n, _ in sizes), device=dev)[:, None, None, None]
+        h = torch.arange(max(n for _, n in sizes), device=dev)[None, :, None, None]
+        dense = tiles & self.element_mask(rows, cols, b, h)
         if self.bits is not None:
             b, h, r, c, ids = self._partial_tiles()
             sel = ids >= 0
@@ -456,4 +519,6 @@ class BlockLayout:
         return (f"BlockLayout(block_size={self.block_size}, seq_lens={self.seq_lens}, shape={self.shape}, "
                 f"causal_offset={self.causal_offset}, window={self.window}, sinks={self.sinks}, "
                 f"bits={0 if self.bits is None else self.bits.shape[0]}, mask={'yes' if self.mask is not None else 'no'}, "
+                f"positions={'yes' if self.q_pos is not None else 'no'}, "
+                f"key_mask={'yes' if self.key_mask is not None else 'no'}, "
                 f"device={self.device})")

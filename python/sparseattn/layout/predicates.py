@@ -8,6 +8,9 @@ broadcasts its index tensors.
 * bounds: rows < Lq and columns < Lk;
 * causal: key ``k`` visible to the query at position ``p`` iff ``k <= p``;
 * sliding window with sinks (on top of causal): iff ``p - k < window`` or ``k < sinks``;
+* position-id causal: key ``j`` visible to query ``i`` iff ``k_pos[j] <= q_pos[i]`` (positions
+  given as data);
+* key padding: key ``j`` visible iff its keep bit is set;
 * tile bitmasks and element masks are data, read where they apply (:func:`unpack_bits`, the
   layout's ``mask``).
 """
@@ -58,6 +61,17 @@ def kinds_over_tiles(p0: torch.Tensor, p1: torch.Tensor, k0: torch.Tensor, k1: t
         any_ = any_ & ((k0 < sinks) | (p0 - k1 < window))
         all_ = all_ & ((k1 < sinks) | (p1 - torch.clamp(k0, min=sinks) < window))
     return any_, all_
+
+
+def positions_keep(qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+    """Position-id causal: the key at position ``kpos`` is visible to the query at ``qpos`` iff
+    ``kpos <= qpos`` (positions from data: :meth:`BlockLayout.from_positions`)."""
+    return kpos <= qpos
+
+
+def key_keep(key_mask_values: torch.Tensor) -> torch.Tensor:
+    """Key padding: the key exists (its entry of the bool key keep mask)."""
+    return key_mask_values.to(torch.bool)
 
 
 def unpack_bits(words: Optional[torch.Tensor], ids: torch.Tensor, row_in: torch.Tensor,

@@ -2,6 +2,9 @@
 pattern-or-layout argument."""
 from __future__ import annotations
 
+import math
+from typing import NamedTuple, Optional
+
 import torch
 
 from ..layout import BlockLayout
@@ -90,3 +93,64 @@ def resolve_layout(layout_or_pattern, q: torch.Tensor, k: torch.Tensor) -> Block
     if callable(getattr(obj, "layout", None)):
         return obj.layout(q.shape[2], k.shape[2], q.device)
     return obj  # check_layout names what was received
+
+
+class ScoreOptions(NamedTuple):
+    """The per-call score options of the softmax attention kernels, checked and normalised
+    (:func:`check_score_options`): key keep mask bool ``[B, Lk]``, per-key bias ``[B|1, H|1, Lk]``,
+    ALiBi slopes fp32 ``[B|1, Hq]``, query / key positions int32 ``[B|1, Lq]`` / ``[B|1, Lk]``
+    (position-id causal, from the layout), softcap (float)."""
+    key_mask: Optional[torch.Tensor] = None
+    key_bias: Optional[torch.Tensor] = None
+    alibi: Optional[torch.Tensor] = None
+    q_pos: Optional[torch.Tensor] = None
+    k_pos: Optional[torch.Tensor] = None
+    softcap: Optional[float] = None
+
+
+def _check_tensor(t, name: str, what: str, device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor {what} or None, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device} (as q), got {t.device}")
+
+
+def check_score_options(B: int, Hq: int, Lk: int, device, *, key_padding_mask=None, key_bias=None, softcap=None,
+                        alibi_slopes=None) -> ScoreOptions:
+    """Check the score options of an attention call (q of batch B and Hq heads, Lk keys) and
+    normalise them for the kernels; the key padding mask is returned as ``key_mask`` (the caller
+    folds it into the layout with :meth:`BlockLayout.with_key_padding`)."""
+    if key_padding_mask is not None:
+        _check_tensor(key_padding_mask, "key_padding_mask", f"bool [B={B}, Lk={Lk}]", device)
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask: expected dtype torch.bool (True = the key exists), got "
+                            f"{key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (B, Lk):
+            raise ValueError(f"key_padding_mask: expected shape [{B}, {Lk}] (B of q, Lk of k), got "
+                             f"{tuple(key_padding_mask.shape)}")
+    if key_bias is not None:
+        _check_tensor(key_bias, "key_bias", f"float [B|1, Hq|1, Lk={Lk}]", device)
+        if not key_bias.is_floating_point():
+            raise TypeError(f"key_bias: expected a floating point dtype, got {key_bias.dtype}")
+        if key_bias.dim() != 3 or key_bias.shape[0] not in (1, B) or key_bias.shape[1] not in (1, Hq) \
+                or key_bias.shape[2] != Lk:
+            raise ValueError(f"key_bias: expected shape [1|{B}, 1|{Hq}, {Lk}], got {tuple(key_bias.shape)}")
+        if key_bias.requires_grad:
+            raise ValueError("key_bias: expected a tensor that does not require grad (no gradient flows to the "
+                             "per-key bias; pass key_bias.detach()), got requires_grad=True")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) \
+                or softcap <= 0:
+            raise ValueError(f"softcap: expected a finite float > 0 or None, got {softcap!r}")
+        softcap = float(softcap)
+    alibi = None
+    if alibi_slopes is not None:
+        _check_tensor(alibi_slopes, "alibi_slopes", f"float32 [{Hq}] or [{B}, {Hq}]", device)
+        if alibi_slopes.dtype != torch.float32:
+            raise TypeError(f"alibi_slopes: expected dtype torch.float32, got {alibi_slopes.dtype}")
+        if tuple(alibi_slopes.shape) not in ((Hq,), (B, Hq)):
+            raise ValueError(f"alibi_slopes: expected shape [{Hq}] or [{B}, {Hq}] (query heads), got "
+                             f"{tuple(alibi_slopes.shape)}")
+        alibi = alibi_slopes.detach().reshape(-1, Hq)
+    return ScoreOptions(key_mask=key_padding_mask, key_bias=None if key_bias is None else key_bias.detach(),
+                        alibi=alibi, softcap=softcap)

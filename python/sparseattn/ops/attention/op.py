@@ -21,7 +21,7 @@ from torch import Tensor
 from ... import _dispatch
 from ..._dispatch import backend_for
 from ...layout import BlockLayout
-from ..common import check_dtype_and_dim, check_inputs, check_layout, resolve_layout
+from ..common import ScoreOptions, check_dtype_and_dim, check_inputs, check_layout, check_score_options, resolve_layout
 from . import cpu
 
 _tk = _dispatch.triton_kernels()
@@ -30,79 +30,107 @@ _tk = _dispatch.triton_kernels()
 @torch.library.custom_op("sparseattn::sparse_attention_fwd", mutates_args=())
 def sparse_attention_fwd(q: Tensor, k: Tensor, v: Tensor, layout: List[Tensor], mask: Optional[Tensor],
                          bias: Optional[Tensor], bits: Optional[Tensor], scale: float, block_q: int, block_k: int,
-                         causal_offset: Optional[int], window: Optional[int], sinks: int) -> Tuple[Tensor, Tensor]:
+                         causal_offset: Optional[int], window: Optional[int], sinks: int, key_mask: Optional[Tensor],
+                         key_bias: Optional[Tensor], alibi: Optional[Tensor], q_pos: Optional[Tensor],
+                         k_pos: Optional[Tensor], softcap: Optional[float]) -> Tuple[Tensor, Tensor]:
     impl = _tk.sparse_attention_fwd if backend_for(q) == "triton" else cpu.sparse_attention_fwd_cpu
-    return impl(q, k, v, layout, mask, bias, bits, scale, block_q, block_k, causal_offset, window, sinks)
+    return impl(q, k, v, layout, mask, bias, bits, scale, block_q, block_k, causal_offset, window, sinks, key_mask,
+                key_bias, alibi, q_pos, k_pos, softcap)
 
 
 @sparse_attention_fwd.register_fake
-def _(q, k, v, layout, mask, bias, bits, scale, block_q, block_k, causal_offset, window, sinks):
-    B, H, lq, d = q.shape
-    return q.new_empty(B, H, lq, d), q.new_empty(B, H, lq, dtype=torch.float32)
+def _(q, k, v, layout, mask, bias, bits, scale, block_q, block_k, causal_offset, window, sinks, *options):
+    B, H, lq, _ = q.shape
+    return q.new_empty(B, H, lq, v.shape[-1]), q.new_empty(B, H, lq, dtype=torch.float32)
 
 
 @torch.library.custom_op("sparseattn::sparse_attention_bwd", mutates_args=())
 def sparse_attention_bwd(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                          lse: Tensor, layout: List[Tensor], mask: Optional[Tensor], bias: Optional[Tensor],
                          bits: Optional[Tensor], scale: float, block_q: int, block_k: int,
-                         causal_offset: Optional[int], window: Optional[int],
-                         sinks: int) -> Tuple[Tensor, Tensor, Tensor]:
+                         causal_offset: Optional[int], window: Optional[int], sinks: int, key_mask: Optional[Tensor],
+                         key_bias: Optional[Tensor], alibi: Optional[Tensor], q_pos: Optional[Tensor],
+                         k_pos: Optional[Tensor], softcap: Optional[float]) -> Tuple[Tensor, Tensor, Tensor]:
     impl = _tk.sparse_attention_bwd if backend_for(q) == "triton" else cpu.sparse_attention_bwd_cpu
     return impl(do, dlse, q, k, v, out, lse, layout, mask, bias, bits, scale, block_q, block_k, causal_offset,
-                window, sinks)
+                window, sinks, key_mask, key_bias, alibi, q_pos, k_pos, softcap)
 
 
 @sparse_attention_bwd.register_fake
-def _(do, dlse, q, k, v, out, lse, layout, mask, bias, bits, scale, block_q, block_k, causal_offset, window, sinks):
+def _(do, dlse, q, k, v, out, lse, layout, *rest):
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(k, memory_format=torch.contiguous_format), \
         torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, layout, mask, bias, bits, *params = inputs
+    q, k, v, layout, mask, bias, bits, scale, bq, bk, causal_offset, window, sinks, *options = inputs
+    key_mask, key_bias, alibi, q_pos, k_pos, softcap = options
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, bias, bits, *layout)
-    ctx.params = params
+    ctx.save_for_backward(q, k, v, out, lse, mask, bias, bits, key_mask, key_bias, alibi, q_pos, k_pos, *layout)
+    ctx.params = (scale, bq, bk, causal_offset, window, sinks)
+    ctx.softcap = softcap
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, mask, bias, bits, *layout = ctx.saved_tensors
+    q, k, v, out, lse, mask, bias, bits, key_mask, key_bias, alibi, q_pos, k_pos, *layout = ctx.saved_tensors
     dout = dout.contiguous()  # autograd may hand in stride-0 or transposed gradients
     dlse = None if dlse is None else dlse.contiguous()
-    dq, dk, dv = sparse_attention_bwd(dout, dlse, q, k, v, out, lse, layout, mask, bias, bits, *ctx.params)
-    return (dq, dk, dv, [None] * len(layout)) + (None,) * (3 + len(ctx.params))
+    dq, dk, dv = sparse_attention_bwd(dout, dlse, q, k, v, out, lse, layout, mask, bias, bits, *ctx.params, key_mask,
+                                      key_bias, alibi, q_pos, k_pos, ctx.softcap)
+    return (dq, dk, dv, [None] * len(layout)) + (None,) * 15  # mask .. softcap
 
 
 torch.library.register_autograd("sparseattn::sparse_attention_fwd", _backward, setup_context=_setup_context)
 
 
-def run(q, k, v, layout: BlockLayout, bias, scale):
-    """The fused op on a checked layout; records the backend (and why, off the kernels)."""
+def run(q, k, v, layout: BlockLayout, bias, scale, options: ScoreOptions = ScoreOptions()):
+    """The fused op on a checked layout (its key mask and positions included) with the checked
+    score options (``options.key_mask`` / positions are ignored: they come from the layout);
+    records the backend (and why, off the kernels)."""
     backend = backend_for(q)
     _dispatch.set_backend(backend, _dispatch.cpu_reason(q) if backend == "cpu" else None)
-    return sparse_attention_fwd(q, k, v, layout.lists(), layout.mask, bias, layout.bits, scale,
-                                *layout.block_size, layout.causal_offset, layout.window, layout.sinks)
+    return sparse_attention_fwd(q, k, v, layout.lists(), layout.mask, bias, layout.bits, scale, *layout.block_size,
+                                layout.causal_offset, layout.window, layout.sinks, layout.key_mask, options.key_bias,
+                                options.alibi, layout.q_pos, layout.k_pos, options.softcap)
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
-                     scale: Optional[float] = None, return_lse: bool = False):
+                     scale: Optional[float] = None, return_lse: bool = False, *,
+                     key_padding_mask: Optional[torch.Tensor] = None, key_bias: Optional[torch.Tensor] = None,
+                     softcap: Optional[float] = None, alibi_slopes: Optional[torch.Tensor] = None):
     """Block-sparse attention: each query block attends only to the key blocks ``layout`` lists.
 
     Args:
-        q: ``[B, Hq, Lq, D]``; k, v: ``[B|1, Hkv, Lk, D]`` with ``Hq % Hkv == 0`` (GQA/MQA, K/V are not
-            repeated; a K/V batch of 1 is shared by the batch, as FlexAttention allows, read with
-            stride 0); float16, bfloat16 or float32; D up to 256; any strides.
+        q: ``[B, Hq, Lq, D]``; k: ``[B|1, Hkv, Lk, D]``, v: ``[B|1, Hkv, Lk, Dv]`` with ``Hq % Hkv == 0``
+            (GQA/MQA, K/V are not repeated; a K/V batch of 1 is shared by the batch, as FlexAttention
+            allows, read with stride 0); float16, bfloat16 or float32; D and Dv up to 256 (Dv may
+            differ from D, e.g. MLA's 192 / 128); any strides.
         layout: a :class:`BlockLayout` built for ``seq_lens=(Lq, Lk)``, lists of shape
             ``[B|1, Hq|1, ...]``, or a pattern: a static one (``.layout(Lq, Lk, device)``) or a
             content-based one (``.layout_for(q, k)``, built on the device from q and k).
         scale: score scale, default ``1 / sqrt(D)``.
         return_lse: also return the log-sum-exp of each row.
+        key_padding_mask: bool ``[B, Lk]``, True = the key exists (Hugging Face's attention_mask):
+            one bit per key read in the kernel, tiles of padding only skipped
+            (:meth:`BlockLayout.with_key_padding`, no host read).
+        key_bias: float ``[B|1, Hq|1, Lk]`` added to every row's scores after scaling (natural-log
+            units; ``-inf`` knocks a key out): O(Lk) instead of an ``[Lq, Lk]`` bias. No gradient
+            (one that requires grad is a ValueError).
+        softcap: ``softcap * tanh(score / softcap)`` after scaling, before the biases and masks
+            (Gemma 2), with its exact gradient.
+        alibi_slopes: float32 ``[Hq]`` or ``[B, Hq]``: adds ``-slope * |i + Lk - Lq - j|`` for query
+            row i and key j (FlashAttention's definition, whatever the layout's causal alignment).
+            No gradient to the slopes.
+
+    Scores are ``s = q.k * scale``, then softcap, then ALiBi, key_bias and the layout's bias are
+    added, then the masks (layout, key padding) apply.
 
     Returns:
-        out ``[B, Hq, Lq, D]`` (q's dtype), and with ``return_lse`` lse ``[B, Hq, Lq]`` float32
-        (natural log). A row with no visible key gives 0 and lse -inf. Differentiable in q, k, v
-        (and through lse).
+        out ``[B, Hq, Lq, Dv]`` (q's dtype), and with ``return_lse`` lse ``[B, Hq, Lq]`` float32
+        (natural log). A row with no visible key (or only ``-inf`` scores) gives 0 and lse -inf.
+        Differentiable in q, k, v (and through lse); the backward is deterministic (no atomics:
+        two runs give bitwise-equal gradients).
 
     Example::
 
@@ -111,15 +139,22 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
         >>> bm = torch.rand(1, 1, 4, 4) < 0.5
         >>> layout = sa.BlockLayout.from_block_mask(bm, block_size=64, seq_lens=(256, 256))
         >>> out = sa.sparse_attention(q, k, v, layout)
+        >>> pad = torch.arange(256)[None] < 200                    # the last 56 keys are padding
+        >>> out = sa.sparse_attention(q, k, v, layout, key_padding_mask=pad, softcap=30.0)
     """
     if isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor) and q.dim() == 4 \
             and k.dim() == 4 and v.dim() == 4 and q.shape[0] > 1 and k.shape[0] == v.shape[0] == 1:
         k, v = k.expand(q.shape[0], *k.shape[1:]), v.expand(q.shape[0], *v.shape[1:])  # read with stride 0
-    B, Hq, _, Lq, Lk, D = check_inputs(q, k, v, gqa=True)
+    B, Hq, _, Lq, Lk, D = check_inputs(q, k, v, gqa=True, same_value_dim=False)
     check_dtype_and_dim(q)
+    check_dtype_and_dim(v, "v")
+    options = check_score_options(B, Hq, Lk, q.device, key_padding_mask=key_padding_mask, key_bias=key_bias,
+                                  softcap=softcap, alibi_slopes=alibi_slopes)
     pattern = None if isinstance(layout, BlockLayout) else layout
     layout = resolve_layout(layout, q, k)
     check_layout(layout, B, Hq, Lq, Lk, q.device, pattern)
+    if key_padding_mask is not None:
+        layout = layout.with_key_padding(key_padding_mask)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    out, lse = run(q, k, v, layout, None, scale)
+    out, lse = run(q, k, v, layout, None, scale, options)
     return (out, lse) if return_lse else out
