@@ -23,9 +23,9 @@ import triton.language as tl
 
 from .._alloc import empty, on_device
 from .common import (GATE_DTYPES, GATE_HEAD_DIMS, Tuner, attention_tile_fits, block_d_of, device_smem_limit,
-                     load_rows, load_vec, plane, program_tile, store_rows, tile_and_plane, view, view_type)
+                     load_rows, load_rows_at, load_vec, plane, program_tile, store_rows, tile_and_plane, view, view_type)
 from ..ops.common import ScoreOptions
-from .walk import (RuleFlags, layout_row, lists_of, lists_type, lse2, no_hook, rule_flags, rules_at,
+from .walk import (RuleFlags, layout_row, lists_of, lists_type, lse2, no_hook, paged_rows, rule_flags, rules_at,
                    rules_of, rules_type, walk)
 
 LOG2E = 1.4426950408889634
@@ -73,9 +73,9 @@ DQ_TUNER = Tuner("sparse_attention_bwd_dq", DQ_CONFIGS, _fits("dq"))
 def _fwd_tile(carry, ctx, s, dcap, k, y, offs_n, MASKED: tl.constexpr, RULES: tl.constexpr, HEAD_DIM: tl.constexpr,
               BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     """Forward BODY: online softmax over one key tile and its P.V. carry (acc [M, DV], row sum,
-    row max), ctx (V plane, Lk); p = exp2(s - row max so far)."""
+    row max), ctx (V plane, Lk, the plane's Rules); p = exp2(s - row max so far)."""
     acc, l_i, m_i = carry
-    V, Lk = ctx
+    V, Lk, rules = ctx
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASKED or RULES.bias or RULES.key_bias:  # a row can still be all -inf here: keep exp2 away from inf - inf
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -84,7 +84,11 @@ def _fwd_tile(carry, ctx, s, dcap, k, y, offs_n, MASKED: tl.constexpr, RULES: tl
     p = tl.math.exp2(s - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = load_rows(V, offs_n, Lk, MASKED, HEAD_DV, BLOCK_DV)                                  # [N, DV]
+    if RULES.paged:
+        ok = offs_n < Lk
+        v = load_rows_at(V, paged_rows(rules, offs_n, ok), ok, MASKED, HEAD_DV, BLOCK_DV)
+    else:
+        v = load_rows(V, offs_n, Lk, MASKED, HEAD_DV, BLOCK_DV)                              # [N, DV]
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return (acc, l_i, m_new), p
 
@@ -102,7 +106,8 @@ def _sparse_attention_fwd_kernel(
     q = load_rows(plane(Q, b, h), offs_m, Lq, True, HEAD_DIM, BLOCK_D)
     init = (tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.float32),
             tl.full([BLOCK_M], float("-inf"), dtype=tl.float32))
-    carry, _ = walk(init, (), (plane(V, b, hk), rules.Lk), q, offs_m, plane(K, b, hk), None, rules_at(rules, b, h),
+    rules = rules_at(rules, b, h)
+    carry, _ = walk(init, (), (plane(V, b, hk), rules.Lk, rules), q, offs_m, plane(K, b, hk), None, rules,
                     lists, layout_row(lists, b, h, blk), False, RULES, BLOCK_N, LAYOUT_BQ, LAYOUT_BK, HEAD_DIM, BLOCK_D,
                     HEAD_DV, BLOCK_DV, PRECISION, _fwd_tile, no_hook)
     acc, l_i, m_i = carry
@@ -216,20 +221,21 @@ def problem(q: torch.Tensor, layout_bq: int, layout_bk: int, head_dim: int, valu
                 elem=q.element_size(), smem=device_smem_limit(q.device))
 
 
-def _flags(mask, bias, bits, causal_offset, window, opts: ScoreOptions, layout_bq, layout_bk, head_dim, value_dim):
-    rules = rule_flags(mask, bias, bits, causal_offset, window, opts)
+def _flags(mask, bias, bits, causal_offset, window, opts: ScoreOptions, layout_bq, layout_bk, head_dim, value_dim,
+           paged: bool = False):
+    rules = rule_flags(mask, bias, bits, causal_offset, window, opts, paged)
     return dict(HEAD_DIM=head_dim, BLOCK_D=block_d_of(head_dim), HEAD_DV=value_dim, BLOCK_DV=block_d_of(value_dim),
                 LAYOUT_BQ=layout_bq, LAYOUT_BK=layout_bk, RULES=rules,
                 PRECISION="ieee")  # fp32 inputs get true fp32 products, like torch
 
 
-def _key(flags, q, k):
+def _key(flags, q, lk: int):
     """What a timed choice is kept for: the kernel variant, plus the problem's size in power-of-two
     buckets (query tiles x planes up to 4096, about several waves of a 132-SM GPU; keys up to
     64K), so a config timed on a small first call is not reused for a large one."""
     B, H, Lq = q.shape[:3]
     tiles = min(triton.next_power_of_2(B * H * triton.cdiv(Lq, 128)), 4096)
-    return {"dtype": str(q.dtype), "tiles": tiles, "keys": min(triton.next_power_of_2(k.shape[2]), 65536),
+    return {"dtype": str(q.dtype), "tiles": tiles, "keys": min(triton.next_power_of_2(lk), 65536),
             **{n: v for n, v in flags.items() if n not in ("LAYOUT_BQ", "LAYOUT_BK")}}
 
 
@@ -238,27 +244,38 @@ def sparse_attention_fwd(q, k, v, layout_lists: List[torch.Tensor], mask: Option
                          layout_bk: int, causal_offset: Optional[int], window: Optional[int], sinks: int,
                          key_mask: Optional[torch.Tensor] = None, key_bias: Optional[torch.Tensor] = None,
                          alibi: Optional[torch.Tensor] = None, q_pos: Optional[torch.Tensor] = None,
-                         k_pos: Optional[torch.Tensor] = None, softcap: Optional[float] = None):
+                         k_pos: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
+                         block_table: Optional[torch.Tensor] = None):
     """Launch the forward over a layout given as ``BlockLayout.lists()`` plus its tile bitmasks,
     element mask and kinds, and the score options (:class:`ScoreOptions`; a key mask and positions
-    only act in partial tiles, so the layout must list the tiles they cut as partial). Returns
-    (out [B, Hq, Lq, Dv] like q's dtype, lse [B, Hq, Lq] float32)."""
+    only act in partial tiles, so the layout must list the tiles they cut as partial). With a
+    ``block_table`` int32 ``[B, max_pages]``, k and v are paged caches ``[num_pages, page_size,
+    Hkv, D]`` (pages of consecutive rows: ``stride(0) == page_size * stride(1)``) read through the
+    table, of logical length ``max_pages * page_size``. Returns (out [B, Hq, Lq, Dv] like q's
+    dtype, lse [B, Hq, Lq] float32)."""
     B, H, Lq, D = q.shape
-    Hkv, Dv = k.shape[1], v.shape[3]
+    Dv = v.shape[3]
+    if block_table is None:
+        Hkv, Lk, kv_views, page_size = k.shape[1], k.shape[2], (view(k), view(v)), 0
+    else:
+        page_size = k.shape[1]
+        Hkv, Lk = k.shape[2], block_table.shape[1] * page_size
+        kv_views = tuple(view(t, (0, t.stride(2), t.stride(1), t.stride(3))) for t in (k, v))
     opts = ScoreOptions(key_mask, key_bias, alibi, q_pos, k_pos, softcap)
     out = empty(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
     lse = empty(B, H, Lq, dtype=torch.float32, device=q.device)
-    rules = rules_of(q, k, mask, bias, bits, layout_lists[1], scale * LOG2E, causal_offset, window, sinks, opts)
+    rules = rules_of(Lq, Lk, mask, bias, bits, layout_lists[1], scale * LOG2E, causal_offset, window, sinks, opts,
+                     block_table, page_size)
     lists = lists_of(*layout_lists[:5])
-    flags = _flags(mask, bias, bits, causal_offset, window, opts, layout_bq, layout_bk, D, Dv)
+    flags = _flags(mask, bias, bits, causal_offset, window, opts, layout_bq, layout_bk, D, Dv, block_table is not None)
 
     def launch(cfg):
         grid = (triton.cdiv(Lq, cfg["BLOCK_M"]) * B * H,)
-        _sparse_attention_fwd_kernel[grid](view(q), view(k), view(v), view(out), lse, rules, lists, H, H // Hkv,
-                                           **flags, **cfg)
+        _sparse_attention_fwd_kernel[grid](view(q), *kv_views, view(out), lse, rules, lists, H, H // Hkv, **flags,
+                                           **cfg)
 
     with on_device(q):
-        launch(FWD_TUNER.pick(launch, **problem(q, layout_bq, layout_bk, D, Dv), **_key(flags, q, k)))
+        launch(FWD_TUNER.pick(launch, **problem(q, layout_bq, layout_bk, D, Dv), **_key(flags, q, Lk)))
     return out, lse
 
 
@@ -279,7 +296,7 @@ def sparse_attention_bwd(do, dlse, q, k, v, out, lse, layout_lists: List[torch.T
     dq = empty(B, H, Lq, D, dtype=q.dtype, device=q.device)
     dk = empty(B, Hkv, Lk, D, dtype=k.dtype, device=q.device)
     dv = empty(B, Hkv, Lk, Dv, dtype=v.dtype, device=q.device)
-    rules = rules_of(q, k, mask, bias, bits, layout_lists[1], scale * LOG2E, causal_offset, window, sinks, opts)
+    rules = rules_of(Lq, Lk, mask, bias, bits, layout_lists[1], scale * LOG2E, causal_offset, window, sinks, opts)
     flags = _flags(mask, bias, bits, causal_offset, window, opts, layout_bq, layout_bk, D, Dv)
     prob = problem(q, layout_bq, layout_bk, D, Dv)
     qs, ks, vs, dos = view(q), view(k), view(v), view(do)
@@ -294,7 +311,7 @@ def sparse_attention_bwd(do, dlse, q, k, v, out, lse, layout_lists: List[torch.T
         _sparse_attention_bwd_dq_kernel[grid](qs, ks, vs, dos, view(dq), lse, delta, rules,
                                               lists_of(*layout_lists[:5]), H, H // Hkv, scale, **flags, **cfg)
 
-    key = _key(flags, q, k)
+    key = _key(flags, q, Lk)
     with on_device(q):
         _sparse_attention_bwd_preprocess_kernel[(triton.cdiv(Lq, PREPROCESS_BLOCK_M) * B * H,)](
             out, do, dlse if dlse is not None else delta, delta, H, Lq, HEAD_DIM=Dv, BLOCK_D=block_d_of(Dv),
@@ -335,6 +352,7 @@ def compile_specs(cc: int):
             fast = tname == "bf16" and d in (64, 128)
             for variant in (("all", "plain", "causal") if fast else ("all",)):
                 rules = RuleFlags(**{f: f in _VARIANTS[variant] for f in RuleFlags._fields})
+                back = rules._replace(paged=False)  # paged caches: forward only
                 flags = dict(HEAD_DIM=d, BLOCK_D=block_d_of(d), HEAD_DV=dv, BLOCK_DV=block_d_of(dv), LAYOUT_BQ=128,
                              LAYOUT_BK=128, RULES=rules, PRECISION="ieee")
                 for name, kernel, tuner in (("fwd", _sparse_attention_fwd_kernel, FWD_TUNER),
@@ -345,7 +363,8 @@ def compile_specs(cc: int):
                         tags = {"dtype": tname, "D": d, **({"Dv": dv} if dv != d else {}), "variant": variant, **cfg}
                         if fast and variant != "all" and i == 0 and cc == 90:
                             tags["max_spill"] = SPILL_BUDGET[name]
-                        yield Spec(name, kernel, signature(kernel, types), {**flags, **tiles},
+                        yield Spec(name, kernel, signature(kernel, types),
+                                   {**flags, **tiles, **({} if name == "fwd" else {"RULES": back})},
                                    cfg["num_warps"], cfg["num_stages"], tags=tags)
             yield Spec("preprocess", _sparse_attention_bwd_preprocess_kernel,
                        signature(_sparse_attention_bwd_preprocess_kernel, pre_types),

@@ -177,16 +177,29 @@ def load_tile(ptrs, row_ok, col_ok, ROW_MASK: tl.constexpr, COL_MASK: tl.constex
 def load_rows(P, offs, bound, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rows ``offs`` of a Plane as a [len(offs), BLOCK_D] tile, zero past ``bound`` (checked only
     when MASKED) and past the head dim (checked only when it is padded)."""
+    return load_rows_at(P, offs, offs < bound, MASKED, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def load_rows_at(P, rows, ok, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """load_rows with the addresses (``rows``) and the bound (``ok``) given apart (paged caches)."""
     offs_d = tl.arange(0, BLOCK_D)
-    return load_tile(P.ptr + offs[:, None].to(tl.int64) * P.sr + offs_d[None, :] * P.sc, offs[:, None] < bound,
+    return load_tile(P.ptr + rows[:, None].to(tl.int64) * P.sr + offs_d[None, :] * P.sc, ok[:, None],
                      (offs_d < HEAD_DIM)[None, :], MASKED, HEAD_DIM != BLOCK_D)
 
 
 @triton.jit
 def load_cols(P, offs, bound, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rows ``offs`` of a Plane loaded transposed, as a [BLOCK_D, len(offs)] tile (else as load_rows)."""
+    return load_cols_at(P, offs, offs < bound, MASKED, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def load_cols_at(P, rows, ok, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``rows`` of a Plane loaded transposed, zero where ``ok`` is False (checked only when
+    MASKED): load_cols with the addresses and the bound given apart (paged caches)."""
     offs_d = tl.arange(0, BLOCK_D)
-    return load_tile(P.ptr + offs[None, :].to(tl.int64) * P.sr + offs_d[:, None] * P.sc, offs[None, :] < bound,
+    return load_tile(P.ptr + rows[None, :].to(tl.int64) * P.sr + offs_d[:, None] * P.sc, ok[None, :],
                      (offs_d < HEAD_DIM)[:, None], MASKED, HEAD_DIM != BLOCK_D)
 
 

@@ -48,19 +48,21 @@ import triton
 import triton.language as tl
 
 from ..ops.common import ScoreOptions
-from .common import View, load_cols, load_vec, plane, view, view_type
+from .common import View, load_cols, load_cols_at, load_vec, plane, view, view_type
 
 # The rules' runtime data (a kernel argument): sequence lengths (the bounds rule), the causal and
 # sliding-window parameters, the base-2 score scale and the softcap (natural units, 0 = none), the
 # element mask and the float bias as Views of [B|1, H|1, Lq, Lk], the packed tile bitmasks
 # [n tiles, LAYOUT_BQ, words], and the per-key / per-row data as Views with stride 0 on the
 # other axis: the key keep mask [B, 1, 1, Lk] (uint8), the per-key bias [B|1, H|1, 1, Lk], the
-# ALiBi slopes [B|1, H, 1, 1] (fp32), the query and key positions [B|1, 1, Lq, 1] / [B|1, 1, 1, Lk].
+# ALiBi slopes [B|1, H, 1, 1] (fp32), the query and key positions [B|1, 1, Lq, 1] / [B|1, 1, 1, Lk];
+# for a paged K/V cache (forward only) the block table [B, 1, 1, max_pages] and the page size: the
+# key side's logical row t lives at physical row ``table[t // page_size] * page_size + t % page_size``.
 Rules = namedtuple("Rules", ["Lq", "Lk", "causal_off", "window", "sinks", "qk_scale", "softcap", "mask", "bias",
-                             "bits", "key_mask", "key_bias", "alibi", "q_pos", "k_pos"])
+                             "bits", "key_mask", "key_bias", "alibi", "q_pos", "k_pos", "pages", "page_size"])
 # Which rules a kernel compiles in (a constexpr kernel argument).
 RuleFlags = namedtuple("RuleFlags", ["causal", "window", "mask", "bias", "bits", "softcap", "alibi", "key_bias",
-                                     "key_mask", "positions"])
+                                     "key_mask", "positions", "paged"])
 # One direction of a BlockLayout's lists: per (plane, row block) the count and sorted indices of the
 # partial blocks (with their bitmask ids) and of the full ones. The plane of (b, h) is
 # b * sb + h * sh; ``rows`` row blocks per plane; ``wp`` / ``wf`` the widths of the index lists.
@@ -76,23 +78,24 @@ def _bcast_view(t: Optional[torch.Tensor], dummy: torch.Tensor, axes: str) -> Vi
     return view(t, tuple(strides.get(a, 0) for a in "bhrc"))
 
 
-def rules_of(q: torch.Tensor, k: torch.Tensor, mask, bias, bits, dummy: torch.Tensor, qk_scale: float,
-             causal_offset, window, sinks: int, opts: ScoreOptions) -> Rules:
+def rules_of(lq: int, lk: int, mask, bias, bits, dummy: torch.Tensor, qk_scale: float,
+             causal_offset, window, sinks: int, opts: ScoreOptions, block_table=None, page_size: int = 0) -> Rules:
     """The Rules of a launch; absent tensors are replaced by ``dummy`` (never read)."""
-    return Rules(q.shape[2], k.shape[2], causal_offset or 0, window or 0, sinks, qk_scale, opts.softcap or 0.0,
+    return Rules(lq, lk, causal_offset or 0, window or 0, sinks, qk_scale, opts.softcap or 0.0,
                  _bcast_view(None if mask is None else mask.view(torch.uint8), dummy, "bhrc"),
                  _bcast_view(bias, dummy, "bhrc"), dummy if bits is None else bits,
                  _bcast_view(None if opts.key_mask is None else opts.key_mask.view(torch.uint8), dummy, "bc"),
                  _bcast_view(opts.key_bias, dummy, "bhc"), _bcast_view(opts.alibi, dummy, "bh"),
-                 _bcast_view(opts.q_pos, dummy, "br"), _bcast_view(opts.k_pos, dummy, "bc"))
+                 _bcast_view(opts.q_pos, dummy, "br"), _bcast_view(opts.k_pos, dummy, "bc"),
+                 _bcast_view(block_table, dummy, "bc"), page_size)
 
 
-def rule_flags(mask, bias, bits, causal_offset, window, opts: ScoreOptions) -> RuleFlags:
+def rule_flags(mask, bias, bits, causal_offset, window, opts: ScoreOptions, paged: bool = False) -> RuleFlags:
     """The RuleFlags of a launch."""
     return RuleFlags(causal=causal_offset is not None, window=window is not None, mask=mask is not None,
                      bias=bias is not None, bits=bits is not None, softcap=opts.softcap is not None,
                      alibi=opts.alibi is not None, key_bias=opts.key_bias is not None,
-                     key_mask=opts.key_mask is not None, positions=opts.q_pos is not None)
+                     key_mask=opts.key_mask is not None, positions=opts.q_pos is not None, paged=paged)
 
 
 def lists_of(num, idx, bid, full_num, full_idx) -> Lists:
@@ -105,7 +108,8 @@ def lists_of(num, idx, bid, full_num, full_idx) -> Lists:
 def rules_type(ptr: str) -> Rules:
     """The compile gate's signature of Rules (bias and key bias of Triton pointer type ``ptr``)."""
     return Rules("i32", "i32", "i32", "i32", "i32", "fp32", "fp32", view_type("*u8"), view_type(ptr), "*i32",
-                 view_type("*u8"), view_type(ptr), view_type("*fp32"), view_type("*i32"), view_type("*i32"))
+                 view_type("*u8"), view_type(ptr), view_type("*fp32"), view_type("*i32"), view_type("*i32"),
+                 view_type("*i32"), "i32")
 
 
 def lists_type() -> Lists:
@@ -241,12 +245,20 @@ def apply_rules(s, qi, kj, rules, bid, MASKED: tl.constexpr, RULES: tl.constexpr
 
 
 @triton.jit
+def paged_rows(rules, offs, ok):
+    """Physical rows of the logical key rows ``offs`` of a paged cache (``ok``: inside the sequence;
+    rows outside read page 0, never loaded)."""
+    page = tl.load(rules.pages.ptr + (offs // rules.page_size).to(tl.int64) * rules.pages.sc, mask=ok, other=0)
+    return page.to(tl.int64) * rules.page_size + offs % rules.page_size
+
+
+@triton.jit
 def rules_at(rules, b, h):
     """The Rules of the (b, h) plane (masks, biases, slopes and positions as Planes)."""
     return Rules(rules.Lq, rules.Lk, rules.causal_off, rules.window, rules.sinks, rules.qk_scale, rules.softcap,
                  plane(rules.mask, b, h), plane(rules.bias, b, h), rules.bits, plane(rules.key_mask, b, h),
                  plane(rules.key_bias, b, h), plane(rules.alibi, b, h), plane(rules.q_pos, b, h),
-                 plane(rules.k_pos, b, h))
+                 plane(rules.k_pos, b, h), plane(rules.pages, b, h), rules.page_size)
 
 
 # ----------------------------------------------------------------------------- the walk
@@ -305,7 +317,12 @@ def walk(carry, extra, ctx, own, offs_own, X, Y, rules, lists, row, KEY_MAJOR: t
             else:
                 bid = -1
             offs = blk * LAYOUT_B + (t % SUB) * BLOCK + tl.arange(0, BLOCK)
-            x = load_cols(X, offs, bound, MASKED, HEAD_DIM, BLOCK_D)                          # [D, BLOCK]
+            if RULES.paged:  # (query-major forward only) key rows through the block table
+                ok = offs < bound
+                rows = paged_rows(rules, offs, ok)
+                x = load_cols_at(X, rows, ok, MASKED, HEAD_DIM, BLOCK_D)
+            else:
+                x = load_cols(X, offs, bound, MASKED, HEAD_DIM, BLOCK_D)                      # [D, BLOCK]
             if Y is not None:
                 y = load_cols(Y, offs, bound, MASKED, HEAD_DV, BLOCK_DV)
             else:

@@ -50,7 +50,7 @@ def test_column_sum_hook_matches_float64():
     out, lse = sa.sparse_attention(q, k, v, layout, return_lse=True)
     lists = layout.lists()
     scale = D ** -0.5
-    rules = rules_of(q, k, None, None, None, lists[1], scale * 1.4426950408889634, layout.causal_offset, layout.window, layout.sinks,
+    rules = rules_of(Lq, Lk, None, None, None, lists[1], scale * 1.4426950408889634, layout.causal_offset, layout.window, layout.sinks,
                      ScoreOptions())
     res = torch.full((B, HKV, Lk), float("nan"))
     _colsum_kernel[(triton.cdiv(Lk, 64) * B * HKV,)](view(q), view(k), lse, res, rules, lists_of(*lists[5:]), H, HKV, H // HKV,

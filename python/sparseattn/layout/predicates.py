@@ -74,6 +74,17 @@ def key_keep(key_mask_values: torch.Tensor) -> torch.Tensor:
     return key_mask_values.to(torch.bool)
 
 
+def alibi_bias(slopes: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, lq: int, lk: int) -> torch.Tensor:
+    """ALiBi (FlashAttention's definition, natural-log units): ``-slope * |i + Lk - Lq - j|`` for
+    query row ``i`` and key ``j`` (broadcasting ``slopes`` against the index tensors)."""
+    return -slopes * (rows + (lk - lq) - cols).abs().to(slopes.dtype)
+
+
+def softcap_scores(s: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Gemma 2's softcap of the scaled scores: ``softcap * tanh(s / softcap)``."""
+    return softcap * torch.tanh(s / softcap)
+
+
 def unpack_bits(words: Optional[torch.Tensor], ids: torch.Tensor, row_in: torch.Tensor,
                 col_in: torch.Tensor) -> torch.Tensor:
     """Bit (row_in, col_in) of tile bitmask ``ids`` (broadcasting; id -1 = no bitmask = True).

@@ -84,6 +84,54 @@ def _backward(ctx, dout, dlse):
 torch.library.register_autograd("sparseattn::sparse_attention_fwd", _backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("sparseattn::paged_sparse_attention_fwd", mutates_args=())
+def paged_sparse_attention_fwd(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, layout: List[Tensor],
+                               mask: Optional[Tensor], bits: Optional[Tensor], scale: float, block_q: int,
+                               block_k: int, causal_offset: Optional[int], window: Optional[int], sinks: int,
+                               key_mask: Optional[Tensor], key_bias: Optional[Tensor], alibi: Optional[Tensor],
+                               softcap: Optional[float]) -> Tuple[Tensor, Tensor]:
+    args = (layout, mask, None, bits, scale, block_q, block_k, causal_offset, window, sinks, key_mask, key_bias, alibi,
+            None, None, softcap)
+    if backend_for(q) == "triton":
+        return _tk.sparse_attention_fwd(q, k_pages, v_pages, *args, block_table=block_table)
+    # the CPU path reads a logical copy (decode's own CPU path reads the pages directly)
+    k, v = (t[block_table.long()].flatten(1, 2).transpose(1, 2) for t in (k_pages, v_pages))
+    return cpu.sparse_attention_fwd_cpu(q, k, v, *args)
+
+
+@paged_sparse_attention_fwd.register_fake
+def _(q, k_pages, v_pages, block_table, *rest):
+    B, H, lq, _ = q.shape
+    return q.new_empty(B, H, lq, v_pages.shape[-1]), q.new_empty(B, H, lq, dtype=torch.float32)
+
+
+def paged_sparse_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, layout: BlockLayout,
+                           scale: float, *, key_padding_mask: Optional[Tensor] = None,
+                           key_bias: Optional[Tensor] = None, softcap: Optional[float] = None,
+                           alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Forward-only sparse attention over a paged K/V cache (what decode's Triton path runs):
+    ``k_pages`` / ``v_pages`` ``[num_pages, page_size, Hkv, D]`` read through ``block_table`` int32
+    ``[B, max_pages]`` (no gather copy on the kernels), ``layout`` in logical positions for
+    ``seq_lens=(Lq, max_pages * page_size)``. Inputs are checked by the caller
+    (:func:`sparseattn.decode_attention`); options as :func:`sparse_attention`. Returns (out, lse)."""
+    B, Hq, _, _ = q.shape
+    page_size = k_pages.shape[1]
+    lk = block_table.shape[1] * page_size
+    if k_pages.stride(0) != page_size * k_pages.stride(1) or v_pages.stride(0) != page_size * v_pages.stride(1):
+        k_pages, v_pages = k_pages.contiguous(), v_pages.contiguous()  # pages must hold consecutive rows
+    options = check_score_options(B, Hq, lk, q.device, key_padding_mask=key_padding_mask, key_bias=key_bias,
+                                  softcap=softcap, alibi_slopes=alibi_slopes)
+    if key_padding_mask is not None:
+        layout = layout.with_key_padding(key_padding_mask)
+    if layout.q_pos is not None:
+        raise ValueError("layout: expected a layout without positions for a paged cache, got one from from_positions")
+    backend = backend_for(q)
+    _dispatch.set_backend(backend, _dispatch.cpu_reason(q) if backend == "cpu" else None)
+    return paged_sparse_attention_fwd(q, k_pages, v_pages, block_table, layout.lists(), layout.mask, layout.bits,
+                                      scale, *layout.block_size, layout.causal_offset, layout.window, layout.sinks,
+                                      layout.key_mask, options.key_bias, options.alibi, options.softcap)
+
+
 def run(q, k, v, layout: BlockLayout, bias, scale, options: ScoreOptions = ScoreOptions()):
     """The fused op on a checked layout (its key mask and positions included) with the checked
     score options (``options.key_mask`` / positions are ignored: they come from the layout);

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from ... import _dispatch
 from ...layout import BlockLayout
-from ..common import MAX_HEAD_DIM, SUPPORTED_DTYPES, check_inputs
+from ...layout.predicates import alibi_bias
+from ..common import MAX_HEAD_DIM, SUPPORTED_DTYPES, ScoreOptions, check_inputs, check_score_options
 from .op import run
 
 # Layout block of the layouts built by scaled_dot_product_attention.
@@ -120,10 +121,8 @@ def fallback_reason(query, key, value, attn_mask, dropout_p) -> Optional[str]:
         return "dropout_p > 0"
     if query.dtype not in SUPPORTED_DTYPES:
         return f"dtype {query.dtype}"
-    if query.shape[-1] > MAX_HEAD_DIM:
-        return f"head dim {query.shape[-1]} > {MAX_HEAD_DIM}"
-    if value.shape[-1] != query.shape[-1]:
-        return "value head dim differs from query head dim"
+    if max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
+        return f"head dim {max(query.shape[-1], value.shape[-1])} > {MAX_HEAD_DIM}"
     if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad:
         return "float attn_mask that requires grad"
     if query.numel() == 0 or key.numel() == 0:
@@ -131,10 +130,34 @@ def fallback_reason(query, key, value, attn_mask, dropout_p) -> Optional[str]:
     return None
 
 
-def _torch_sdpa(query, key, value, attn_mask, mask4, dropout_p, is_causal, scale, enable_gqa, reason: str):
+def _with_alibi(attn_mask, is_causal: bool, slopes: torch.Tensor, B, Hq, Lq, Lk, dtype):
+    """The float mask ``[B|1, Hq, Lq, Lk]`` torch's function needs for ALiBi (it has no ALiBi
+    argument): the slopes' bias plus the bool or float mask (or the causal rule). O(Lq * Lk): the
+    fallbacks only."""
+    dev = slopes.device
+    bias = alibi_bias(slopes[:, :, None, None], torch.arange(Lq, device=dev)[:, None],
+                      torch.arange(Lk, device=dev)[None, :], Lq, Lk).to(dtype)
+    if is_causal:
+        attn_mask = torch.ones(Lq, Lk, dtype=torch.bool, device=dev).tril()
+    if attn_mask is None:
+        return bias
+    if attn_mask.dtype == torch.bool:
+        return bias.masked_fill(~attn_mask, float("-inf"))
+    return bias + attn_mask
+
+
+def _torch_sdpa(query, key, value, attn_mask, mask4, dropout_p, is_causal, scale, enable_gqa, reason: str,
+                options: ScoreOptions):
     """torch's own function (the fallbacks, and CPU tensors outside the Triton interpreter, where
     torch's CPU kernels beat sparseattn's gather path on all SDPA can express), with rows that
-    see no key set to 0 as on every other path (torch's value there depends on its backend)."""
+    see no key set to 0 as on every other path (torch's value there depends on its backend).
+    ALiBi becomes a float mask; a softcap has no torch equivalent (ValueError)."""
+    if options.softcap is not None:
+        raise ValueError(f"softcap: not available on torch's fallback path, which these inputs take ({reason})")
+    if options.alibi is not None:
+        B, Hq, Lq, Lk = *query.shape[:3], key.shape[2]
+        attn_mask = _with_alibi(mask4, is_causal, options.alibi, B, Hq, Lq, Lk, query.dtype)
+        mask4, is_causal = attn_mask, False
     _dispatch.set_backend("torch", reason)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
@@ -147,7 +170,8 @@ def _torch_sdpa(query, key, value, attn_mask, mask4, dropout_p, is_causal, scale
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: Optional[float] = None,
-                                 enable_gqa: bool = False) -> torch.Tensor:
+                                 enable_gqa: bool = False, *, softcap: Optional[float] = None,
+                                 alibi_slopes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on the fused kernels.
 
     Args:
@@ -156,22 +180,32 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             between query and key/value (a K/V batch of 1 for a query batch of 3 is read with
             stride 0, not copied).
         attn_mask: bool (True = attend) or float (added to the scores), broadcastable to
-            ``[B, Hq, Lq, Lk]``. Bool masks become a layout: tiles with no True are skipped.
+            ``[B, Hq, Lq, Lk]``. Bool masks become a layout: tiles with no True are skipped. A
+            mask whose query axis has size 1 (``[B|1, 1, 1, Lk]``, Hugging Face's padding mask)
+            runs as a key padding mask (one bit per key in the kernel, padding-only tiles skipped,
+            :meth:`BlockLayout.with_key_padding`); a float one of shape ``[B|1, H|1, 1, Lk]`` as a
+            per-key bias: O(Lk), never expanded to ``[Lq, Lk]``.
             A ``torch.nn.attention.bias.CausalBias`` (``causal_upper_left`` /
             ``causal_lower_right``) becomes the in-kernel causal rule with that alignment.
         dropout_p: dropout probability (> 0 falls back to torch).
         is_causal: top-left causal mask (``ones(Lq, Lk).tril()``, as torch); not with attn_mask.
         scale: score scale, default ``1 / sqrt(D)``.
         enable_gqa: allow ``Hq`` to be a multiple of ``Hkv`` (K/V heads shared by groups).
+        softcap: keyword-only extension: ``softcap * tanh(score / softcap)`` after scaling, before
+            masking (Gemma 2), exact gradient. Not on torch's fallback paths (ValueError there).
+        alibi_slopes: keyword-only extension: float32 ``[Hq]`` or ``[B, Hq]``, adds
+            ``-slope * |i + Lk - Lq - j|`` (FlashAttention's definition); on torch's fallback
+            paths it becomes a float mask.
 
     Returns:
         ``[B, Hq, Lq, Dv]`` in query's dtype. A query row with no visible key gives 0, on every
         path (torch's own value there depends on its backend).
 
-    Runs the Triton kernels for float16/bfloat16/float32 with D <= 256 and Dv == D; otherwise
-    (dropout, float64, D > 256, Dv != D, a float mask that requires grad) it calls torch's own
+    Runs the Triton kernels for float16/bfloat16/float32 with D and Dv <= 256 (Dv may differ from
+    D); otherwise (dropout, float64, D > 256, a float mask that requires grad) it calls torch's own
     function, as it does for CPU tensors (torch's CPU kernels are faster than sparseattn's CPU
-    path; rows that see no key still give 0). :func:`last_backend` says which path ran.
+    path; rows that see no key still give 0) unless a softcap or ALiBi asks for sparseattn's CPU
+    path. :func:`last_backend` says which path ran.
 
     Example::
 
@@ -188,7 +222,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                 raise ValueError(f"attn_mask: expected a shape broadcastable to {list(target)}, got "
                                  f"{list(attn_mask.shape)}")
             attn_mask = attn_mask.expand(target).reshape(-1, *query4.shape[1:3], key.shape[2])
-        out = scaled_dot_product_attention(query4, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        out = scaled_dot_product_attention(query4, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                           softcap=softcap, alibi_slopes=alibi_slopes)
         return out.reshape(*lead, *out.shape[2:])
     B, Hq, _, Lq, Lk, D = check_inputs(query, key, value, gqa=enable_gqa, names=("query", "key", "value"),
                                         same_value_dim=False)
@@ -211,22 +246,28 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         if is_causal:
             raise ValueError("attn_mask: expected None when is_causal=True (as torch), got a tensor")
         mask4 = _broadcast_mask(attn_mask, B, Hq, Lq, Lk)
+    options = check_score_options(B, Hq, Lk, query.device, softcap=softcap, alibi_slopes=alibi_slopes)
     reason = fallback_reason(query, key, value, attn_mask, dropout_p)
-    if reason is None and _dispatch.backend_for(query) == "cpu":
+    if reason is None and _dispatch.backend_for(query) == "cpu" and softcap is None and alibi_slopes is None:
         reason = _dispatch.cpu_reason(query) + "; torch's CPU kernels beat the CPU gather path on what SDPA expresses"
     if reason is not None:
         return _torch_sdpa(query, key, value, attn_mask, mask4 if attn_mask is not None else None, dropout_p,
-                           is_causal, scale, enable_gqa, reason)
+                           is_causal, scale, enable_gqa, reason, options)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     bias = None
-    if causal is not None:
+    per_key = attn_mask is not None and causal is None and mask4.shape[2] == 1 and mask4.shape[3] == Lk
+    if causal is not None or attn_mask is None:
         layout = _dense_layout(Lq, Lk, causal, query.device)
-    elif attn_mask is None:
-        layout = _dense_layout(Lq, Lk, None, query.device)
+    elif per_key and attn_mask.dtype == torch.bool and mask4.shape[1] == 1:
+        # a key padding mask: one bit per key in the kernel, padding-only tiles skipped
+        layout = _dense_layout(Lq, Lk, None, query.device).with_key_padding(mask4[:, 0, 0, :].expand(B, Lk))
     elif attn_mask.dtype == torch.bool:
         layout = mask_layout(mask4, B, Hq, Lq, Lk)
+    elif per_key:
+        layout = _dense_layout(Lq, Lk, None, query.device)
+        options = options._replace(key_bias=mask4[:, :, 0, :])
     else:
         layout = _dense_layout(Lq, Lk, None, query.device)
         bias = mask4.expand(mask4.shape[0], mask4.shape[1], Lq, Lk)
-    out, _ = run(query, key, value, layout, bias, scale)
+    out, _ = run(query, key, value, layout, bias, scale, options)
     return out
