@@ -245,6 +245,7 @@ def sparse_attention_fwd(q, k, v, layout_lists: List[torch.Tensor], mask: Option
                          key_mask: Optional[torch.Tensor] = None, key_bias: Optional[torch.Tensor] = None,
                          alibi: Optional[torch.Tensor] = None, q_pos: Optional[torch.Tensor] = None,
                          k_pos: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
+                         q_seg: Optional[torch.Tensor] = None, k_seg: Optional[torch.Tensor] = None,
                          block_table: Optional[torch.Tensor] = None):
     """Launch the forward over a layout given as ``BlockLayout.lists()`` plus its tile bitmasks,
     element mask and kinds, and the score options (:class:`ScoreOptions`; a key mask and positions
@@ -261,7 +262,7 @@ def sparse_attention_fwd(q, k, v, layout_lists: List[torch.Tensor], mask: Option
         page_size = k.shape[1]
         Hkv, Lk = k.shape[2], block_table.shape[1] * page_size
         kv_views = tuple(view(t, (0, t.stride(2), t.stride(1), t.stride(3))) for t in (k, v))
-    opts = ScoreOptions(key_mask, key_bias, alibi, q_pos, k_pos, softcap)
+    opts = ScoreOptions(key_mask, key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg)
     out = empty(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
     lse = empty(B, H, Lq, dtype=torch.float32, device=q.device)
     rules = rules_of(Lq, Lk, mask, bias, bits, layout_lists[1], scale * LOG2E, causal_offset, window, sinks, opts,
@@ -285,13 +286,14 @@ def sparse_attention_bwd(do, dlse, q, k, v, out, lse, layout_lists: List[torch.T
                          window: Optional[int], sinks: int, key_mask: Optional[torch.Tensor] = None,
                          key_bias: Optional[torch.Tensor] = None, alibi: Optional[torch.Tensor] = None,
                          q_pos: Optional[torch.Tensor] = None, k_pos: Optional[torch.Tensor] = None,
-                         softcap: Optional[float] = None):
+                         softcap: Optional[float] = None, q_seg: Optional[torch.Tensor] = None,
+                         k_seg: Optional[torch.Tensor] = None):
     """Launch the backward: delta preprocess, dK/dV over the transposed lists, dQ over the lists.
     ``do`` and ``dlse`` (or None) must be contiguous. Returns (dq, dk, dv) in the input dtypes.
     Deterministic: no atomics, every gradient element is written by one program in a fixed order."""
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    opts = ScoreOptions(key_mask, key_bias, alibi, q_pos, k_pos, softcap)
+    opts = ScoreOptions(key_mask, key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg)
     delta = empty(B, H, Lq, dtype=torch.float32, device=q.device)
     dq = empty(B, H, Lq, D, dtype=q.dtype, device=q.device)
     dk = empty(B, Hkv, Lk, D, dtype=k.dtype, device=q.device)

@@ -55,14 +55,16 @@ from .common import View, load_cols, load_cols_at, load_vec, plane, view, view_t
 # element mask and the float bias as Views of [B|1, H|1, Lq, Lk], the packed tile bitmasks
 # [n tiles, LAYOUT_BQ, words], and the per-key / per-row data as Views with stride 0 on the
 # other axis: the key keep mask [B, 1, 1, Lk] (uint8), the per-key bias [B|1, H|1, 1, Lk], the
-# ALiBi slopes [B|1, H, 1, 1] (fp32), the query and key positions [B|1, 1, Lq, 1] / [B|1, 1, 1, Lk];
+# ALiBi slopes [B|1, H, 1, 1] (fp32), the query and key positions [B|1, 1, Lq, 1] / [B|1, 1, 1, Lk]
+# and segment ids (same shapes; packed variable-length batches);
 # for a paged K/V cache (forward only) the block table [B, 1, 1, max_pages] and the page size: the
 # key side's logical row t lives at physical row ``table[t // page_size] * page_size + t % page_size``.
 Rules = namedtuple("Rules", ["Lq", "Lk", "causal_off", "window", "sinks", "qk_scale", "softcap", "mask", "bias",
-                             "bits", "key_mask", "key_bias", "alibi", "q_pos", "k_pos", "pages", "page_size"])
+                             "bits", "key_mask", "key_bias", "alibi", "q_pos", "k_pos", "q_seg", "k_seg", "pages",
+                             "page_size"])
 # Which rules a kernel compiles in (a constexpr kernel argument).
 RuleFlags = namedtuple("RuleFlags", ["causal", "window", "mask", "bias", "bits", "softcap", "alibi", "key_bias",
-                                     "key_mask", "positions", "paged"])
+                                     "key_mask", "positions", "segments", "paged"])
 # One direction of a BlockLayout's lists: per (plane, row block) the count and sorted indices of the
 # partial blocks (with their bitmask ids) and of the full ones. The plane of (b, h) is
 # b * sb + h * sh; ``rows`` row blocks per plane; ``wp`` / ``wf`` the widths of the index lists.
@@ -87,7 +89,7 @@ def rules_of(lq: int, lk: int, mask, bias, bits, dummy: torch.Tensor, qk_scale: 
                  _bcast_view(None if opts.key_mask is None else opts.key_mask.view(torch.uint8), dummy, "bc"),
                  _bcast_view(opts.key_bias, dummy, "bhc"), _bcast_view(opts.alibi, dummy, "bh"),
                  _bcast_view(opts.q_pos, dummy, "br"), _bcast_view(opts.k_pos, dummy, "bc"),
-                 _bcast_view(block_table, dummy, "bc"), page_size)
+                 _bcast_view(opts.q_seg, dummy, "br"), _bcast_view(opts.k_seg, dummy, "bc"), _bcast_view(block_table, dummy, "bc"), page_size)
 
 
 def rule_flags(mask, bias, bits, causal_offset, window, opts: ScoreOptions, paged: bool = False) -> RuleFlags:
@@ -95,7 +97,8 @@ def rule_flags(mask, bias, bits, causal_offset, window, opts: ScoreOptions, page
     return RuleFlags(causal=causal_offset is not None, window=window is not None, mask=mask is not None,
                      bias=bias is not None, bits=bits is not None, softcap=opts.softcap is not None,
                      alibi=opts.alibi is not None, key_bias=opts.key_bias is not None,
-                     key_mask=opts.key_mask is not None, positions=opts.q_pos is not None, paged=paged)
+                     key_mask=opts.key_mask is not None, positions=opts.q_pos is not None,
+                     segments=opts.q_seg is not None, paged=paged)
 
 
 def lists_of(num, idx, bid, full_num, full_idx) -> Lists:
@@ -108,8 +111,7 @@ def lists_of(num, idx, bid, full_num, full_idx) -> Lists:
 def rules_type(ptr: str) -> Rules:
     """The compile gate's signature of Rules (bias and key bias of Triton pointer type ``ptr``)."""
     return Rules("i32", "i32", "i32", "i32", "i32", "fp32", "fp32", view_type("*u8"), view_type(ptr), "*i32",
-                 view_type("*u8"), view_type(ptr), view_type("*fp32"), view_type("*i32"), view_type("*i32"),
-                 view_type("*i32"), "i32")
+                 view_type("*u8"), view_type(ptr), view_type("*fp32"), *([view_type("*i32")] * 5), "i32")
 
 
 def lists_type() -> Lists:
@@ -127,14 +129,36 @@ def _in_bounds(qi, kj, rules):
 
 
 @triton.jit
-def _causal(keep, qi, kj, rules):
-    return keep & (kj <= qi + rules.causal_off)
+def _coords(qi, kj, rules, POSITIONS: tl.constexpr):
+    """Coordinates of the positional rules (causal, window, ALiBi): the query and key positions
+    given as data (position-id causal, packed sequences), else the aligned query index
+    ``qi + causal_off`` and the key index."""
+    if POSITIONS:
+        pq = tl.load(rules.q_pos.ptr + qi.to(tl.int64) * rules.q_pos.sr, mask=qi < rules.Lq, other=0)
+        pk = tl.load(rules.k_pos.ptr + kj.to(tl.int64) * rules.k_pos.sc, mask=kj < rules.Lk, other=0)
+        return pq, pk
+    else:
+        return qi + rules.causal_off, kj
 
 
 @triton.jit
-def _window(keep, qi, kj, rules):
-    """The last ``window`` keys at or before the (aligned) query, plus the first ``sinks`` keys."""
-    return keep & ((qi + rules.causal_off - kj < rules.window) | (kj < rules.sinks))
+def _causal(keep, pq, pk):
+    """Keys at or before the query (coordinates from :func:`_coords`)."""
+    return keep & (pk <= pq)
+
+
+@triton.jit
+def _window(keep, pq, pk, rules):
+    """The last ``window`` keys at or before the query, plus the first ``sinks`` keys."""
+    return keep & ((pq - pk < rules.window) | (pk < rules.sinks))
+
+
+@triton.jit
+def _segments(keep, qi, kj, rules):
+    """Packed sequences: query and key in the same segment."""
+    sq = tl.load(rules.q_seg.ptr + qi.to(tl.int64) * rules.q_seg.sr, mask=qi < rules.Lq, other=-1)
+    sk = tl.load(rules.k_seg.ptr + kj.to(tl.int64) * rules.k_seg.sc, mask=kj < rules.Lk, other=-2)
+    return keep & (sq == sk)
 
 
 @triton.jit
@@ -162,14 +186,6 @@ def _key_mask(keep, qi, kj, rules):
 
 
 @triton.jit
-def _positions(keep, qi, kj, rules):
-    """Position-id causal: ``k_pos[kj] <= q_pos[qi]`` (positions need not be sorted or unique)."""
-    qp = tl.load(rules.q_pos.ptr + qi.to(tl.int64) * rules.q_pos.sr, mask=qi < rules.Lq, other=0)
-    kp = tl.load(rules.k_pos.ptr + kj.to(tl.int64) * rules.k_pos.sc, mask=kj < rules.Lk, other=0)
-    return keep & (kp <= qp)
-
-
-@triton.jit
 def _add_bias(s, qi, kj, rules, MASKED: tl.constexpr):
     """Add the float bias (natural-log units, hence the log2(e))."""
     b_ptrs = rules.bias.ptr + qi.to(tl.int64) * rules.bias.sr + kj.to(tl.int64) * rules.bias.sc
@@ -192,11 +208,10 @@ def _add_key_bias(s, kj, rules, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _add_alibi(s, qi, kj, rules):
-    """ALiBi, FlashAttention's definition: ``-slope * |i + Lk - Lq - j|`` (natural-log units)."""
+def _add_alibi(s, dist, rules):
+    """ALiBi: ``-slope * |dist|`` (natural-log units)."""
     slope = tl.load(rules.alibi.ptr) * 1.4426950408889634
-    dist = (qi + (rules.Lk - rules.Lq) - kj).to(tl.float32)
-    return s - slope * tl.abs(dist)
+    return s - slope * tl.abs(dist.to(tl.float32))
 
 
 @triton.jit
@@ -220,8 +235,15 @@ def apply_rules(s, qi, kj, rules, bid, MASKED: tl.constexpr, RULES: tl.constexpr
     else:
         s = s * rules.qk_scale
         dcap = 1.0
+    if RULES.positions and (MASKED or RULES.alibi):
+        pq, pk = _coords(qi, kj, rules, True)
+    else:
+        pq, pk = _coords(qi, kj, rules, False)
     if RULES.alibi:
-        s = _add_alibi(s, qi, kj, rules)
+        if RULES.positions:  # position distance (per-sequence in packed batches)
+            s = _add_alibi(s, pq - pk, rules)
+        else:  # FlashAttention's definition: |i + Lk - Lq - j|, whatever the causal alignment
+            s = _add_alibi(s, qi + (rules.Lk - rules.Lq) - kj, rules)
     if RULES.key_bias:
         s = _add_key_bias(s, kj, rules, MASKED)
     if RULES.bias:
@@ -229,11 +251,11 @@ def apply_rules(s, qi, kj, rules, bid, MASKED: tl.constexpr, RULES: tl.constexpr
     if MASKED:
         keep = _in_bounds(qi, kj, rules)
         if RULES.causal:
-            keep = _causal(keep, qi, kj, rules)
+            keep = _causal(keep, pq, pk)
         if RULES.window:
-            keep = _window(keep, qi, kj, rules)
-        if RULES.positions:
-            keep = _positions(keep, qi, kj, rules)
+            keep = _window(keep, pq, pk, rules)
+        if RULES.segments:
+            keep = _segments(keep, qi, kj, rules)
         if RULES.key_mask:
             keep = _key_mask(keep, qi, kj, rules)
         if RULES.mask:
@@ -258,7 +280,8 @@ def rules_at(rules, b, h):
     return Rules(rules.Lq, rules.Lk, rules.causal_off, rules.window, rules.sinks, rules.qk_scale, rules.softcap,
                  plane(rules.mask, b, h), plane(rules.bias, b, h), rules.bits, plane(rules.key_mask, b, h),
                  plane(rules.key_bias, b, h), plane(rules.alibi, b, h), plane(rules.q_pos, b, h),
-                 plane(rules.k_pos, b, h), plane(rules.pages, b, h), rules.page_size)
+                 plane(rules.k_pos, b, h), plane(rules.q_seg, b, h), plane(rules.k_seg, b, h), plane(rules.pages, b, h),
+                 rules.page_size)
 
 
 # ----------------------------------------------------------------------------- the walk

@@ -8,7 +8,7 @@ import torch
 
 from .builders import (_check_block_size, _check_kinds, _check_seq_lens, _classify_tiles, _entries_to_lists,
                        _gpu_lists, _is_compiling, _pack_bits, check_block_mask, mask_to_lists)
-from .predicates import in_bounds, key_keep, kinds_keep, positions_keep, unpack_bits
+from .predicates import in_bounds, key_keep, kinds_keep, segments_keep, unpack_bits
 
 
 class BlockLayout:
@@ -73,7 +73,8 @@ class BlockLayout:
                  causal_offset: Optional[int] = None, window: Optional[int] = None, sinks: int = 0,
                  mask: Optional[torch.Tensor] = None, bits: Optional[torch.Tensor] = None,
                  q_pos: Optional[torch.Tensor] = None, k_pos: Optional[torch.Tensor] = None,
-                 key_mask: Optional[torch.Tensor] = None):
+                 key_mask: Optional[torch.Tensor] = None, q_seg: Optional[torch.Tensor] = None,
+                 k_seg: Optional[torch.Tensor] = None):
         # Internal: use from_block_mask / from_indices / from_entries, which validate and build the lists.
         self.block_size = block_size
         self.seq_lens = seq_lens
@@ -95,6 +96,8 @@ class BlockLayout:
         self.q_pos = q_pos
         self.k_pos = k_pos
         self.key_mask = key_mask
+        self.q_seg = q_seg
+        self.k_seg = k_seg
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -269,6 +272,20 @@ class BlockLayout:
         from .tokens import from_positions
         return from_positions(cls, q_pos, k_pos, block_size)
 
+    @classmethod
+    def from_varlen(cls, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int, total_k: int, *,
+                    causal: bool = False, window: Optional[int] = None, sinks: int = 0,
+                    block_size=(128, 128)) -> "BlockLayout":
+        """The layout of a packed variable-length batch (what :func:`sparseattn.varlen_attention`
+        runs): ``seq_lens=(total_q, total_k)``, a query attends only keys of its own sequence
+        (``cu_seqlens_*`` int32 ``[N + 1]``, unchecked here), bottom-right causal per sequence with
+        ``causal``, and a window with sinks in each sequence's own positions. Per-token segments
+        and positions are evaluated in the kernels; built on the device without a host read.
+        See :func:`sparseattn.layout.tokens.from_varlen`."""
+        from .tokens import from_varlen
+        return from_varlen(cls, cu_seqlens_q, cu_seqlens_k, total_q, total_k, _check_block_size(block_size), causal,
+                           window, sinks)
+
     def with_key_padding(self, key_padding_mask: torch.Tensor) -> "BlockLayout":
         """This layout with a key keep mask: key ``j`` of batch element ``b`` is attended only if
         ``key_padding_mask[b, j]`` (True = the key exists; Hugging Face's attention_mask).
@@ -414,18 +431,23 @@ class BlockLayout:
 
     @classmethod
     def from_lists(cls, lists, *, block_size, seq_lens, causal_offset=None, window=None, sinks=0, mask=None,
-                   bits=None, q_pos=None, k_pos=None, key_mask=None) -> "BlockLayout":
+                   bits=None, q_pos=None, k_pos=None, key_mask=None, q_seg=None, k_seg=None) -> "BlockLayout":
         """Inverse of :meth:`lists` (for the op layer; no validation)."""
         return cls(block_size=block_size, seq_lens=seq_lens, causal_offset=causal_offset, window=window,
-                   sinks=sinks, mask=mask, bits=bits, q_pos=q_pos, k_pos=k_pos, key_mask=key_mask,
-                   **dict(zip(cls._LISTS, lists)))
+                   sinks=sinks, mask=mask, bits=bits, q_pos=q_pos, k_pos=k_pos, key_mask=key_mask, q_seg=q_seg,
+                   k_seg=k_seg, **dict(zip(cls._LISTS, lists)))
+
+    def kinds(self) -> dict:
+        """The in-block kinds and their data (what :meth:`from_lists` takes besides the lists)."""
+        return dict(causal_offset=self.causal_offset, window=self.window, sinks=self.sinks, mask=self.mask,
+                    bits=self.bits, q_pos=self.q_pos, k_pos=self.k_pos, key_mask=self.key_mask, q_seg=self.q_seg,
+                    k_seg=self.k_seg)
 
     def to(self, device) -> "BlockLayout":
         t = lambda x: None if x is None else x.to(device)  # noqa: E731
+        kinds = {n: t(x) if isinstance(x, torch.Tensor) else x for n, x in self.kinds().items()}
         return BlockLayout.from_lists([t(x) for x in self.lists()], block_size=self.block_size,
-                                      seq_lens=self.seq_lens, causal_offset=self.causal_offset, window=self.window,
-                                      sinks=self.sinks, mask=t(self.mask), bits=t(self.bits), q_pos=t(self.q_pos),
-                                      k_pos=t(self.k_pos), key_mask=t(self.key_mask))
+                                      seq_lens=self.seq_lens, **kinds)
 
     def tile_masks(self):
         """(partial, full) bool [Bl, Hl, nQ, nK] rebuilt from the lists."""
@@ -446,12 +468,17 @@ class BlockLayout:
         there are some). Tile bitmasks are not included: they belong to a tile (see
         :func:`unpack_bits`)."""
         lq, lk = self.seq_lens
-        keep = in_bounds(rows, cols, lq, lk) & kinds_keep(rows + (self.causal_offset or 0), cols,
-                                                           self.causal_offset is not None, self.window, self.sinks)
         r, c = rows.clamp(max=lq - 1), cols.clamp(max=lk - 1)
-        if self.q_pos is not None:
+        if self.q_pos is not None:  # positions given as data are the coordinates of causal / window
             pb = 0 if self.q_pos.shape[0] == 1 or b is None else b
-            keep = keep & positions_keep(self.q_pos[pb, r], self.k_pos[pb, c])
+            pq, pk = self.q_pos[pb, r], self.k_pos[pb, c]
+        else:
+            pq, pk = rows + (self.causal_offset or 0), cols
+        keep = in_bounds(rows, cols, lq, lk) & kinds_keep(pq, pk, self.causal_offset is not None, self.window,
+                                                           self.sinks)
+        if self.q_seg is not None:
+            sb = 0 if self.q_seg.shape[0] == 1 or b is None else b
+            keep = keep & segments_keep(self.q_seg[sb, r], self.k_seg[sb, c])
         if self.key_mask is not None:
             kb = 0 if self.key_mask.shape[0] == 1 or b is None else b
             keep = keep & key_keep(self.key_mask[kb, c])
@@ -488,7 +515,7 @@ class BlockLayout:
         cols = torch.arange(lk, device=dev)[None, :]
         # batch / head indices over the widest of the lists and the per-element / per-token data
         sizes = [t.shape[:2] for t in (self.mask,) if t is not None] + [tiles.shape[:2]]
-        sizes += [(t.shape[0], 1) for t in (self.q_pos, self.key_mask) if t is not None]
+        sizes += [(t.shape[0], 1) for t in (self.q_pos, self.key_mask, self.q_seg) if t is not None]
         b = torch.arange(max(n for n, _ in sizes), device=dev)[:, None, None, None]
         h = torch.arange(max(n for _, n in sizes), device=dev)[None, :, None, None]
         dense = tiles & self.element_mask(rows, cols, b, h)

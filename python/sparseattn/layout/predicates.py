@@ -8,8 +8,9 @@ broadcasts its index tensors.
 * bounds: rows < Lq and columns < Lk;
 * causal: key ``k`` visible to the query at position ``p`` iff ``k <= p``;
 * sliding window with sinks (on top of causal): iff ``p - k < window`` or ``k < sinks``;
-* position-id causal: key ``j`` visible to query ``i`` iff ``k_pos[j] <= q_pos[i]`` (positions
-  given as data);
+* positions given as data (position-id causal, packed sequences) replace ``r + offset`` and the
+  key index as the coordinates of causal, window and ALiBi;
+* segments (packed sequences): query and key in the same segment;
 * key padding: key ``j`` visible iff its keep bit is set;
 * tile bitmasks and element masks are data, read where they apply (:func:`unpack_bits`, the
   layout's ``mask``).
@@ -63,10 +64,9 @@ def kinds_over_tiles(p0: torch.Tensor, p1: torch.Tensor, k0: torch.Tensor, k1: t
     return any_, all_
 
 
-def positions_keep(qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
-    """Position-id causal: the key at position ``kpos`` is visible to the query at ``qpos`` iff
-    ``kpos <= qpos`` (positions from data: :meth:`BlockLayout.from_positions`)."""
-    return kpos <= qpos
+def segments_keep(qseg: torch.Tensor, kseg: torch.Tensor) -> torch.Tensor:
+    """Packed sequences: query and key belong to the same segment."""
+    return qseg == kseg
 
 
 def key_keep(key_mask_values: torch.Tensor) -> torch.Tensor:

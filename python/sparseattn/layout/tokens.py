@@ -5,8 +5,8 @@ Both rules are evaluated in the kernels from one value per token (a position, a 
 from an element mask. The layout only has to say which tiles they cut: a tile where the rule keeps
 nothing is dropped, a tile where it keeps some pairs is partial (the kernels evaluate the rule
 there), a tile where it keeps every pair stays full. The rules themselves are written once in
-Python in :mod:`.predicates` (``positions_keep``, ``key_keep``) and once in Triton
-(``triton_kernels/walk.py``: ``_positions``, ``_key_mask``).
+Python in :mod:`.predicates` (``kinds_keep`` at the given positions, ``key_keep``) and once in Triton
+(``triton_kernels/walk.py``: ``_coords`` with ``_causal``, ``_key_mask``).
 
 :func:`refine` applies such a tile classification to existing lists on the device with fixed list
 widths (partial lists ``wp + wf`` wide): no host read, so a key padding mask costs no sync and
@@ -61,7 +61,7 @@ def from_positions(cls, q_pos: torch.Tensor, k_pos: torch.Tensor, block_size):
         ((torch.arange(nk, device=q_pos.device) + 1) * bk <= lk)[None, :]
     any_ = kmin <= qmax
     full = (kmax <= qmin) & inside
-    layout = cls._from_tile_masks((any_ & ~full)[:, None], full[:, None], (bq, bk), (lq, lk), None, None, 0, None)
+    layout = cls._from_tile_masks((any_ & ~full)[:, None], full[:, None], (bq, bk), (lq, lk), 0, None, 0, None)
     layout.q_pos, layout.k_pos = q_pos.contiguous(), k_pos.contiguous()
     return layout
 
@@ -129,10 +129,74 @@ def refine(layout, tile_any: torch.Tensor, tile_all: torch.Tensor, **kinds):
                        layout.full_q_num_blocks, tile_any.transpose(-1, -2), tile_all.transpose(-1, -2), nq)
     # BlockLayout._LISTS order: num, indices, bit ids, full num, full indices (kv, then q)
     lists = [kv[0], kv[1], kv[2], kv[3], kv[4], qd[0], qd[1], qd[2], qd[3], qd[4]]
-    out = type(layout).from_lists(lists, block_size=layout.block_size, seq_lens=layout.seq_lens,
-                                  causal_offset=layout.causal_offset, window=layout.window, sinks=layout.sinks,
-                                  mask=layout.mask, bits=layout.bits, q_pos=layout.q_pos, k_pos=layout.k_pos,
-                                  key_mask=layout.key_mask)
+    out = type(layout).from_lists(lists, block_size=layout.block_size, seq_lens=layout.seq_lens, **layout.kinds())
     for name, value in kinds.items():
         setattr(out, name, value)
     return out
+
+
+def _ranges(x: torch.Tensor, block: int):
+    """(min, max) over blocks of an int32 [L] token vector (the last block's padding ignored)."""
+    big = torch.iinfo(torch.int32).max
+    x = x[None]
+    return _block_reduce(x, block, big, "amin")[0], _block_reduce(x, block, -big, "amax")[0]
+
+
+def varlen_tokens(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int, total_k: int):
+    """Per-token data of a packed batch: (q_seg, k_seg, q_pos, k_pos) int32 ``[total]``: the segment
+    of each token and its position in its sequence, queries bottom-right aligned (row i of a
+    sequence with Lq_n queries and Lk_n keys at ``i + Lk_n - Lq_n``, FlashAttention's varlen
+    convention). Device ops, no host read; segments clamped into ``[0, N)`` so that malformed
+    lengths (unchecked under torch.compile) cannot index out of bounds."""
+    n = cu_seqlens_q.numel() - 1
+    dev = cu_seqlens_q.device
+    cq, ck = cu_seqlens_q.long(), cu_seqlens_k.long()
+
+    def seg_of(cu, total):
+        tok = torch.arange(total, device=dev)
+        return tok, torch.searchsorted(cu[1:].contiguous(), tok, right=True).clamp(max=max(n - 1, 0))
+
+    tq, sq = seg_of(cq, total_q)
+    tk, sk = seg_of(ck, total_k)
+    len_q, len_k = cq[1:] - cq[:-1], ck[1:] - ck[:-1]
+    q_pos = tq - cq[sq] + (len_k - len_q)[sq]
+    k_pos = tk - ck[sk]
+    return tuple(t.to(torch.int32) for t in (sq, sk, q_pos, k_pos))
+
+
+def from_varlen(cls, cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, block_size, causal: bool,
+                window, sinks: int):
+    """The layout of a packed variable-length batch over ``seq_lens=(total_q, total_k)``: the
+    segment rule (query and key in one sequence) and, with ``causal``, bottom-right causal per
+    sequence (with a window and sinks in the sequence's own positions), evaluated in the kernels
+    from per-token segments and positions. Tiles are classified from each block's range of
+    segments and positions: a tile whose blocks share no sequence is never listed; a tile inside
+    one sequence gets the causal / window classification of the dense builders; a tile straddling
+    a sequence boundary is partial (its rows of other sequences are masked). Lists are as wide as
+    the block grid (fixed widths, no host read: memory O(nQ * nK) int32, the only non-O(total)
+    term). Used by :func:`sparseattn.varlen_attention`."""
+    from .builders import _check_kinds
+    from .predicates import kinds_over_tiles
+
+    bq, bk = block_size
+    offset, window, sinks = _check_kinds("bottom_right" if causal else None, window, sinks, 0, 0)
+    q_seg, k_seg, q_pos, k_pos = varlen_tokens(cu_seqlens_q, cu_seqlens_k, total_q, total_k)
+    sq0, sq1 = _ranges(q_seg, bq)
+    sk0, sk1 = _ranges(k_seg, bk)
+    pq0, pq1 = _ranges(q_pos, bq)
+    pk0, pk1 = _ranges(k_pos, bk)
+    sq0, sq1, pq0, pq1 = (t[:, None] for t in (sq0, sq1, pq0, pq1))
+    overlap = (sq0 <= sk1[None]) & (sk0[None] <= sq1)
+    single = (sq0 == sq1) & (sk0 == sk1)[None] & (sq0 == sk0[None])
+    any_, all_ = kinds_over_tiles(pq0, pq1, pk0[None], pk1[None], causal, window, sinks)
+    nq, nk = overlap.shape
+    inside = ((torch.arange(nq, device=q_seg.device) + 1) * bq <= total_q)[:, None] & \
+        ((torch.arange(nk, device=q_seg.device) + 1) * bk <= total_k)[None, :]
+    listed = overlap & (~single | any_)
+    full = single & all_ & inside
+    layout = cls._from_tile_masks((listed & ~full)[None, None], full[None, None], (bq, bk), (total_q, total_k),
+                                  0 if causal else None, window, sinks, None, sync_free=True)
+    # positions: the coordinates of the causal / window rules and of ALiBi (|i + Lk_n - Lq_n - j| per sequence)
+    layout.q_pos, layout.k_pos = q_pos[None], k_pos[None]
+    layout.q_seg, layout.k_seg = q_seg[None], k_seg[None]
+    return layout

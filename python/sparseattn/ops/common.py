@@ -99,13 +99,16 @@ class ScoreOptions(NamedTuple):
     """The per-call score options of the softmax attention kernels, checked and normalised
     (:func:`check_score_options`): key keep mask bool ``[B, Lk]``, per-key bias ``[B|1, H|1, Lk]``,
     ALiBi slopes fp32 ``[B|1, Hq]``, query / key positions int32 ``[B|1, Lq]`` / ``[B|1, Lk]``
-    (position-id causal, from the layout), softcap (float)."""
+    (the coordinates of the causal / window / ALiBi rules, from the layout), softcap (float),
+    query / key segment ids int32 (packed sequences, from the layout)."""
     key_mask: Optional[torch.Tensor] = None
     key_bias: Optional[torch.Tensor] = None
     alibi: Optional[torch.Tensor] = None
     q_pos: Optional[torch.Tensor] = None
     k_pos: Optional[torch.Tensor] = None
     softcap: Optional[float] = None
+    q_seg: Optional[torch.Tensor] = None
+    k_seg: Optional[torch.Tensor] = None
 
 
 def _check_tensor(t, name: str, what: str, device) -> None:

@@ -32,10 +32,11 @@ def sparse_attention_fwd(q: Tensor, k: Tensor, v: Tensor, layout: List[Tensor], 
                          bias: Optional[Tensor], bits: Optional[Tensor], scale: float, block_q: int, block_k: int,
                          causal_offset: Optional[int], window: Optional[int], sinks: int, key_mask: Optional[Tensor],
                          key_bias: Optional[Tensor], alibi: Optional[Tensor], q_pos: Optional[Tensor],
-                         k_pos: Optional[Tensor], softcap: Optional[float]) -> Tuple[Tensor, Tensor]:
+                         k_pos: Optional[Tensor], softcap: Optional[float], q_seg: Optional[Tensor],
+                         k_seg: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     impl = _tk.sparse_attention_fwd if backend_for(q) == "triton" else cpu.sparse_attention_fwd_cpu
     return impl(q, k, v, layout, mask, bias, bits, scale, block_q, block_k, causal_offset, window, sinks, key_mask,
-                key_bias, alibi, q_pos, k_pos, softcap)
+                key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg)
 
 
 @sparse_attention_fwd.register_fake
@@ -50,10 +51,11 @@ def sparse_attention_bwd(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tenso
                          bits: Optional[Tensor], scale: float, block_q: int, block_k: int,
                          causal_offset: Optional[int], window: Optional[int], sinks: int, key_mask: Optional[Tensor],
                          key_bias: Optional[Tensor], alibi: Optional[Tensor], q_pos: Optional[Tensor],
-                         k_pos: Optional[Tensor], softcap: Optional[float]) -> Tuple[Tensor, Tensor, Tensor]:
+                         k_pos: Optional[Tensor], softcap: Optional[float], q_seg: Optional[Tensor],
+                         k_seg: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     impl = _tk.sparse_attention_bwd if backend_for(q) == "triton" else cpu.sparse_attention_bwd_cpu
     return impl(do, dlse, q, k, v, out, lse, layout, mask, bias, bits, scale, block_q, block_k, causal_offset,
-                window, sinks, key_mask, key_bias, alibi, q_pos, k_pos, softcap)
+                window, sinks, key_mask, key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg)
 
 
 @sparse_attention_bwd.register_fake
@@ -65,20 +67,22 @@ def _(do, dlse, q, k, v, out, lse, layout, *rest):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, layout, mask, bias, bits, scale, bq, bk, causal_offset, window, sinks, *options = inputs
-    key_mask, key_bias, alibi, q_pos, k_pos, softcap = options
+    key_mask, key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg = options
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, bias, bits, key_mask, key_bias, alibi, q_pos, k_pos, *layout)
+    ctx.save_for_backward(q, k, v, out, lse, mask, bias, bits, key_mask, key_bias, alibi, q_pos, k_pos, q_seg, k_seg,
+                          *layout)
     ctx.params = (scale, bq, bk, causal_offset, window, sinks)
     ctx.softcap = softcap
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, mask, bias, bits, key_mask, key_bias, alibi, q_pos, k_pos, *layout = ctx.saved_tensors
+    q, k, v, out, lse, mask, bias, bits, key_mask, key_bias, alibi, q_pos, k_pos, q_seg, k_seg, *layout = \
+        ctx.saved_tensors
     dout = dout.contiguous()  # autograd may hand in stride-0 or transposed gradients
     dlse = None if dlse is None else dlse.contiguous()
     dq, dk, dv = sparse_attention_bwd(dout, dlse, q, k, v, out, lse, layout, mask, bias, bits, *ctx.params, key_mask,
-                                      key_bias, alibi, q_pos, k_pos, ctx.softcap)
-    return (dq, dk, dv, [None] * len(layout)) + (None,) * 15  # mask .. softcap
+                                      key_bias, alibi, q_pos, k_pos, ctx.softcap, q_seg, k_seg)
+    return (dq, dk, dv, [None] * len(layout)) + (None,) * 17  # mask .. k_seg
 
 
 torch.library.register_autograd("sparseattn::sparse_attention_fwd", _backward, setup_context=_setup_context)
@@ -140,7 +144,8 @@ def run(q, k, v, layout: BlockLayout, bias, scale, options: ScoreOptions = Score
     _dispatch.set_backend(backend, _dispatch.cpu_reason(q) if backend == "cpu" else None)
     return sparse_attention_fwd(q, k, v, layout.lists(), layout.mask, bias, layout.bits, scale, *layout.block_size,
                                 layout.causal_offset, layout.window, layout.sinks, layout.key_mask, options.key_bias,
-                                options.alibi, layout.q_pos, layout.k_pos, options.softcap)
+                                options.alibi, layout.q_pos, layout.k_pos, options.softcap, layout.q_seg,
+                                layout.k_seg)
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
