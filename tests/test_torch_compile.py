@@ -19,12 +19,15 @@ def _grads(fn, args):
     return (out, *torch.autograd.grad(out.float().pow(2).sum(), args))
 
 
-@pytest.mark.parametrize("what", ["causal", "bool_mask", "float_mask", "layout"])
+@pytest.mark.parametrize("what", ["causal", "bool_mask", "float_mask", "layout", "padding_softcap_alibi", "varlen"])
 def test_compile_fullgraph_forward_backward(what):
     torch._dynamo.reset()
     mask = torch.rand(70, 70, device=DEVICE) < 0.6
     bias = torch.randn(1, 2, 70, 70, device=DEVICE)
     lay = sa.BlockLayout.from_block_mask(torch.rand(1, 2, 2, 2, device=DEVICE) < 0.7, 64, (70, 70))
+    pad = torch.arange(70, device=DEVICE)[None] < 50
+    slopes = torch.rand(2, device=DEVICE)
+    cu = torch.tensor([0, 20, 21, 70], dtype=torch.int32, device=DEVICE)
 
     def f(q, k, v):
         if what == "causal":
@@ -33,6 +36,11 @@ def test_compile_fullgraph_forward_backward(what):
             return sa.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         if what == "float_mask":
             return sa.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if what == "padding_softcap_alibi":  # the key padding layout is built on the device in the graph
+            return sa.sparse_attention(q, k, v, lay, key_padding_mask=pad, softcap=5.0, alibi_slopes=slopes)
+        if what == "varlen":  # max_seqlen are ints: the cu_seqlens check (a host read) is skipped while compiling
+            packed = [t[0].transpose(0, 1) for t in (q, k, v)]
+            return sa.varlen_attention(*packed, cu, cu, 49, 49, causal=True)
         return sa.sparse_attention(q, k, v, lay)
 
     args = _qkv()
@@ -59,7 +67,13 @@ def test_compile_inductor():
 def test_opcheck():
     q, k, v = _qkv()
     lay = sa.BlockLayout.from_block_mask(torch.rand(1, 1, 2, 2, device=DEVICE) < 0.7, 64, (70, 70), causal="top_left")
-    args = (q, k, v, lay.lists(), None, None, None, 1.0 / math.sqrt(16), 64, 64, lay.causal_offset, None, 0)
+    none8 = (None,) * 8  # key_mask, key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg
+    args = (q, k, v, lay.lists(), None, None, None, 1.0 / math.sqrt(16), 64, 64, lay.causal_offset, None, 0, *none8)
     torch.library.opcheck(ops.sparse_attention_fwd, args)
     bias = randn(1, 1, 70, 70)
-    torch.library.opcheck(ops.sparse_attention_fwd, (q, k, v, lay.lists(), None, bias, None, 0.5, 64, 64, None, None, 0))
+    torch.library.opcheck(ops.sparse_attention_fwd,
+                          (q, k, v, lay.lists(), None, bias, None, 0.5, 64, 64, None, None, 0, *none8))
+    padded = lay.with_key_padding(torch.arange(70, device=DEVICE)[None] < 33)
+    opts = (padded.key_mask, randn(1, 1, 70), torch.rand(1, 2, device=DEVICE), None, None, 3.0, None, None)
+    torch.library.opcheck(ops.sparse_attention_fwd, (q, k, v, padded.lists(), None, None, None, 0.5, 64, 64,
+                                                     padded.causal_offset, None, 0, *opts))
