@@ -84,6 +84,10 @@ PYBIND11_MODULE(_C, m) {
   PTR_FIELD(dp, blk_num, const int32_t*);
   PTR_FIELD(dp, blk_idx, const int32_t*);
   PTR_FIELD(dp, head_mask, const uint8_t*);
+  PTR_FIELD(dp, block_table, const int32_t*);
+  PTR_FIELD(dp, alibi, const float*);
+  PTR_FIELD(dp, key_bias, const float*);
+  PTR_FIELD(dp, key_padding, const uint8_t*);
   dp.def_readwrite("q_sb", &DecodeParams::q_sb).def_readwrite("q_sh", &DecodeParams::q_sh)
       .def_readwrite("q_sl", &DecodeParams::q_sl).def_readwrite("k_sb", &DecodeParams::k_sb)
       .def_readwrite("k_sh", &DecodeParams::k_sh).def_readwrite("k_sl", &DecodeParams::k_sl)
@@ -96,7 +100,12 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("Hq", &DecodeParams::Hq).def_readwrite("Hkv", &DecodeParams::Hkv)
       .def_readwrite("Lq", &DecodeParams::Lq).def_readwrite("Lmax", &DecodeParams::Lmax)
       .def_readwrite("D", &DecodeParams::D).def_readwrite("scale", &DecodeParams::scale)
-      .def_readwrite("num_splits", &DecodeParams::num_splits).def_readwrite("dtype", &DecodeParams::dtype);
+      .def_readwrite("num_splits", &DecodeParams::num_splits).def_readwrite("dtype", &DecodeParams::dtype)
+      .def_readwrite("bt_sb", &DecodeParams::bt_sb).def_readwrite("max_pages", &DecodeParams::max_pages)
+      .def_readwrite("page_size", &DecodeParams::page_size).def_readwrite("num_pages", &DecodeParams::num_pages)
+      .def_readwrite("softcap", &DecodeParams::softcap).def_readwrite("alibi_sb", &DecodeParams::alibi_sb)
+      .def_readwrite("kb_sb", &DecodeParams::kb_sb).def_readwrite("kb_sh", &DecodeParams::kb_sh)
+      .def_readwrite("kpm_sb", &DecodeParams::kpm_sb);
 
   m.def(
       "decode_attention",

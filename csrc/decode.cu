@@ -14,8 +14,10 @@
 // their LSEs and writes the output in the input dtype and the natural-log LSE.
 //
 // Masks: key position t is visible to query row i of sequence b iff t < seqlen[b] and
-// t <= seqlen[b] - Lq + i (bottom-right causal), its block is listed for the KV head, and the
-// optional per-head block mask keeps it. Positions >= seqlen[b] are never read.
+// t <= seqlen[b] - Lq + i (bottom-right causal), its block is listed for the KV head, the
+// optional per-head block mask keeps it and the optional key padding mask holds it. Positions
+// >= seqlen[b] are never read. Scores: scale, then softcap, ALiBi and the key bias (all optional),
+// then the masks. A paged cache is read through the block table, row by row (no gather copy).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -109,9 +111,13 @@ __global__ void __launch_bounds__(D) decode_split_kernel(const DecodeParams p) {
   const int64_t begin = min(n, (int64_t)split * per);
   const int64_t end = min(n, begin + per);
   const int32_t* blocks = sparse ? p.blk_idx + bh * p.blk_width : nullptr;
-  const T* kbase = static_cast<const T*>(p.k) + (int64_t)b * p.k_sb + (int64_t)hkv * p.k_sh;
-  const T* vbase = static_cast<const T*>(p.v) + (int64_t)b * p.v_sb + (int64_t)hkv * p.v_sh;
+  // Paged: k_sb/v_sb step a page (looked up per row below); contiguous: they step the batch.
+  const bool paged = p.block_table != nullptr;
+  const int32_t* table = paged ? p.block_table + (int64_t)b * p.bt_sb : nullptr;
+  const T* kbase = static_cast<const T*>(p.k) + (paged ? 0 : (int64_t)b * p.k_sb) + (int64_t)hkv * p.k_sh;
+  const T* vbase = static_cast<const T*>(p.v) + (paged ? 0 : (int64_t)b * p.v_sb) + (int64_t)hkv * p.v_sh;
   const float scale_log2 = p.scale * kLog2e;
+  const bool score_mods = p.softcap > 0.f || p.alibi != nullptr || p.key_bias != nullptr;
 
   // Key position of virtual key `v`, or -1 when it is past the range or the sequence.
   auto token = [&](int64_t v) -> int {
@@ -140,8 +146,17 @@ __global__ void __launch_bounds__(D) decode_split_kernel(const DecodeParams p) {
       const int idx = tid + i * NT, row = idx / RV, c = idx % RV;
       const int tok = token(t0 + row);
       if (tok >= 0) {
-        kr[i] = __ldg(reinterpret_cast<const uint4*>(kbase + (int64_t)tok * p.k_sl + c * VEC));
-        vr[i] = __ldg(reinterpret_cast<const uint4*>(vbase + (int64_t)tok * p.v_sl + c * VEC));
+        // tok < seqlen <= Lmax = max_pages * page_size: the table index is in range; the page
+        // index it holds is clamped so that a bad entry never reads outside the cache.
+        int64_t page = 0;
+        int prow = tok;
+        if (paged) {
+          const int j = tok / p.page_size;
+          page = min(max(__ldg(table + j), 0), p.num_pages - 1);
+          prow = tok - j * p.page_size;
+        }
+        kr[i] = __ldg(reinterpret_cast<const uint4*>(kbase + page * p.k_sb + (int64_t)prow * p.k_sl + c * VEC));
+        vr[i] = __ldg(reinterpret_cast<const uint4*>(vbase + page * p.v_sb + (int64_t)prow * p.v_sl + c * VEC));
       } else {  // never read: zeros, so that 0-probability keys contribute exactly 0
         kr[i] = make_uint4(0u, 0u, 0u, 0u);
         vr[i] = make_uint4(0u, 0u, 0u, 0u);
@@ -182,6 +197,7 @@ __global__ void __launch_bounds__(D) decode_split_kernel(const DecodeParams p) {
         const int mb = p.mask_b == 1 ? 0 : b, mh = p.mask_h == 1 ? 0 : hq;
         ok = p.head_mask[((int64_t)mb * p.mask_h + mh) * p.n_kblocks + (tok >> bk_shift)] != 0;
       }
+      if (ok && p.key_padding != nullptr) ok = p.key_padding[(int64_t)b * p.kpm_sb + tok] != 0;
       float x = -INFINITY;
       if (ok) {
         const uint32_t* kw = k_s + s * KW;
@@ -194,7 +210,15 @@ __global__ void __launch_bounds__(D) decode_split_kernel(const DecodeParams p) {
           a0 = fmaf(qf.x, kf.x, a0);
           a1 = fmaf(qf.y, kf.y, a1);
         }
-        x = (a0 + a1) * scale_log2;
+        if (!score_mods) {
+          x = (a0 + a1) * scale_log2;
+        } else {  // natural units: scale, softcap, ALiBi, key bias; then base 2
+          float sc = (a0 + a1) * p.scale;
+          if (p.softcap > 0.f) sc = p.softcap * tanhf(sc / p.softcap);
+          if (p.alibi != nullptr) sc -= p.alibi[(int64_t)b * p.alibi_sb + hq] * (float)(qpos - tok);
+          if (p.key_bias != nullptr) sc += p.key_bias[(int64_t)b * p.kb_sb + (int64_t)hq * p.kb_sh + tok];
+          x = sc * kLog2e;  // -inf stays -inf (a key knocked out by its bias)
+        }
       }
       s_s[r * TILE + s] = x;
     }
@@ -317,6 +341,16 @@ void check(const DecodeParams& p) {
                "block_k: expected a power of two >= 16, got " + std::to_string(p.block_k));
     SA_REQUIRE(p.blk_width >= 1, "blk_width: expected >= 1, got " + std::to_string(p.blk_width));
   }
+  if (p.block_table != nullptr) {
+    SA_REQUIRE(p.page_size >= 16 && p.page_size % 16 == 0,
+               "page_size: expected a multiple of 16, got " + std::to_string(p.page_size));
+    SA_REQUIRE(p.num_pages >= 1, "num_pages: expected >= 1, got " + std::to_string(p.num_pages));
+    SA_REQUIRE(p.max_pages >= 1 && (int64_t)p.max_pages * p.page_size == p.Lmax,
+               "block_table: expected Lmax = max_pages x page_size, got Lmax=" + std::to_string(p.Lmax) +
+                   " max_pages=" + std::to_string(p.max_pages) + " page_size=" + std::to_string(p.page_size));
+  }
+  SA_REQUIRE(p.softcap >= 0.f && std::isfinite(p.softcap),
+             "softcap: expected 0 (off) or a finite value > 0, got " + std::to_string(p.softcap));
   if (p.head_mask != nullptr) {
     SA_REQUIRE(p.blk_idx != nullptr, "head_mask: only with a block list");
     SA_REQUIRE(p.mask_b == 1 || p.mask_b == p.B, "head_mask: batch dim must be 1 or B");

@@ -18,7 +18,9 @@ constexpr int kDecodeTile = 32;      // keys per tile of the split kernel
 constexpr int kDecodeRowsPerCta = 16;  // query rows (group heads x Lq) of one CTA
 
 struct DecodeParams {
-  // q [B, Hq, Lq, D], k/v [B, Hkv, Lmax, D] with unit stride in D, rows 16-byte aligned.
+  // q [B, Hq, Lq, D], k/v [B, Hkv, Lmax, D] with unit stride in D, rows 16-byte aligned. With a
+  // block_table (paged cache), k/v are [num_pages, page_size, Hkv, D] and k_sb/v_sb step a page,
+  // k_sl/v_sl a row of a page, k_sh/v_sh a head.
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
@@ -45,6 +47,26 @@ struct DecodeParams {
   // mask_h in {1, Hq}); a listed block is skipped for the heads whose entry is 0.
   const uint8_t* head_mask = nullptr;
   int mask_b = 1, mask_h = 1, n_kblocks = 0;
+  // Paged cache (nullptr = contiguous): int32 [B, max_pages] with row stride bt_sb; logical key t
+  // of sequence b is row t % page_size of page block_table[b, t / page_size], the page index
+  // clamped to [0, num_pages) (Python validates it, but not under torch.compile or a capture).
+  // Lmax = max_pages * page_size; page_size a multiple of 16.
+  const int32_t* block_table = nullptr;
+  int64_t bt_sb = 0;
+  int max_pages = 0, page_size = 0, num_pages = 0;
+  // Score modifications, in this order after scaling (natural units), then the masks:
+  // softcap > 0: s = softcap * tanh(s / softcap) (0 = off);
+  // alibi fp32 [B|1, Hq] (batch stride alibi_sb, 0 = shared): s -= slope * (qpos - t);
+  // key_bias fp32 [B|1, Hq|1, Lmax] (strides kb_sb, kb_sh, unit along keys): s += bias (may be -inf).
+  float softcap = 0.f;
+  const float* alibi = nullptr;
+  int64_t alibi_sb = 0;
+  const float* key_bias = nullptr;
+  int64_t kb_sb = 0, kb_sh = 0;
+  // Key padding, uint8 [B, Lmax] (batch stride kpm_sb, unit along keys): key t of sequence b exists
+  // iff nonzero (logical positions).
+  const uint8_t* key_padding = nullptr;
+  int64_t kpm_sb = 0;
   int B = 0, Hq = 0, Hkv = 0, Lq = 0, Lmax = 0, D = 0;
   float scale = 1.f;  // score scale (natural units)
   int num_splits = 1;

@@ -152,14 +152,29 @@ def _vector_operand(t: torch.Tensor, elems: int) -> Tuple[torch.Tensor, List[int
 
 def decode_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor,
                          blk_num: Optional[torch.Tensor], blk_idx: Optional[torch.Tensor], block_k: int,
-                         head_mask: Optional[torch.Tensor], scale: float):
+                         head_mask: Optional[torch.Tensor], scale: float, *,
+                         block_table: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
+                         alibi_slopes: Optional[torch.Tensor] = None,
+                         key_padding_mask: Optional[torch.Tensor] = None,
+                         key_bias: Optional[torch.Tensor] = None):
     """Launch the split-KV decode kernels. q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lmax, D]`` fp16/bf16,
-    D in {64, 128, 256}; seqlens int32 ``[B]``; optional union block lists ``blk_num [B, Hkv]``,
-    ``blk_idx [B, Hkv, W]`` and per-head block mask ``head_mask`` uint8 ``[Bl, Hl, nK]``.
-    Returns (out ``[B, Hq, Lq, D]`` q's dtype, lse ``[B, Hq, Lq]`` float32)."""
+    D in {64, 128, 256}, or with ``block_table`` int32 ``[B, max_pages]`` the paged cache
+    ``[num_pages, page_size, Hkv, D]`` (Lmax = max_pages * page_size); seqlens int32 ``[B]``;
+    optional union block lists ``blk_num [B, Hkv]``, ``blk_idx [B, Hkv, W]`` and per-head block mask
+    ``head_mask`` uint8 ``[Bl, Hl, nK]``; score options ``softcap`` (> 0), ``alibi_slopes`` fp32
+    ``[Hq]`` or ``[B, Hq]``, ``key_bias`` float ``[B|1, Hq|1, Lmax]``, ``key_padding_mask`` bool
+    ``[B, Lmax]`` (validated by the caller). Returns (out ``[B, Hq, Lq, D]`` q's dtype, lse
+    ``[B, Hq, Lq]`` float32)."""
     index = require(q.device)
     B, Hq, Lq, D = q.shape
-    Hkv, Lmax = k.shape[1], k.shape[2]
+    paged = block_table is not None
+    if paged:
+        num_pages, page_size, Hkv = k.shape[0], k.shape[1], k.shape[2]
+        Lmax = block_table.shape[1] * page_size
+        if num_pages == 0:  # no page: every sequence is empty (validated lengths), nothing to read
+            Lmax = 0
+    else:
+        Hkv, Lmax = k.shape[1], k.shape[2]
     if B * Hq * Lq == 0 or Lmax == 0:  # no row or no key: rows see nothing (0 and LSE -inf)
         return (torch.zeros(B, Hq, Lq, D, dtype=q.dtype, device=q.device),
                 torch.full((B, Hq, Lq), float("-inf"), dtype=torch.float32, device=q.device))
@@ -178,8 +193,27 @@ def decode_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seql
     p = _C.DecodeParams()
     p.q, p.k, p.v = q.data_ptr(), k.data_ptr(), v.data_ptr()
     p.q_sb, p.q_sh, p.q_sl = q_st[:3]
-    p.k_sb, p.k_sh, p.k_sl = k_st[:3]
-    p.v_sb, p.v_sh, p.v_sl = v_st[:3]
+    if paged:  # [num_pages, page_size, Hkv, D]: k_sb steps a page, k_sl a row of a page
+        (p.k_sb, p.k_sl, p.k_sh), (p.v_sb, p.v_sl, p.v_sh) = k_st[:3], v_st[:3]
+        block_table = block_table.contiguous()
+        p.block_table, p.bt_sb = block_table.data_ptr(), block_table.stride(0)
+        p.max_pages, p.page_size, p.num_pages = block_table.shape[1], k.shape[1], k.shape[0]
+    else:
+        p.k_sb, p.k_sh, p.k_sl = k_st[:3]
+        p.v_sb, p.v_sh, p.v_sl = v_st[:3]
+    if softcap is not None:
+        p.softcap = float(softcap)
+    if alibi_slopes is not None:  # [Hq] or [B, Hq] -> batch stride 0 or Hq
+        alibi_slopes = alibi_slopes.float().contiguous()
+        p.alibi, p.alibi_sb = alibi_slopes.data_ptr(), (Hq if alibi_slopes.dim() == 2 else 0)
+    if key_bias is not None:  # [B|1, Hq|1, Lmax], unit stride along keys, size-1 dims broadcast
+        key_bias = key_bias.float().contiguous()
+        p.key_bias = key_bias.data_ptr()
+        p.kb_sb = 0 if key_bias.shape[0] == 1 else key_bias.stride(0)
+        p.kb_sh = 0 if key_bias.shape[1] == 1 else key_bias.stride(1)
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.to(torch.uint8).contiguous()
+        p.key_padding, p.kpm_sb = key_padding_mask.data_ptr(), key_padding_mask.stride(0)
     p.out, p.lse = out.data_ptr(), lse.data_ptr()
     p.o_sb, p.o_sh, p.o_sl = out.stride()[:3]
     p.o_part, p.lse_part = o_part.data_ptr(), lse_part.data_ptr()

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import torch
 
-from .ops.attention.naive import attention, sparse_attention
+from .ops.attention.naive import attention, sparse_attention, varlen_attention
 from .ops.decode.naive import decode_attention, decode_mask
 from .ops.lightning.naive import lightning_attention
+from .ops.stats.naive import attention_stats
 from .ops.routing.naive import routing_attention
 from .patterns.sparsed import sparsed_blocks
 from .patterns.topk_blocks import topk_blocks
 
-__all__ = ["attention", "sparse_attention", "decode_attention", "decode_mask", "lightning_attention",
+__all__ = ["attention", "sparse_attention", "varlen_attention", "decode_attention", "decode_mask", "lightning_attention",
            "assert_close"]
+__all__ += ["attention_stats"]
 __all__ += ["routing_attention", "sparsed_blocks", "topk_blocks"]
 
 

@@ -19,6 +19,7 @@ SUITE_LIST = {
     "decode": ("decode", "decode_suite"),
     "lightning": ("lightning", "lightning_suite"),
     "dynamic": ("dynamic", "dynamic_suite"),
+    "engine": ("engine", "engine_suite"),
 }
 
 

@@ -8,7 +8,7 @@ import torch
 
 from .builders import (_check_block_size, _check_kinds, _check_seq_lens, _classify_tiles, _entries_to_lists,
                        _gpu_lists, _is_compiling, _pack_bits, check_block_mask, mask_to_lists)
-from .predicates import in_bounds, key_keep, kinds_keep, segments_keep, unpack_bits
+from .predicates import alibi_distance, in_bounds, key_keep, kinds_keep, segments_keep, unpack_bits
 
 
 class BlockLayout:
@@ -487,6 +487,16 @@ class BlockLayout:
             mh = 0 if self.mask.shape[1] == 1 or h is None else h
             keep = keep & self.mask[mb, mh, rows.clamp(max=lq - 1), cols.clamp(max=lk - 1)]
         return keep
+
+    def alibi_distance(self, rows: torch.Tensor, cols: torch.Tensor, b=None) -> torch.Tensor:
+        """ALiBi's distance at query rows ``rows`` and keys ``cols``: ``q_pos - k_pos`` when the
+        layout has positions (packed sequences: within each sequence), else FlashAttention's
+        ``i + Lk - Lq - j`` (:func:`.predicates.alibi_distance`)."""
+        lq, lk = self.seq_lens
+        if self.q_pos is None:
+            return alibi_distance(rows, cols, lq, lk)
+        pb = 0 if self.q_pos.shape[0] == 1 or b is None else b
+        return self.q_pos[pb, rows.clamp(max=lq - 1)] - self.k_pos[pb, cols.clamp(max=lk - 1)]
 
     def _partial_tiles(self):
         """(b, h, r, c, bit id) of every partial tile, as 1-D tensors."""

@@ -74,10 +74,16 @@ def key_keep(key_mask_values: torch.Tensor) -> torch.Tensor:
     return key_mask_values.to(torch.bool)
 
 
-def alibi_bias(slopes: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, lq: int, lk: int) -> torch.Tensor:
-    """ALiBi (FlashAttention's definition, natural-log units): ``-slope * |i + Lk - Lq - j|`` for
-    query row ``i`` and key ``j`` (broadcasting ``slopes`` against the index tensors)."""
-    return -slopes * (rows + (lk - lq) - cols).abs().to(slopes.dtype)
+def alibi_distance(rows: torch.Tensor, cols: torch.Tensor, lq: int, lk: int) -> torch.Tensor:
+    """ALiBi's distance without positions (FlashAttention's definition): ``i + Lk - Lq - j`` for
+    query row ``i`` and key ``j``, whatever the causal alignment. With positions given as data
+    it is ``q_pos - k_pos`` (:meth:`BlockLayout.alibi_distance`)."""
+    return rows + (lk - lq) - cols
+
+
+def alibi_bias(slopes: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+    """ALiBi's score term (natural-log units): ``-slope * |dist|`` (broadcasting)."""
+    return -slopes * dist.abs().to(slopes.dtype)
 
 
 def softcap_scores(s: torch.Tensor, softcap: float) -> torch.Tensor:

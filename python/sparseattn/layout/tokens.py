@@ -48,7 +48,7 @@ def from_positions(cls, q_pos: torch.Tensor, k_pos: torch.Tensor, block_size):
         raise ValueError(f"k_pos: expected batch {q_pos.shape[0]} (as q_pos), got {k_pos.shape[0]}")
     if k_pos.device != q_pos.device:
         raise ValueError(f"k_pos: expected device {q_pos.device} (as q_pos), got {k_pos.device}")
-    (B, lq), lk = q_pos.shape, k_pos.shape[1]
+    lq, lk = q_pos.shape[1], k_pos.shape[1]
     if lq == 0 or lk == 0:
         raise ValueError(f"q_pos, k_pos: expected non-empty sequences, got Lq={lq}, Lk={lk}")
     big = torch.iinfo(torch.int32).max
@@ -70,12 +70,11 @@ def with_key_padding(layout, key_padding_mask: torch.Tensor):
     """:meth:`BlockLayout.with_key_padding` (documented there)."""
     lq, lk = layout.seq_lens
     _check_vector(key_padding_mask, "key_padding_mask", torch.bool, f"bool [B, Lk={lk}]")
-    B = key_padding_mask.shape[0]
     if key_padding_mask.shape[1] != lk:
         raise ValueError(f"key_padding_mask: expected shape [B, {lk}] (Lk), got {tuple(key_padding_mask.shape)}")
-    if layout.shape[0] not in (1, B):
+    if layout.shape[0] not in (1, key_padding_mask.shape[0]):
         raise ValueError(f"key_padding_mask: expected batch {layout.shape[0]} (as the layout) or a layout of batch "
-                         f"1, got {B}")
+                         f"1, got {key_padding_mask.shape[0]}")
     if key_padding_mask.device != layout.device:
         raise ValueError(f"key_padding_mask: expected device {layout.device} (as the layout), got "
                          f"{key_padding_mask.device}")

@@ -142,8 +142,9 @@ def check_score_options(B: int, Hq: int, Lk: int, device, *, key_padding_mask=No
             raise ValueError("key_bias: expected a tensor that does not require grad (no gradient flows to the "
                              "per-key bias; pass key_bias.detach()), got requires_grad=True")
     if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) \
-                or softcap <= 0:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"softcap: expected a float > 0 or None, got {type(softcap).__name__}")
+        if not math.isfinite(softcap) or softcap <= 0:
             raise ValueError(f"softcap: expected a finite float > 0 or None, got {softcap!r}")
         softcap = float(softcap)
     alibi = None

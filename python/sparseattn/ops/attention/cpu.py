@@ -4,6 +4,13 @@ Same arguments as the Triton launchers. It gathers only the listed key blocks of
 blocks at a time, so memory is O(listed blocks of the chunk), never O(Lq * Lk) for a sparse
 layout. Scores are computed in fp32 (fp64 for fp64 inputs). The backward recomputes each chunk's
 probabilities from the saved LSE, so memory stays bounded the same way.
+
+Score options (one place, :func:`_scores`): softcap ``c * tanh(s / c)`` first, then ALiBi
+``-slope * |i + Lk - Lq - j|``, the per-key bias and the element bias. Masks: every rule of the
+layout, rebuilt with its per-token data (key padding mask ``key_mask [B|1, Lk]``, positions
+``q_pos``/``k_pos`` as the coordinates of causal and window, segments ``q_seg``/``k_seg``), through
+``BlockLayout.element_mask`` (the rules are written once, in ``layout/predicates.py``). Values may
+have their own head dim Dv.
 """
 from __future__ import annotations
 
@@ -13,17 +20,20 @@ import torch
 
 from ..._alloc import empty
 from ...layout import BlockLayout, unpack_bits
+from ...layout.predicates import alibi_bias, softcap_scores
 
 # Elements of the gathered score tile of one chunk (~64 MB of fp32).
 _CHUNK_ELEMS = 1 << 24
 
 
-def _layout(lists, mask, bits, bq, bk, lq, lk, causal_offset, window, sinks) -> BlockLayout:
+def _layout(lists, mask, bits, bq, bk, lq, lk, causal_offset, window, sinks, key_mask, q_pos, k_pos, q_seg,
+            k_seg) -> BlockLayout:
     return BlockLayout.from_lists(lists, block_size=(bq, bk), seq_lens=(lq, lk), causal_offset=causal_offset,
-                                  window=window, sinks=sinks, mask=mask, bits=bits)
+                                  window=window, sinks=sinks, mask=mask, bits=bits, q_pos=q_pos, k_pos=k_pos,
+                                  key_mask=key_mask, q_seg=q_seg, k_seg=k_seg)
 
 
-def _chunks(q, layout: BlockLayout):
+def _chunks(q, dv: int, layout: BlockLayout):
     """Yield (r0, r1, key-token index [B, H, R, S], token valid [B, H, R, S], tile bitmask id of
     each token [B, H, R, S]) per chunk of query blocks."""
     B, H, lq, d = q.shape
@@ -38,7 +48,7 @@ def _chunks(q, layout: BlockLayout):
     ids = torch.cat([kvb, torch.full_like(fkvi, -1)], -1)
     nq, w = idx.shape[-2], idx.shape[-1]
     idx, valid, ids = (t.expand(B, H, nq, w) for t in (idx, valid, ids))
-    per_row = B * H * w * bk * (bq + d)
+    per_row = B * H * w * bk * (bq + d + dv)
     rows = max(1, _CHUNK_ELEMS // max(1, per_row))
     ar = torch.arange(bk)
 
@@ -58,9 +68,15 @@ def _gather(k, v, tok, group):
     return k[index], v[index], index
 
 
-def _scores(qc, kk, tok, ok, ids, layout, bias, scale, r0):
-    """Scaled scores of query blocks [r0, r0 + R) (qc [B, H, R, bq, D]) against the gathered keys,
-    with the in-block masks and the bias applied: [B, H, R, bq, S], -inf where not attended."""
+def _per_bh(t: torch.Tensor, b5: torch.Tensor, h5: torch.Tensor):
+    """(batch, head) index into a tensor whose leading dims may be 1 (broadcast)."""
+    return (0 if t.shape[0] == 1 else b5), (0 if t.shape[1] == 1 else h5)
+
+
+def _scores(qc, kk, tok, ok, ids, layout, bias, scale, r0, key_bias=None, alibi=None, softcap=None):
+    """Scores of query blocks [r0, r0 + R) (qc [B, H, R, bq, D]) against the gathered keys, with
+    the score options and the layout's masks applied: ([B, H, R, bq, S], -inf where not attended; and the
+    softcap's derivative ``1 - tanh(s / c)^2`` of the same shape, or None without softcap)."""
     B, H, R, bq, _ = qc.shape
     lq, lk = layout.seq_lens
     s = torch.einsum("bhrqd,bhrsd->bhrqs", qc, kk) * scale
@@ -68,14 +84,21 @@ def _scores(qc, kk, tok, ok, ids, layout, bias, scale, r0):
     cols = tok[:, :, :, None, :]                                                                # [B,H,R,1,S]
     b5 = torch.arange(B)[:, None, None, None, None]
     h5 = torch.arange(H)[None, :, None, None, None]
+    rc, cc = rows.clamp(max=lq - 1), cols.clamp(max=lk - 1)
+    dcap = None
+    if softcap is not None:
+        s = softcap_scores(s, softcap)
+        dcap = 1 - (s / softcap) ** 2
+    if alibi is not None:
+        s = s + alibi_bias(alibi[_per_bh(alibi, b5, h5)].to(s.dtype), layout.alibi_distance(rows, cols, b5))
+    if key_bias is not None:
+        s = s + key_bias[(*_per_bh(key_bias, b5, h5), cc)].to(s.dtype)
+    if bias is not None:
+        s = s + bias[(*_per_bh(bias, b5, h5), rc, cc)].to(s.dtype)
     keep = ok[:, :, :, None, :] & layout.element_mask(rows, cols, b5, h5)
     if layout.bits is not None:
         keep = keep & unpack_bits(layout.bits, ids[:, :, :, None, :], torch.arange(bq)[:, None], cols % layout.block_size[1])
-    if bias is not None:
-        bb = 0 if bias.shape[0] == 1 else b5
-        bh = 0 if bias.shape[1] == 1 else h5
-        s = s + bias[bb, bh, rows.clamp(max=lq - 1), cols.clamp(max=lk - 1)].to(s.dtype)
-    return s.masked_fill(~keep, float("-inf"))
+    return s.masked_fill(~keep, float("-inf")), dcap
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -94,17 +117,23 @@ def _rows(t: torch.Tensor, r0: int, r1: int, bq: int) -> torch.Tensor:
 def sparse_attention_fwd_cpu(q, k, v, lists: List[torch.Tensor], mask: Optional[torch.Tensor],
                              bias: Optional[torch.Tensor], bits: Optional[torch.Tensor], scale: float,
                              layout_bq: int, layout_bk: int, causal_offset: Optional[int], window: Optional[int],
-                             sinks: int):
+                             sinks: int, key_mask: Optional[torch.Tensor] = None,
+                             key_bias: Optional[torch.Tensor] = None, alibi: Optional[torch.Tensor] = None,
+                             q_pos: Optional[torch.Tensor] = None, k_pos: Optional[torch.Tensor] = None,
+                             softcap: Optional[float] = None, q_seg: Optional[torch.Tensor] = None,
+                             k_seg: Optional[torch.Tensor] = None):
     B, H, lq, d = q.shape
     lk = k.shape[2]
     ct = _compute_dtype(q)
-    layout = _layout(lists, mask, bits, layout_bq, layout_bk, lq, lk, causal_offset, window, sinks)
-    out = empty(B, H, lq, d, dtype=q.dtype, device=q.device)
+    layout = _layout(lists, mask, bits, layout_bq, layout_bk, lq, lk, causal_offset, window, sinks, key_mask, q_pos,
+                     k_pos, q_seg, k_seg)
+    out = empty(B, H, lq, v.shape[3], dtype=q.dtype, device=q.device)
     lse = empty(B, H, lq, dtype=torch.float32, device=q.device)
     kf, vf = k.to(ct), v.to(ct)
-    for r0, r1, tok, ok, ids in _chunks(q, layout):
+    options = (key_bias, alibi, softcap)
+    for r0, r1, tok, ok, ids in _chunks(q, v.shape[3], layout):
         kk, vv, _ = _gather(kf, vf, tok, H // k.shape[1])
-        s = _scores(_rows(q, r0, r1, layout_bq).to(ct), kk, tok, ok, ids, layout, bias, scale, r0)
+        s, _ = _scores(_rows(q, r0, r1, layout_bq).to(ct), kk, tok, ok, ids, layout, bias, scale, r0, *options)
         m = s.amax(-1, keepdim=True)
         m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
         p = torch.exp(s - m)
@@ -122,11 +151,16 @@ def sparse_attention_fwd_cpu(q, k, v, lists: List[torch.Tensor], mask: Optional[
 def sparse_attention_bwd_cpu(do, dlse, q, k, v, out, lse, lists: List[torch.Tensor],
                              mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: Optional[torch.Tensor],
                              scale: float, layout_bq: int, layout_bk: int, causal_offset: Optional[int],
-                             window: Optional[int], sinks: int):
+                             window: Optional[int], sinks: int, key_mask: Optional[torch.Tensor] = None,
+                             key_bias: Optional[torch.Tensor] = None, alibi: Optional[torch.Tensor] = None,
+                             q_pos: Optional[torch.Tensor] = None, k_pos: Optional[torch.Tensor] = None,
+                             softcap: Optional[float] = None, q_seg: Optional[torch.Tensor] = None,
+                             k_seg: Optional[torch.Tensor] = None):
     B, H, lq, d = q.shape
     lk = k.shape[2]
     ct = _compute_dtype(q)
-    layout = _layout(lists, mask, bits, layout_bq, layout_bk, lq, lk, causal_offset, window, sinks)
+    layout = _layout(lists, mask, bits, layout_bq, layout_bk, lq, lk, causal_offset, window, sinks, key_mask, q_pos,
+                     k_pos, q_seg, k_seg)
     kf, vf = k.to(ct), v.to(ct)
     dq = torch.zeros(B, H, lq, d, dtype=ct)
     dk = torch.zeros(k.shape, dtype=ct)
@@ -135,17 +169,40 @@ def sparse_attention_bwd_cpu(do, dlse, q, k, v, out, lse, lists: List[torch.Tens
     if dlse is not None:
         delta = delta - dlse.to(ct)
     lse2 = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).to(ct)
-    for r0, r1, tok, ok, ids in _chunks(q, layout):
+    options = (key_bias, alibi, softcap)
+    for r0, r1, tok, ok, ids in _chunks(q, v.shape[3], layout):
         kk, vv, index = _gather(kf, vf, tok, H // k.shape[1])
         qc = _rows(q, r0, r1, layout_bq).to(ct)
         doc = _rows(do, r0, r1, layout_bq).to(ct)
-        s = _scores(qc, kk, tok, ok, ids, layout, bias, scale, r0)
+        s, dcap = _scores(qc, kk, tok, ok, ids, layout, bias, scale, r0, *options)
         p = torch.exp(s - _rows(lse2, r0, r1, layout_bq)[..., None])
         dp = torch.einsum("bhrqd,bhrsd->bhrqs", doc, vv)
         ds = p * (dp - _rows(delta, r0, r1, layout_bq)[..., None])
+        if dcap is not None:  # through the softcap: d(c tanh(s / c)) / ds = 1 - tanh(s / c)^2
+            ds = ds * dcap
         n = min(lq, r1 * layout_bq) - r0 * layout_bq
         dq[:, :, r0 * layout_bq:r1 * layout_bq] = (torch.einsum("bhrqs,bhrsd->bhrqd", ds, kk) * scale).flatten(2, 3)[:, :, :n]
         # Scatter the gathered key/value gradients back (padding tokens carry exact zeros).
         dk.index_put_(index, torch.einsum("bhrqs,bhrqd->bhrsd", ds, qc) * scale, accumulate=True)
         dv.index_put_(index, torch.einsum("bhrqs,bhrqd->bhrsd", p, doc), accumulate=True)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def probabilities(q, k, lse, lists: List[torch.Tensor], mask: Optional[torch.Tensor], bits: Optional[torch.Tensor],
+                  scale: float, layout_bq: int, layout_bk: int, causal_offset: Optional[int], window: Optional[int],
+                  sinks: int, key_mask=None, q_pos=None, k_pos=None, q_seg=None, k_seg=None):
+    """Yield ``(r0, r1, tok, p)`` per chunk of query blocks ``[r0, r1)``: the key index of each
+    gathered slot ``tok [B, H, R, S]`` and the normalised probabilities ``p [B, H, R, BLOCK_Q, S]``
+    recomputed from the saved LSE (0 on slots that are padding or masked), as the backward does:
+    what the statistics op's CPU path reduces. Memory O(listed blocks of a chunk)."""
+    B, H, lq, d = q.shape
+    lk = k.shape[2]
+    ct = _compute_dtype(q)
+    layout = _layout(lists, mask, bits, layout_bq, layout_bk, lq, lk, causal_offset, window, sinks, key_mask, q_pos,
+                     k_pos, q_seg, k_seg)
+    kf = k.to(ct)
+    lse2 = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).to(ct)
+    for r0, r1, tok, ok, ids in _chunks(q, 0, layout):
+        kk, _, _ = _gather(kf, kf[..., :0], tok, H // k.shape[1])
+        s, _ = _scores(_rows(q, r0, r1, layout_bq).to(ct), kk, tok, ok, ids, layout, None, scale, r0)
+        yield r0, r1, tok, torch.exp(s - _rows(lse2, r0, r1, layout_bq)[..., None])

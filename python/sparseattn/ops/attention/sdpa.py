@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ... import _dispatch
 from ...layout import BlockLayout
-from ...layout.predicates import alibi_bias
+from ...layout.predicates import alibi_bias, alibi_distance
 from ..common import MAX_HEAD_DIM, SUPPORTED_DTYPES, ScoreOptions, check_inputs, check_score_options
 from .op import run
 
@@ -135,8 +135,8 @@ def _with_alibi(attn_mask, is_causal: bool, slopes: torch.Tensor, B, Hq, Lq, Lk,
     argument): the slopes' bias plus the bool or float mask (or the causal rule). O(Lq * Lk): the
     fallbacks only."""
     dev = slopes.device
-    bias = alibi_bias(slopes[:, :, None, None], torch.arange(Lq, device=dev)[:, None],
-                      torch.arange(Lk, device=dev)[None, :], Lq, Lk).to(dtype)
+    bias = alibi_bias(slopes[:, :, None, None], alibi_distance(torch.arange(Lq, device=dev)[:, None],
+                                                               torch.arange(Lk, device=dev)[None, :], Lq, Lk)).to(dtype)
     if is_causal:
         attn_mask = torch.ones(Lq, Lk, dtype=torch.bool, device=dev).tril()
     if attn_mask is None:

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 from ...layout import BlockLayout
-from ...layout.tokens import from_varlen
 from ..common import check_dtype_and_dim, check_inputs, check_score_options
 from .op import run
 

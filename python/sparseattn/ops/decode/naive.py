@@ -1,11 +1,11 @@
 """Float64 oracle of :func:`sparseattn.decode_attention`: dense attention under the decode mask."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
-from ..attention.naive import attention
 
 
 def _pattern_rows(pattern, q_len: int, length: int) -> torch.Tensor:
@@ -55,9 +55,65 @@ def decode_mask(q_len: int, cache_len: int, cache_seqlens: Optional[torch.Tensor
     return keep
 
 
+def logical_cache(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """A paged cache ``[num_pages, page_size, Hkv, D]`` read through ``block_table`` int32
+    ``[B, max_pages]`` as the contiguous cache ``[B, Hkv, max_pages * page_size, D]`` it stands for
+    (logical key t of sequence b is row ``t % page_size`` of page ``block_table[b, t // page_size]``).
+    A gathered copy: for oracles and tests only."""
+    B, pages = block_table.shape
+    ps = cache.shape[1]
+    return cache[block_table.long().to(cache.device)].reshape(B, pages * ps, *cache.shape[2:]).transpose(1, 2)
+
+
 def decode_attention(q, k_cache, v_cache, layout=None, cache_seqlens: Optional[torch.Tensor] = None,
-                     scale: Optional[float] = None, return_lse: bool = False, dtype: torch.dtype = torch.float64):
-    """Oracle of :func:`sparseattn.decode_attention`: dense attention under :func:`decode_mask`
-    (``layout``: None, a BlockLayout or a pattern object, as the op takes)."""
-    mask = decode_mask(q.shape[2], k_cache.shape[2], cache_seqlens, layout, q.shape[0], q.device)
-    return attention(q, k_cache, v_cache, mask=mask, scale=scale, return_lse=return_lse, dtype=dtype)
+                     scale: Optional[float] = None, return_lse: bool = False,
+                     block_table: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
+                     alibi_slopes: Optional[torch.Tensor] = None, *,
+                     key_padding_mask: Optional[torch.Tensor] = None, key_bias: Optional[torch.Tensor] = None,
+                     dtype: torch.dtype = torch.float64):
+    """Oracle of :func:`sparseattn.decode_attention` (the same arguments), computed in ``dtype``:
+    dense attention under :func:`decode_mask` (``layout``: None, a BlockLayout or a pattern object,
+    as the op takes) and ``key_padding_mask``, with the scores ``s * scale``, then
+    ``softcap * tanh(s / softcap)``, then ``- slope * |pos_i - j|`` (row i at position
+    ``cache_seqlens[b] - Lq + i``), then ``+ key_bias``. A paged cache is gathered into its logical
+    contiguous form first. Rows that see nothing give 0 and LSE -inf."""
+    if block_table is not None:
+        k_cache, v_cache = logical_cache(k_cache, block_table), logical_cache(v_cache, block_table)
+    B, Hq, Lq, D = q.shape
+    Lmax = k_cache.shape[2]
+    mask = decode_mask(Lq, Lmax, cache_seqlens, layout, B, q.device)                     # [B, Hl, Lq, Lmax]
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask.to(q.device)[:, None, None, :]
+    q, k, v = q.to(dtype), k_cache.to(dtype), v_cache.to(dtype)
+    group = Hq // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale                                                # [B, Hq, Lq, Lmax]
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        n = (torch.full((B,), Lmax) if cache_seqlens is None else cache_seqlens).to(q.device, torch.float64)
+        pos = n[:, None, None, None] - Lq + torch.arange(Lq, device=q.device, dtype=torch.float64)[:, None]
+        dist = (pos - torch.arange(Lmax, device=q.device, dtype=torch.float64)).abs()    # [B, 1, Lq, Lmax]
+        slopes = alibi_slopes.to(q.device, torch.float64)
+        slopes = slopes[None, :] if slopes.dim() == 1 else slopes
+        s = s - (slopes[:, :, None, None] * dist).to(dtype)
+    if key_bias is not None:
+        s = s + key_bias.to(q.device, dtype)[:, :, None, :]
+    return attention_from_scores(s, v, mask, return_lse)
+
+
+def attention_from_scores(s: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, return_lse: bool):
+    """Softmax of the scores ``s`` where ``keep`` (bool, broadcast) holds, times v; a row that keeps
+    nothing (or whose kept scores are all -inf) gives 0 and LSE -inf."""
+    s = s.masked_fill(~keep, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    p = torch.exp(s - m)
+    l = p.sum(-1, keepdim=True)
+    empty = l == 0
+    l_safe = torch.where(empty, torch.ones_like(l), l)
+    out = (p / l_safe) @ v
+    if not return_lse:
+        return out
+    return out, torch.where(empty, torch.full_like(l, float("-inf")), m + torch.log(l_safe)).squeeze(-1)

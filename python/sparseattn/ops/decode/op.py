@@ -15,6 +15,12 @@ On top of it decode always applies its own masks: each sequence's length and the
 causal mask (query row i of sequence b sits at position ``cache_seqlens[b] - Lq + i``). The
 layout's own causal kind is not re-applied (it is relative to Lmax, not to each sequence), and
 layouts with an element mask are rejected.
+
+Paged caches (``block_table``): ``k_cache``/``v_cache`` are ``[num_pages, page_size, Hkv, D]`` and
+logical key t of sequence b is row ``t % page_size`` of page ``block_table[b, t // page_size]``.
+Layouts, patterns, ``key_padding_mask``, ``key_bias`` and ALiBi positions are all logical. Every
+path reads the pages through the table (the CUDA kernel computes each row's address, the CPU path
+indexes each chunk of keys, the Triton path calls ``paged_sparse_attention``): no gathered copy.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from ... import _cuda, _dispatch
 from ...layout import BlockLayout, mask_to_lists
 from ..attention.op import sparse_attention
 from ..attention.sdpa import mask_layout
-from ..common import check_dtype_and_dim, check_inputs
+from ..common import check_dtype_and_dim, check_inputs, check_score_options
 from .cpu import decode_attention_cpu
 
 MAX_LQ = 16
@@ -36,10 +42,61 @@ CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_HEAD_DIMS = (64, 128, 256)
 
 
-def _check_decode(q, k_cache, v_cache, layout_or_pattern, cache_seqlens):
+def _check_paged(q, k_cache, v_cache, block_table):
+    """q and a paged cache ``[num_pages, page_size, Hkv, D]`` with its ``block_table`` int32
+    ``[B, max_pages]``: the checks of check_inputs on the logical cache ``[B, Hkv, Lmax, D]``
+    (Lmax = max_pages * page_size), plus the table's own. Returns (B, Hq, Hkv, Lq, Lmax, D)."""
+    for t, n in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{n}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{n}: expected 4 dims [num_pages, page_size, Hkv, D] (a paged cache, with "
+                             f"block_table), got shape {tuple(t.shape)}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache, v_cache: expected the same shape [num_pages, page_size, Hkv, D], got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if not isinstance(block_table, Tensor):
+        raise TypeError(f"block_table: expected an int32 torch.Tensor [B, max_pages] or None, got "
+                        f"{type(block_table).__name__}")
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"block_table: expected dtype torch.int32, got {block_table.dtype}")
+    if block_table.dim() != 2:
+        raise ValueError(f"block_table: expected 2 dims [B, max_pages], got shape {tuple(block_table.shape)}")
+    num_pages, page_size, Hkv, Dk = k_cache.shape
+    # The logical cache [B, Hkv, Lmax, D] as a one-element stride-0 view, for the shared checks.
+    B = q.shape[0] if isinstance(q, Tensor) and q.dim() == 4 else block_table.shape[0]
+    lmax = block_table.shape[1] * page_size
+    logical = [(t if t.numel() else t.new_empty(1)).as_strided((B, Hkv, lmax, Dk), (0, 0, 0, 0))
+               for t in (k_cache, v_cache)]
+    out = check_inputs(q, *logical, gqa=True, names=("q", "k_cache", "v_cache"))
+    if block_table.shape[0] != B:
+        raise ValueError(f"block_table: expected shape [{B}, max_pages] (batch of q), got {tuple(block_table.shape)}")
+    if block_table.device != q.device:
+        raise ValueError(f"block_table: expected device {q.device} (as q), got {block_table.device}")
+    if page_size % 16 or page_size == 0:
+        raise ValueError(f"k_cache: expected a page size (dim 1 with block_table) that is a multiple of 16, "
+                         f"got {page_size}")
+    return out
+
+
+def _check_options(q, B, Hq, Lmax, softcap, alibi_slopes, key_padding_mask, key_bias) -> dict:
+    """The score options and key masks (logical positions), checked by the one check of every
+    attention function (:func:`..common.check_score_options`). Returns the given ones as keyword
+    arguments of sparse_attention."""
+    check_score_options(B, Hq, Lmax, q.device, key_padding_mask=key_padding_mask, key_bias=key_bias,
+                        softcap=softcap, alibi_slopes=alibi_slopes)
+    opts = dict(softcap=None if softcap is None else float(softcap), alibi_slopes=alibi_slopes,
+                key_padding_mask=key_padding_mask, key_bias=key_bias)
+    return {n: x for n, x in opts.items() if x is not None}
+
+
+def _check_decode(q, k_cache, v_cache, layout_or_pattern, cache_seqlens, block_table=None):
     """Validate everything before any launch.
     Returns (B, Hq, Hkv, Lq, Lmax, D, layout or None, pattern or None)."""
-    B, Hq, Hkv, Lq, Lmax, D = check_inputs(q, k_cache, v_cache, gqa=True, names=("q", "k_cache", "v_cache"))
+    if block_table is None:
+        B, Hq, Hkv, Lq, Lmax, D = check_inputs(q, k_cache, v_cache, gqa=True, names=("q", "k_cache", "v_cache"))
+    else:
+        B, Hq, Hkv, Lq, Lmax, D = _check_paged(q, k_cache, v_cache, block_table)
     check_dtype_and_dim(q)
     if not 1 <= Lq <= MAX_LQ:
         raise ValueError(f"q: expected 1 <= Lq <= {MAX_LQ} query positions (dim 2), got {Lq}")
@@ -53,11 +110,20 @@ def _check_decode(q, k_cache, v_cache, layout_or_pattern, cache_seqlens):
             raise ValueError(f"cache_seqlens: expected shape [{B}] (batch of q), got {tuple(cache_seqlens.shape)}")
         if cache_seqlens.device != q.device:
             raise ValueError(f"cache_seqlens: expected device {q.device} (as q), got {cache_seqlens.device}")
-        if not torch.compiler.is_compiling() and B and not _capturing(q):
-            lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))  # one host read
+    ranges = [t for t in (cache_seqlens, block_table) if t is not None and t.numel()]
+    if ranges and not torch.compiler.is_compiling() and not _capturing(q):
+        lims = torch.stack([torch.stack(torch.aminmax(t)) for t in ranges]).tolist()   # one host read
+        if cache_seqlens is not None and cache_seqlens.numel():
+            lo, hi = lims.pop(0)
             if lo < 0 or hi > Lmax:
-                raise ValueError(f"cache_seqlens: expected values in [0, {Lmax}] (Lmax = k_cache.shape[2]), "
+                where = "k_cache.shape[2]" if block_table is None else "max_pages x page_size"
+                raise ValueError(f"cache_seqlens: expected values in [0, {Lmax}] (Lmax = {where}), "
                                  f"got min {lo}, max {hi}")
+        if lims:
+            lo, hi = lims.pop(0)
+            if lo < 0 or hi >= k_cache.shape[0]:
+                raise ValueError(f"block_table: expected page indices in [0, {k_cache.shape[0]}) (num_pages = "
+                                 f"k_cache.shape[0]), got min {lo}, max {hi}")
     layout = layout_or_pattern
     pattern = None if layout is None or isinstance(layout, BlockLayout) else layout
     if layout is not None and not isinstance(layout, BlockLayout):
@@ -70,7 +136,7 @@ def _check_decode(q, k_cache, v_cache, layout_or_pattern, cache_seqlens):
     if layout is not None:
         if tuple(layout.seq_lens) != (Lq, Lmax):
             raise ValueError(f"layout_or_pattern: expected a layout for seq_lens {(Lq, Lmax)} (Lq of q, Lmax of "
-                             f"k_cache), got {tuple(layout.seq_lens)}")
+                             f"the cache), got {tuple(layout.seq_lens)}")
         bl, hl = layout.shape
         if bl not in (1, B) or hl not in (1, Hq):
             raise ValueError(f"layout_or_pattern: expected lists of shape [1|{B}, 1|{Hq}, ...], got [{bl}, {hl}, ...]")
@@ -84,7 +150,7 @@ def _check_decode(q, k_cache, v_cache, layout_or_pattern, cache_seqlens):
 
 def _capturing(q: Tensor) -> bool:
     """True while a CUDA graph is being captured on q's device: no host reads then (the kernels
-    clamp cache lengths to [0, Lmax] themselves)."""
+    clamp cache lengths to [0, Lmax] and page indices to [0, num_pages) themselves)."""
     return q.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
@@ -109,14 +175,41 @@ def _block_sets(layout: BlockLayout, B: int, Hq: int, Hkv: int, seqlens: Tensor)
 
 
 # ----------------------------------------------------------------------------- Triton fallback
-def _decode_triton(q, k, v, cache_seqlens: Optional[Tensor], layout: Optional[BlockLayout], scale: float):
+def _sparse(q, k, v, layout: BlockLayout, scale: float, block_table: Optional[Tensor], opts: dict):
+    """sparse_attention on the logical cache, or paged_sparse_attention through the table."""
+    if block_table is None:
+        return sparse_attention(q, k, v, layout, scale=scale, return_lse=True, **opts)
+    from ..attention.op import paged_sparse_attention
+    return paged_sparse_attention(q, k, v, block_table, layout, scale, **opts)
+
+
+def _alibi_lse(lse: Tensor, alibi_slopes: Optional[Tensor], cache_seqlens: Optional[Tensor], Lmax: int) -> Tensor:
+    """sparse_attention's ALiBi distance is ``|i + Lmax - Lq - j|``; decode's is ``|i + n_b - Lq - j|``.
+    On every key a row sees (``j <= n_b - Lq + i``) they differ by the constant ``Lmax - n_b``: the
+    softmax is the same, the LSE is lower by ``slope * (Lmax - n_b)``, added back here."""
+    if alibi_slopes is None or cache_seqlens is None:
+        return lse
+    slopes = alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes[None]                # [B|1, Hq]
+    shift = slopes * (Lmax - cache_seqlens.float())[:, None]                                  # [B, Hq]
+    return lse + shift[..., None]
+
+
+def _decode_triton(q, k, v, cache_seqlens: Optional[Tensor], layout: Optional[BlockLayout], scale: float, *,
+                   block_table: Optional[Tensor] = None, softcap: Optional[float] = None,
+                   alibi_slopes: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
+                   key_bias: Optional[Tensor] = None):
     """Decode through the fused Triton sparse_attention (the fallback on CUDA without the
-    extension): the layout's key blocks cut at each sequence's length, bottom-right causal.
-    Ragged ``cache_seqlens`` (and layouts with BLOCK_K < 32, which the Triton tiles cannot split)
-    go through an element mask ``[B, Hl, Lq, Lmax]``."""
+    extension), or paged_sparse_attention with a ``block_table``: the layout's key blocks cut at
+    each sequence's length, bottom-right causal. Ragged ``cache_seqlens`` are a key padding mask
+    when Lq = 1 (the one row of sequence b sees ``j <= n_b - 1``, i.e. the keys ``j < n_b``);
+    with Lq > 1 the causal diagonal moves with each length, which one bottom-right causal mask on
+    Lmax cannot express, so they (and layouts with BLOCK_K < 32, which the Triton tiles cannot
+    split) go through an element mask ``[B, Hl, Lq, Lmax]``."""
     B, Hq, Lq, D = q.shape
-    Lmax = k.shape[2]
+    Lmax = k.shape[2] if block_table is None else block_table.shape[1] * k.shape[1]
     dev = q.device
+    opts = {n: x for n, x in (("softcap", softcap), ("alibi_slopes", alibi_slopes),
+                               ("key_padding_mask", key_padding_mask), ("key_bias", key_bias)) if x is not None}
     bk = 64 if layout is None else layout.block_size[1]
     bq = 64  # one query block (Lq <= 16); the smallest Triton query tile
     if layout is None:
@@ -126,8 +219,15 @@ def _decode_triton(q, k, v, cache_seqlens: Optional[Tensor], layout: Optional[Bl
         attended = partial | full                                                   # [Bl, Hl, 1, nK]
     if cache_seqlens is None and bk >= 32:
         lay = BlockLayout.from_block_mask(attended, (bq, bk), (Lq, Lmax), causal="bottom_right", sync_free=True)
-        return sparse_attention(q, k, v, lay, scale=scale, return_lse=True)
+        return _sparse(q, k, v, lay, scale, block_table, opts)
     n = (torch.full((B,), Lmax, device=dev) if cache_seqlens is None else cache_seqlens).long()
+    if Lq == 1 and bk >= 32:
+        pad = torch.arange(Lmax, device=dev)[None, :] < n[:, None]                 # [B, Lmax]
+        opts["key_padding_mask"] = pad if key_padding_mask is None else pad & key_padding_mask
+        live = torch.arange(attended.shape[-1], device=dev) < ((n + bk - 1) // bk)[:, None]
+        lay = BlockLayout.from_block_mask(attended & live[:, None, None, :], (bq, bk), (Lq, Lmax), sync_free=True)
+        out, lse = _sparse(q, k, v, lay, scale, block_table, opts)
+        return out, _alibi_lse(lse, alibi_slopes, cache_seqlens, Lmax)
     rows = n[:, None, None] - Lq + torch.arange(Lq, device=dev)[None, :, None]
     elem = (torch.arange(Lmax, device=dev)[None, None, :] <= rows)[:, None]       # [B, 1, Lq, Lmax]
     if bk < 32:
@@ -140,7 +240,8 @@ def _decode_triton(q, k, v, cache_seqlens: Optional[Tensor], layout: Optional[Bl
     live = torch.arange(nk, device=dev) < ((n + bk - 1) // bk)[:, None]
     lay = BlockLayout.from_block_mask(attended & live[:, None, None, :], (bq, bk), (Lq, Lmax), mask=elem,
                                       sync_free=True)
-    return sparse_attention(q, k, v, lay, scale=scale, return_lse=True)
+    out, lse = _sparse(q, k, v, lay, scale, block_table, opts)
+    return out, _alibi_lse(lse, alibi_slopes, cache_seqlens, Lmax)
 
 
 # ----------------------------------------------------------------------------- exact masked path
@@ -165,39 +266,66 @@ def _exact_path(layout: Optional[BlockLayout], pattern, cache_seqlens: Optional[
     return None
 
 
-def _decode_masked(q, k, v, cache_seqlens: Optional[Tensor], layout: BlockLayout, pattern, scale: float):
-    """Exact decode through sparse_attention with an element mask ``[B, Hl, Lq, Lmax]``: each
-    sequence gets its own layout (``pattern.decode_layout(Lq, n_b)`` per distinct length),
-    every in-block kind included, plus its length and bottom-right causal mask. Memory
-    O(B * Hl * Lq * Lmax): a fallback, not the bandwidth-bound kernel."""
+def _masked_elem(q, Lmax: int, cache_seqlens: Optional[Tensor], layout: BlockLayout, pattern) -> Tensor:
+    """The exact decode mask, bool ``[B, Hl, Lq, Lmax]``: each sequence gets its own layout
+    (``pattern.decode_layout(Lq, n_b)`` per distinct length), every in-block kind included, plus
+    its length and bottom-right causal mask. Memory O(B * Hl * Lq * Lmax): a fallback, not the
+    bandwidth-bound kernel."""
     B, Hq, Lq, _ = q.shape
-    Lmax = k.shape[2]
     lengths = [Lmax] * B if cache_seqlens is None else cache_seqlens.tolist()
     dense = {}
     for n in set(lengths):
+        if n == 0:  # an empty sequence sees nothing (and a pattern has no layout for 0 keys)
+            dense[n] = torch.zeros(1, 1, Lq, Lmax, dtype=torch.bool, device=q.device)
+            continue
         lay = layout if n == Lmax or pattern is None else pattern.decode_layout(Lq, n, q.device)
-        dense[n] = torch.nn.functional.pad(lay.to_dense_mask(), (0, Lmax - n)) if n else \
-            torch.zeros(1, 1, Lq, Lmax, dtype=torch.bool, device=q.device)
+        dense[n] = torch.nn.functional.pad(lay.to_dense_mask(), (0, Lmax - n))
     hl = max(m.shape[1] for m in dense.values())
     elem = torch.stack([dense[n][0 if dense[n].shape[0] == 1 else b].expand(hl, Lq, Lmax)
                         for b, n in enumerate(lengths)])                                  # [B, Hl, Lq, Lmax]
     n = torch.tensor(lengths, device=q.device)[:, None, None, None]
     cols = torch.arange(Lmax, device=q.device)
-    elem = elem & (cols <= n - Lq + torch.arange(Lq, device=q.device)[:, None]) & (cols < n)
-    return sparse_attention(q, k, v, mask_layout(elem, B, Hq, Lq, Lmax), scale=scale, return_lse=True)
+    return elem & (cols <= n - Lq + torch.arange(Lq, device=q.device)[:, None]) & (cols < n)
+
+
+def _decode_masked(q, k, v, cache_seqlens: Optional[Tensor], layout: BlockLayout, pattern, scale: float,
+                   block_table: Optional[Tensor], opts: dict, backend: str):
+    """The exact masked path: :func:`_masked_elem` read by decode's CPU path (CPU tensors) or by
+    sparse_attention / paged_sparse_attention (ALiBi's LSE shifted back to each sequence's own
+    positions, see :func:`_alibi_lse`)."""
+    B, Hq, Lq, _ = q.shape
+    Lmax = layout.seq_lens[1]
+    elem = _masked_elem(q, Lmax, cache_seqlens, layout, pattern)
+    if backend == "cpu":
+        seqlens = (torch.full((B,), Lmax, dtype=torch.int32) if cache_seqlens is None else cache_seqlens)
+        return decode_attention_cpu(q, k, v, seqlens, None, 64, None, scale, block_table=block_table,
+                                    elem_mask=elem, **opts)
+    out, lse = _sparse(q, k, v, mask_layout(elem, B, Hq, Lq, Lmax), scale, block_table, opts)
+    return out, _alibi_lse(lse, opts.get("alibi_slopes"), cache_seqlens, Lmax)
+
+
+_MASKED_REASON = ("decode of a window or tile bitmasks that the decode kernels cannot evaluate for these lengths "
+                  "(ragged cache_seqlens, or a layout not bottom-right causal): an exact element-mask path, "
+                  "O(B * H * Lq * Lmax) memory")
 
 
 # ----------------------------------------------------------------------------- CUDA custom op
 @torch.library.custom_op("sparseattn::decode_attention_cuda", mutates_args=())
 def decode_attention_cuda(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor, blk_num: Optional[Tensor],
                           blk_idx: Optional[Tensor], block_k: int, head_mask: Optional[Tensor],
-                          scale: float) -> Tuple[Tensor, Tensor]:
+                          scale: float, block_table: Optional[Tensor], softcap: float,
+                          alibi_slopes: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                          key_bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     hm = None if head_mask is None else head_mask.to(torch.uint8)
-    return _cuda.decode_attention_fwd(q, k, v, seqlens, blk_num, blk_idx, block_k, hm, scale)
+    return _cuda.decode_attention_fwd(q, k, v, seqlens, blk_num, blk_idx, block_k, hm, scale,
+                                      block_table=block_table, softcap=softcap if softcap > 0 else None,
+                                      alibi_slopes=alibi_slopes, key_padding_mask=key_padding_mask,
+                                      key_bias=key_bias)
 
 
 @decode_attention_cuda.register_fake
-def _(q, k, v, seqlens, blk_num, blk_idx, block_k, head_mask, scale):
+def _(q, k, v, seqlens, blk_num, blk_idx, block_k, head_mask, scale, block_table, softcap, alibi_slopes,
+      key_padding_mask, key_bias):
     B, H, lq, d = q.shape
     return q.new_empty(B, H, lq, d), q.new_empty(B, H, lq, dtype=torch.float32)
 
@@ -222,7 +350,9 @@ def _triton_reason(q: Tensor) -> str:
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, layout_or_pattern=None,
                      cache_seqlens: Optional[Tensor] = None, scale: Optional[float] = None,
-                     return_lse: bool = False):
+                     return_lse: bool = False, block_table: Optional[Tensor] = None,
+                     softcap: Optional[float] = None, alibi_slopes: Optional[Tensor] = None, *,
+                     key_padding_mask: Optional[Tensor] = None, key_bias: Optional[Tensor] = None):
     """Attention of the last 1 to 16 query positions of each sequence over its KV cache.
 
     Args:
@@ -230,19 +360,43 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, layout_or_patt
             are already in the cache), bottom-right aligned and causal among themselves: row i of
             sequence b sits at position ``cache_seqlens[b] - Lq + i`` and sees keys at positions
             ``<= cache_seqlens[b] - Lq + i``. float16, bfloat16 or float32; D up to 256.
-        k_cache, v_cache: ``[B, Hkv, Lmax, D]`` with ``Hq % Hkv == 0`` (GQA/MQA, never repeated).
+        k_cache, v_cache: ``[B, Hkv, Lmax, D]`` with ``Hq % Hkv == 0`` (GQA/MQA, never repeated);
+            with ``block_table``, the paged cache ``[num_pages, page_size, Hkv, D]`` (the vLLM /
+            FlashAttention layout; page_size a multiple of 16).
         layout_or_pattern: None (dense causal decode), a :class:`BlockLayout` built for
             ``seq_lens=(Lq, Lmax)`` whose listed key blocks (per ``[B|1, Hq|1]``) are the only
             ones read, or a pattern object with ``decode_layout(Lq, Lk, device)`` returning one.
+            Always in logical positions (also with a paged cache).
         cache_seqlens: int32 ``[B]`` on q's device, keys held by each sequence, in ``[0, Lmax]``;
             default Lmax for all. Cache rows at or past a sequence's length are never read.
-            (Validating the range costs one host read, skipped while a CUDA graph is captured.)
+            (Validating the range costs one host read, skipped while a CUDA graph is captured or
+            under torch.compile; the kernels clamp lengths to ``[0, Lmax]``.)
         scale: score scale, default ``1 / sqrt(D)``.
         return_lse: also return the log-sum-exp of each row.
+        block_table: int32 ``[B, max_pages]`` on q's device, or None (contiguous cache): a paged
+            cache, logical key position t of sequence b is row ``t % page_size`` of page
+            ``block_table[b, t // page_size]``; ``Lmax = max_pages * page_size`` (logical). Pages
+            are read in place through the table (no gathered copy). Entries must lie in
+            ``[0, num_pages)`` (all of them, used or not; checked with the same host read as
+            ``cache_seqlens``, skipped under capture or torch.compile, where the kernels clamp
+            page indices into the cache instead).
+        softcap: float > 0 or None: scores become ``softcap * tanh(score / softcap)`` after
+            scaling, before ALiBi, the key bias and the masks (Gemma 2).
+        alibi_slopes: float32 ``[Hq]`` or ``[B, Hq]`` on q's device: score ``-= slope * |pos_i - j|``
+            for key j and row i at ``pos_i = cache_seqlens[b] - Lq + i`` (FlashAttention's
+            ``|i + Lk - Lq - j|`` with Lk each sequence's own length).
+        key_padding_mask: bool ``[B, Lmax]`` on q's device (keyword only), logical positions:
+            True = the key exists; False keys are never attended.
+        key_bias: float ``[B|1, Hq|1, Lmax]`` on q's device (keyword only), logical positions:
+            added to the scores after ALiBi; ``-inf`` knocks a key out. Must not require grad.
+
+    The order on each score is: ``* scale``, softcap, ``+`` ALiBi, ``+ key_bias``, then the masks
+    (length, causal, layout, key padding).
 
     Returns:
         out ``[B, Hq, Lq, D]`` in q's dtype, and with ``return_lse`` lse ``[B, Hq, Lq]`` float32
-        (natural log). A row that sees no key (e.g. ``cache_seqlens[b] < Lq``) gives 0 and -inf.
+        (natural log, of the modified scores). A row that sees no key (e.g.
+        ``cache_seqlens[b] < Lq``, or every key padded or biased to -inf) gives 0 and -inf.
         Inference only (no autograd). Dense decode and plain block layouts on CUDA never read
         back to the host, so they can be captured in a CUDA graph (call once outside the capture
         first: that call compiles and times the kernels). Pattern objects and layouts with
@@ -260,35 +414,46 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, layout_or_patt
         >>> bm = torch.rand(1, 1, 1, 16) < 0.3                 # keep ~30% of the 64-key blocks
         >>> layout = sa.BlockLayout.from_block_mask(bm, block_size=(16, 64), seq_lens=(1, 1024))
         >>> out, lse = sa.decode_attention(q, k, v, layout, cache_seqlens=lens, return_lse=True)
+        >>> pages = torch.randn(40, 64, 2, 64)                 # paged: 40 pages of 64 rows
+        >>> table = torch.randperm(40, dtype=torch.int32)[:32].view(2, 16)   # Lmax = 16 x 64
+        >>> out = sa.decode_attention(q, pages, pages, cache_seqlens=lens, block_table=table,
+        ...                           softcap=30.0, alibi_slopes=torch.rand(8))
     """
-    B, Hq, Hkv, Lq, Lmax, D, layout, pattern = _check_decode(q, k_cache, v_cache, layout_or_pattern, cache_seqlens)
+    B, Hq, Hkv, Lq, Lmax, D, layout, pattern = _check_decode(q, k_cache, v_cache, layout_or_pattern,
+                                                             cache_seqlens, block_table)
+    opts = _check_options(q, B, Hq, Lmax, softcap, alibi_slopes, key_padding_mask, key_bias)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     exact = _exact_path(layout, pattern, cache_seqlens, Lq, Lmax)
-    if exact is not None:
-        if exact == "layout":
-            out, lse = sparse_attention(q, k_cache, v_cache, layout, scale=scale, return_lse=True)
-        else:
-            out, lse = _decode_masked(q, k_cache, v_cache, cache_seqlens, layout, pattern, scale)
-            _dispatch.set_backend(_dispatch.last_backend(), "decode of a window or tile bitmasks that the decode "
-                                  "kernels cannot evaluate for these lengths (ragged cache_seqlens, or a layout "
-                                  "not bottom-right causal): an exact element-mask path, O(B * H * Lq * Lmax) memory")
-        return (out, lse) if return_lse else out
     backend = decode_backend(q)
+    if exact == "masked":
+        out, lse = _decode_masked(q, k_cache, v_cache, cache_seqlens, layout, pattern, scale, block_table, opts,
+                                  backend)
+        _dispatch.set_backend("cpu" if backend == "cpu" else _dispatch.last_backend(), _MASKED_REASON)
+        return (out, lse) if return_lse else out
+    if exact == "layout" and backend != "cpu":  # one length (Lmax) for all: no ALiBi shift
+        out, lse = _sparse(q, k_cache, v_cache, layout, scale, block_table, opts)
+        return (out, lse) if return_lse else out
     if backend == "triton":
-        out, lse = _decode_triton(q, k_cache, v_cache, cache_seqlens, layout, scale)
+        out, lse = _decode_triton(q, k_cache, v_cache, cache_seqlens, layout, scale, block_table=block_table, **opts)
         _dispatch.set_backend("triton", _triton_reason(q))
         return (out, lse) if return_lse else out
     seqlens = (torch.full((B,), Lmax, dtype=torch.int32, device=q.device) if cache_seqlens is None
                else cache_seqlens)
-    blk_num = blk_idx = head_mask = None
+    blk_num = blk_idx = head_mask = elem = None
     block_k = 64
     if layout is not None:
         block_k = layout.block_size[1]
         blk_num, blk_idx, head_mask = _block_sets(layout, B, Hq, Hkv, seqlens)
-    _dispatch.set_backend(backend, None if backend == "cuda" else "CPU tensors (decode's PyTorch CPU path)")
+        if exact == "layout":  # CPU: the listed blocks, and the layout's in-block kinds as a mask
+            elem = layout.to_dense_mask()
     if backend == "cuda":
-        out, lse = decode_attention_cuda(q, k_cache, v_cache, seqlens, blk_num, blk_idx, block_k, head_mask, scale)
+        _dispatch.set_backend(backend, None)
+        out, lse = decode_attention_cuda(q, k_cache, v_cache, seqlens, blk_num, blk_idx, block_k, head_mask, scale,
+                                         block_table, opts.get("softcap", 0.0), alibi_slopes, key_padding_mask,
+                                         key_bias)
     else:
+        _dispatch.set_backend(backend, "CPU tensors (decode's PyTorch CPU path)")
         blocks = None if blk_num is None else (blk_num, blk_idx)
-        out, lse = decode_attention_cpu(q, k_cache, v_cache, seqlens, blocks, block_k, head_mask, scale)
+        out, lse = decode_attention_cpu(q, k_cache, v_cache, seqlens, blocks, block_k, head_mask, scale,
+                                        block_table=block_table, elem_mask=elem, **opts)
     return (out, lse) if return_lse else out
