@@ -57,7 +57,7 @@ SPARSE_CASES = [
     ("type", lambda: (*qkv(), torch.ones(1, 1, 1, 1, dtype=torch.bool)), TypeError, r"layout: expected a sparseattn.BlockLayout"),
     ("float64", lambda: (*qkv(dtype=torch.float64), layout()), TypeError, r"float16, bfloat16 or float32"),
     ("head_dim", lambda: (*qkv(D=320), layout()), ValueError, r"head dim <= 256"),
-    ("value_dim", lambda: (*qkv()[:2], randn(1, 2, 64, 8), layout()), ValueError, r"v: expected head dim 16"),
+    ("value_dim", lambda: (*qkv()[:2], randn(1, 2, 64, 320), layout()), ValueError, r"v: expected head dim <= 256"),
     ("gqa_div", lambda: (*qkv(Hq=3, Hkv=2), layout()), ValueError, r"divisible"),
 ]
 

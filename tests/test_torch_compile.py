@@ -67,13 +67,13 @@ def test_compile_inductor():
 def test_opcheck():
     q, k, v = _qkv()
     lay = sa.BlockLayout.from_block_mask(torch.rand(1, 1, 2, 2, device=DEVICE) < 0.7, 64, (70, 70), causal="top_left")
-    none8 = (None,) * 8  # key_mask, key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg
-    args = (q, k, v, lay.lists(), None, None, None, 1.0 / math.sqrt(16), 64, 64, lay.causal_offset, None, 0, *none8)
+    none10 = (None,) * 10  # key_mask, key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg, key_group, group_bias
+    args = (q, k, v, lay.lists(), None, None, None, 1.0 / math.sqrt(16), 64, 64, lay.causal_offset, None, 0, *none10)
     torch.library.opcheck(ops.sparse_attention_fwd, args)
     bias = randn(1, 1, 70, 70)
     torch.library.opcheck(ops.sparse_attention_fwd,
-                          (q, k, v, lay.lists(), None, bias, None, 0.5, 64, 64, None, None, 0, *none8))
+                          (q, k, v, lay.lists(), None, bias, None, 0.5, 64, 64, None, None, 0, *none10))
     padded = lay.with_key_padding(torch.arange(70, device=DEVICE)[None] < 33)
-    opts = (padded.key_mask, randn(1, 1, 70), torch.rand(1, 2, device=DEVICE), None, None, 3.0, None, None)
+    opts = (padded.key_mask, randn(1, 1, 70), torch.rand(1, 2, device=DEVICE), None, None, 3.0, None, None, None, None)
     torch.library.opcheck(ops.sparse_attention_fwd, (q, k, v, padded.lists(), None, None, None, 0.5, 64, 64,
                                                      padded.causal_offset, None, 0, *opts))

@@ -77,7 +77,7 @@ def _fwd_tile(carry, ctx, s, dcap, k, y, offs_n, MASKED: tl.constexpr, RULES: tl
     acc, l_i, m_i = carry
     V, Lk, rules = ctx
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASKED or RULES.bias or RULES.key_bias:  # a row can still be all -inf here: keep exp2 away from inf - inf
+    if MASKED or RULES.bias or RULES.key_bias or RULES.group_bias:  # a row can still be all -inf here: keep exp2 away from inf - inf
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_use = m_new
@@ -246,6 +246,7 @@ def sparse_attention_fwd(q, k, v, layout_lists: List[torch.Tensor], mask: Option
                          alibi: Optional[torch.Tensor] = None, q_pos: Optional[torch.Tensor] = None,
                          k_pos: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
                          q_seg: Optional[torch.Tensor] = None, k_seg: Optional[torch.Tensor] = None,
+                         key_group: Optional[torch.Tensor] = None, group_bias: Optional[torch.Tensor] = None,
                          block_table: Optional[torch.Tensor] = None):
     """Launch the forward over a layout given as ``BlockLayout.lists()`` plus its tile bitmasks,
     element mask and kinds, and the score options (:class:`ScoreOptions`; a key mask and positions
@@ -262,7 +263,7 @@ def sparse_attention_fwd(q, k, v, layout_lists: List[torch.Tensor], mask: Option
         page_size = k.shape[1]
         Hkv, Lk = k.shape[2], block_table.shape[1] * page_size
         kv_views = tuple(view(t, (0, t.stride(2), t.stride(1), t.stride(3))) for t in (k, v))
-    opts = ScoreOptions(key_mask, key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg)
+    opts = ScoreOptions(key_mask, key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg, key_group, group_bias)
     out = empty(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
     lse = empty(B, H, Lq, dtype=torch.float32, device=q.device)
     rules = rules_of(Lq, Lk, mask, bias, bits, layout_lists[1], scale * LOG2E, causal_offset, window, sinks, opts,
@@ -287,13 +288,14 @@ def sparse_attention_bwd(do, dlse, q, k, v, out, lse, layout_lists: List[torch.T
                          key_bias: Optional[torch.Tensor] = None, alibi: Optional[torch.Tensor] = None,
                          q_pos: Optional[torch.Tensor] = None, k_pos: Optional[torch.Tensor] = None,
                          softcap: Optional[float] = None, q_seg: Optional[torch.Tensor] = None,
-                         k_seg: Optional[torch.Tensor] = None):
+                         k_seg: Optional[torch.Tensor] = None, key_group: Optional[torch.Tensor] = None,
+                         group_bias: Optional[torch.Tensor] = None):
     """Launch the backward: delta preprocess, dK/dV over the transposed lists, dQ over the lists.
     ``do`` and ``dlse`` (or None) must be contiguous. Returns (dq, dk, dv) in the input dtypes.
     Deterministic: no atomics, every gradient element is written by one program in a fixed order."""
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    opts = ScoreOptions(key_mask, key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg)
+    opts = ScoreOptions(key_mask, key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg, key_group, group_bias)
     delta = empty(B, H, Lq, dtype=torch.float32, device=q.device)
     dq = empty(B, H, Lq, D, dtype=q.dtype, device=q.device)
     dk = empty(B, Hkv, Lk, D, dtype=k.dtype, device=q.device)

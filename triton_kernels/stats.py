@@ -168,7 +168,7 @@ def attention_stats_rows(q, k, lse, key_groups, num_groups: int, layout_lists: L
                          causal_offset: Optional[int], window: Optional[int], sinks: int, key_mask, q_pos, k_pos,
                          q_seg, k_seg):
     """(group mass ``[B, Hq, Lq, num_groups]``, tile sums ``[B, Hq, nQ, nK]`` over the layout's tiles).
-    ``key_groups`` int32 ``[B|1, Lk]`` (or None: one group of every key)."""
+    ``key_groups`` int32 ``[B|1, H|1, Lk]`` (or None: one group of every key)."""
     B, H, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     rules, flags = _setup(q, k, layout_lists, mask, bits, scale, bq, bk, causal_offset, window, sinks, key_mask,
@@ -176,9 +176,9 @@ def attention_stats_rows(q, k, lse, key_groups, num_groups: int, layout_lists: L
     bm, bn = flags["BLOCK_M"], flags["BLOCK_N"]
     g_pad = max(16, triton.next_power_of_2(max(1, num_groups)))
     if key_groups is None:
-        key_groups = torch.zeros(1, Lk, dtype=torch.int32, device=q.device)
-    kg = view(key_groups[:, None, None, :], (0 if key_groups.shape[0] == 1 else key_groups.stride(0), 0, 0,
-                                             key_groups.stride(1)))
+        key_groups = torch.zeros(1, 1, Lk, dtype=torch.int32, device=q.device)
+    kg = view(key_groups[:, :, None, :], tuple(0 if key_groups.shape[i] == 1 else key_groups.stride(i) for i in (0, 1))
+              + (0, key_groups.stride(2)))
     mass = empty(B, H, Lq, g_pad, dtype=torch.float32, device=q.device)
     # the partial grid covers every kernel tile of every layout block (sub-tiles past Lk included:
     # the walk visits them, masked), zero where no tile is visited

@@ -56,15 +56,16 @@ from .common import View, load_cols, load_cols_at, load_vec, plane, view, view_t
 # [n tiles, LAYOUT_BQ, words], and the per-key / per-row data as Views with stride 0 on the
 # other axis: the key keep mask [B, 1, 1, Lk] (uint8), the per-key bias [B|1, H|1, 1, Lk], the
 # ALiBi slopes [B|1, H, 1, 1] (fp32), the query and key positions [B|1, 1, Lq, 1] / [B|1, 1, 1, Lk]
-# and segment ids (same shapes; packed variable-length batches);
+# and segment ids (same shapes; packed variable-length batches); the key groups [B|1, H|1, 1, Lk]
+# (int32) and the per-row group bias [B, H, Lq, G] (fp32, natural log: attention redistribution);
 # for a paged K/V cache (forward only) the block table [B, 1, 1, max_pages] and the page size: the
 # key side's logical row t lives at physical row ``table[t // page_size] * page_size + t % page_size``.
 Rules = namedtuple("Rules", ["Lq", "Lk", "causal_off", "window", "sinks", "qk_scale", "softcap", "mask", "bias",
                              "bits", "key_mask", "key_bias", "alibi", "q_pos", "k_pos", "q_seg", "k_seg", "pages",
-                             "page_size"])
+                             "page_size", "key_group", "group_bias"])
 # Which rules a kernel compiles in (a constexpr kernel argument).
 RuleFlags = namedtuple("RuleFlags", ["causal", "window", "mask", "bias", "bits", "softcap", "alibi", "key_bias",
-                                     "key_mask", "positions", "segments", "paged"])
+                                     "key_mask", "positions", "segments", "paged", "group_bias"])
 # One direction of a BlockLayout's lists: per (plane, row block) the count and sorted indices of the
 # partial blocks (with their bitmask ids) and of the full ones. The plane of (b, h) is
 # b * sb + h * sh; ``rows`` row blocks per plane; ``wp`` / ``wf`` the widths of the index lists.
@@ -89,7 +90,9 @@ def rules_of(lq: int, lk: int, mask, bias, bits, dummy: torch.Tensor, qk_scale: 
                  _bcast_view(None if opts.key_mask is None else opts.key_mask.view(torch.uint8), dummy, "bc"),
                  _bcast_view(opts.key_bias, dummy, "bhc"), _bcast_view(opts.alibi, dummy, "bh"),
                  _bcast_view(opts.q_pos, dummy, "br"), _bcast_view(opts.k_pos, dummy, "bc"),
-                 _bcast_view(opts.q_seg, dummy, "br"), _bcast_view(opts.k_seg, dummy, "bc"), _bcast_view(block_table, dummy, "bc"), page_size)
+                 _bcast_view(opts.q_seg, dummy, "br"), _bcast_view(opts.k_seg, dummy, "bc"),
+                 _bcast_view(block_table, dummy, "bc"), page_size, _bcast_view(opts.key_group, dummy, "bhc"),
+                 _bcast_view(opts.group_bias, dummy, "bhrc"))
 
 
 def rule_flags(mask, bias, bits, causal_offset, window, opts: ScoreOptions, paged: bool = False) -> RuleFlags:
@@ -98,7 +101,7 @@ def rule_flags(mask, bias, bits, causal_offset, window, opts: ScoreOptions, page
                      bias=bias is not None, bits=bits is not None, softcap=opts.softcap is not None,
                      alibi=opts.alibi is not None, key_bias=opts.key_bias is not None,
                      key_mask=opts.key_mask is not None, positions=opts.q_pos is not None,
-                     segments=opts.q_seg is not None, paged=paged)
+                     segments=opts.q_seg is not None, paged=paged, group_bias=opts.group_bias is not None)
 
 
 def lists_of(num, idx, bid, full_num, full_idx) -> Lists:
@@ -111,7 +114,8 @@ def lists_of(num, idx, bid, full_num, full_idx) -> Lists:
 def rules_type(ptr: str) -> Rules:
     """The compile gate's signature of Rules (bias and key bias of Triton pointer type ``ptr``)."""
     return Rules("i32", "i32", "i32", "i32", "i32", "fp32", "fp32", view_type("*u8"), view_type(ptr), "*i32",
-                 view_type("*u8"), view_type(ptr), view_type("*fp32"), *([view_type("*i32")] * 5), "i32")
+                 view_type("*u8"), view_type(ptr), view_type("*fp32"), *([view_type("*i32")] * 5), "i32",
+                 view_type("*i32"), view_type("*fp32"))
 
 
 def lists_type() -> Lists:
@@ -208,6 +212,20 @@ def _add_key_bias(s, kj, rules, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _add_group_bias(s, qi, kj, rules, MASKED: tl.constexpr):
+    """Add the row's bias of the key's group, ``group_bias[qi, key_group[kj]]`` (natural-log units:
+    the log of a per-row, per-group probability factor; -inf removes the group)."""
+    if MASKED:
+        g = tl.load(rules.key_group.ptr + kj.to(tl.int64) * rules.key_group.sc, mask=kj < rules.Lk, other=0)
+        b = tl.load(rules.group_bias.ptr + qi.to(tl.int64) * rules.group_bias.sr + g, mask=_in_bounds(qi, kj, rules),
+                    other=0.0)
+    else:
+        g = tl.load(rules.key_group.ptr + kj.to(tl.int64) * rules.key_group.sc)
+        b = tl.load(rules.group_bias.ptr + qi.to(tl.int64) * rules.group_bias.sr + g)
+    return s + b * 1.4426950408889634
+
+
+@triton.jit
 def _add_alibi(s, dist, rules):
     """ALiBi: ``-slope * |dist|`` (natural-log units)."""
     slope = tl.load(rules.alibi.ptr) * 1.4426950408889634
@@ -248,6 +266,8 @@ def apply_rules(s, qi, kj, rules, bid, MASKED: tl.constexpr, RULES: tl.constexpr
         s = _add_key_bias(s, kj, rules, MASKED)
     if RULES.bias:
         s = _add_bias(s, qi, kj, rules, MASKED)
+    if RULES.group_bias:
+        s = _add_group_bias(s, qi, kj, rules, MASKED)
     if MASKED:
         keep = _in_bounds(qi, kj, rules)
         if RULES.causal:
@@ -281,7 +301,7 @@ def rules_at(rules, b, h):
                  plane(rules.mask, b, h), plane(rules.bias, b, h), rules.bits, plane(rules.key_mask, b, h),
                  plane(rules.key_bias, b, h), plane(rules.alibi, b, h), plane(rules.q_pos, b, h),
                  plane(rules.k_pos, b, h), plane(rules.q_seg, b, h), plane(rules.k_seg, b, h), plane(rules.pages, b, h),
-                 rules.page_size)
+                 rules.page_size, plane(rules.key_group, b, h), plane(rules.group_bias, b, h))
 
 
 # ----------------------------------------------------------------------------- the walk

@@ -21,6 +21,7 @@ from .patterns import BlockSparse, PerHead, PowerAttention, SlidingWindow
 from .patterns import SparseD, SparseDSchedule, TopKBlocks
 from .ops.routing.op import routing_attention, routing_kmeans_update
 from . import distributed
+from . import visual
 
 __version__ = "0.1.0"
 

@@ -12,14 +12,16 @@ import torch
 from .ops.attention.naive import attention, sparse_attention, varlen_attention
 from .ops.decode.naive import decode_attention, decode_mask
 from .ops.lightning.naive import lightning_attention
+from .ops.redistribution.naive import act_attention, var_attention
 from .ops.stats.naive import attention_stats
 from .ops.routing.naive import routing_attention
 from .patterns.sparsed import sparsed_blocks
 from .patterns.topk_blocks import topk_blocks
+from .visual import naive as visual   # the sa.visual helpers' oracles (CCA / AKI masks, importance scores, ...)
 
 __all__ = ["attention", "sparse_attention", "varlen_attention", "decode_attention", "decode_mask", "lightning_attention",
            "assert_close"]
-__all__ += ["attention_stats"]
+__all__ += ["attention_stats", "act_attention", "var_attention", "visual"]
 __all__ += ["routing_attention", "sparsed_blocks", "topk_blocks"]
 
 

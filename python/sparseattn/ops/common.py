@@ -100,7 +100,9 @@ class ScoreOptions(NamedTuple):
     (:func:`check_score_options`): key keep mask bool ``[B, Lk]``, per-key bias ``[B|1, H|1, Lk]``,
     ALiBi slopes fp32 ``[B|1, Hq]``, query / key positions int32 ``[B|1, Lq]`` / ``[B|1, Lk]``
     (the coordinates of the causal / window / ALiBi rules, from the layout), softcap (float),
-    query / key segment ids int32 (packed sequences, from the layout)."""
+    query / key segment ids int32 (packed sequences, from the layout), key groups int32
+    ``[B|1, H|1, Lk]`` with a per-row group bias fp32 ``[B, H, Lq, G]`` (attention redistribution:
+    the log of each group's probability factor per row)."""
     key_mask: Optional[torch.Tensor] = None
     key_bias: Optional[torch.Tensor] = None
     alibi: Optional[torch.Tensor] = None
@@ -109,6 +111,8 @@ class ScoreOptions(NamedTuple):
     softcap: Optional[float] = None
     q_seg: Optional[torch.Tensor] = None
     k_seg: Optional[torch.Tensor] = None
+    key_group: Optional[torch.Tensor] = None
+    group_bias: Optional[torch.Tensor] = None
 
 
 def _check_tensor(t, name: str, what: str, device) -> None:

@@ -73,7 +73,8 @@ def _per_bh(t: torch.Tensor, b5: torch.Tensor, h5: torch.Tensor):
     return (0 if t.shape[0] == 1 else b5), (0 if t.shape[1] == 1 else h5)
 
 
-def _scores(qc, kk, tok, ok, ids, layout, bias, scale, r0, key_bias=None, alibi=None, softcap=None):
+def _scores(qc, kk, tok, ok, ids, layout, bias, scale, r0, key_bias=None, alibi=None, softcap=None, key_group=None,
+            group_bias=None):
     """Scores of query blocks [r0, r0 + R) (qc [B, H, R, bq, D]) against the gathered keys, with
     the score options and the layout's masks applied: ([B, H, R, bq, S], -inf where not attended; and the
     softcap's derivative ``1 - tanh(s / c)^2`` of the same shape, or None without softcap)."""
@@ -95,6 +96,9 @@ def _scores(qc, kk, tok, ok, ids, layout, bias, scale, r0, key_bias=None, alibi=
         s = s + key_bias[(*_per_bh(key_bias, b5, h5), cc)].to(s.dtype)
     if bias is not None:
         s = s + bias[(*_per_bh(bias, b5, h5), rc, cc)].to(s.dtype)
+    if group_bias is not None:  # the row's bias of the key's group
+        g = key_group[(*_per_bh(key_group, b5, h5), cc)].long()
+        s = s + group_bias[b5, h5, rc, g].to(s.dtype)
     keep = ok[:, :, :, None, :] & layout.element_mask(rows, cols, b5, h5)
     if layout.bits is not None:
         keep = keep & unpack_bits(layout.bits, ids[:, :, :, None, :], torch.arange(bq)[:, None], cols % layout.block_size[1])
@@ -121,7 +125,8 @@ def sparse_attention_fwd_cpu(q, k, v, lists: List[torch.Tensor], mask: Optional[
                              key_bias: Optional[torch.Tensor] = None, alibi: Optional[torch.Tensor] = None,
                              q_pos: Optional[torch.Tensor] = None, k_pos: Optional[torch.Tensor] = None,
                              softcap: Optional[float] = None, q_seg: Optional[torch.Tensor] = None,
-                             k_seg: Optional[torch.Tensor] = None):
+                             k_seg: Optional[torch.Tensor] = None, key_group: Optional[torch.Tensor] = None,
+                             group_bias: Optional[torch.Tensor] = None):
     B, H, lq, d = q.shape
     lk = k.shape[2]
     ct = _compute_dtype(q)
@@ -130,7 +135,7 @@ def sparse_attention_fwd_cpu(q, k, v, lists: List[torch.Tensor], mask: Optional[
     out = empty(B, H, lq, v.shape[3], dtype=q.dtype, device=q.device)
     lse = empty(B, H, lq, dtype=torch.float32, device=q.device)
     kf, vf = k.to(ct), v.to(ct)
-    options = (key_bias, alibi, softcap)
+    options = (key_bias, alibi, softcap, key_group, group_bias)
     for r0, r1, tok, ok, ids in _chunks(q, v.shape[3], layout):
         kk, vv, _ = _gather(kf, vf, tok, H // k.shape[1])
         s, _ = _scores(_rows(q, r0, r1, layout_bq).to(ct), kk, tok, ok, ids, layout, bias, scale, r0, *options)
@@ -155,7 +160,8 @@ def sparse_attention_bwd_cpu(do, dlse, q, k, v, out, lse, lists: List[torch.Tens
                              key_bias: Optional[torch.Tensor] = None, alibi: Optional[torch.Tensor] = None,
                              q_pos: Optional[torch.Tensor] = None, k_pos: Optional[torch.Tensor] = None,
                              softcap: Optional[float] = None, q_seg: Optional[torch.Tensor] = None,
-                             k_seg: Optional[torch.Tensor] = None):
+                             k_seg: Optional[torch.Tensor] = None, key_group: Optional[torch.Tensor] = None,
+                             group_bias: Optional[torch.Tensor] = None):
     B, H, lq, d = q.shape
     lk = k.shape[2]
     ct = _compute_dtype(q)
@@ -169,7 +175,7 @@ def sparse_attention_bwd_cpu(do, dlse, q, k, v, out, lse, lists: List[torch.Tens
     if dlse is not None:
         delta = delta - dlse.to(ct)
     lse2 = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).to(ct)
-    options = (key_bias, alibi, softcap)
+    options = (key_bias, alibi, softcap, key_group, group_bias)
     for r0, r1, tok, ok, ids in _chunks(q, v.shape[3], layout):
         kk, vv, index = _gather(kf, vf, tok, H // k.shape[1])
         qc = _rows(q, r0, r1, layout_bq).to(ct)

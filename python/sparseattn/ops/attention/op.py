@@ -33,10 +33,11 @@ def sparse_attention_fwd(q: Tensor, k: Tensor, v: Tensor, layout: List[Tensor], 
                          causal_offset: Optional[int], window: Optional[int], sinks: int, key_mask: Optional[Tensor],
                          key_bias: Optional[Tensor], alibi: Optional[Tensor], q_pos: Optional[Tensor],
                          k_pos: Optional[Tensor], softcap: Optional[float], q_seg: Optional[Tensor],
-                         k_seg: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+                         k_seg: Optional[Tensor], key_group: Optional[Tensor],
+                         group_bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     impl = _tk.sparse_attention_fwd if backend_for(q) == "triton" else cpu.sparse_attention_fwd_cpu
     return impl(q, k, v, layout, mask, bias, bits, scale, block_q, block_k, causal_offset, window, sinks, key_mask,
-                key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg)
+                key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg, key_group, group_bias)
 
 
 @sparse_attention_fwd.register_fake
@@ -52,10 +53,11 @@ def sparse_attention_bwd(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tenso
                          causal_offset: Optional[int], window: Optional[int], sinks: int, key_mask: Optional[Tensor],
                          key_bias: Optional[Tensor], alibi: Optional[Tensor], q_pos: Optional[Tensor],
                          k_pos: Optional[Tensor], softcap: Optional[float], q_seg: Optional[Tensor],
-                         k_seg: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+                         k_seg: Optional[Tensor], key_group: Optional[Tensor],
+                         group_bias: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     impl = _tk.sparse_attention_bwd if backend_for(q) == "triton" else cpu.sparse_attention_bwd_cpu
     return impl(do, dlse, q, k, v, out, lse, layout, mask, bias, bits, scale, block_q, block_k, causal_offset,
-                window, sinks, key_mask, key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg)
+                window, sinks, key_mask, key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg, key_group, group_bias)
 
 
 @sparse_attention_bwd.register_fake
@@ -67,22 +69,22 @@ def _(do, dlse, q, k, v, out, lse, layout, *rest):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, layout, mask, bias, bits, scale, bq, bk, causal_offset, window, sinks, *options = inputs
-    key_mask, key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg = options
+    key_mask, key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg, key_group, group_bias = options
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, mask, bias, bits, key_mask, key_bias, alibi, q_pos, k_pos, q_seg, k_seg,
-                          *layout)
+                          key_group, group_bias, *layout)
     ctx.params = (scale, bq, bk, causal_offset, window, sinks)
     ctx.softcap = softcap
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, mask, bias, bits, key_mask, key_bias, alibi, q_pos, k_pos, q_seg, k_seg, *layout = \
-        ctx.saved_tensors
+    q, k, v, out, lse, mask, bias, bits, key_mask, key_bias, alibi, q_pos, k_pos, q_seg, k_seg, key_group, \
+        group_bias, *layout = ctx.saved_tensors
     dout = dout.contiguous()  # autograd may hand in stride-0 or transposed gradients
     dlse = None if dlse is None else dlse.contiguous()
     dq, dk, dv = sparse_attention_bwd(dout, dlse, q, k, v, out, lse, layout, mask, bias, bits, *ctx.params, key_mask,
-                                      key_bias, alibi, q_pos, k_pos, ctx.softcap, q_seg, k_seg)
-    return (dq, dk, dv, [None] * len(layout)) + (None,) * 17  # mask .. k_seg
+                                      key_bias, alibi, q_pos, k_pos, ctx.softcap, q_seg, k_seg, key_group, group_bias)
+    return (dq, dk, dv, [None] * len(layout)) + (None,) * 19  # mask .. group_bias
 
 
 torch.library.register_autograd("sparseattn::sparse_attention_fwd", _backward, setup_context=_setup_context)
@@ -145,7 +147,7 @@ def run(q, k, v, layout: BlockLayout, bias, scale, options: ScoreOptions = Score
     return sparse_attention_fwd(q, k, v, layout.lists(), layout.mask, bias, layout.bits, scale, *layout.block_size,
                                 layout.causal_offset, layout.window, layout.sinks, layout.key_mask, options.key_bias,
                                 options.alibi, layout.q_pos, layout.k_pos, options.softcap, layout.q_seg,
-                                layout.k_seg)
+                                layout.k_seg, options.key_group, options.group_bias)
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,

@@ -53,12 +53,12 @@ def attention_stats_rows_cpu(q, k, lse, key_groups, num_groups: int, lists: List
     nq, nk = -(-lq // bq), -(-lk // bk)
     mass = torch.zeros(B, H, lq, max(1, num_groups), dtype=torch.float32)
     blocks = torch.zeros(B, H, nq, nk, dtype=torch.float32)
-    groups = (torch.zeros(1, lk, dtype=torch.long) if key_groups is None else key_groups.long()).expand(B, lk)
+    groups = (torch.zeros(1, 1, lk, dtype=torch.long) if key_groups is None else key_groups.long()).expand(B, H, lk)
     g = torch.arange(max(1, num_groups))
     for r0, r1, tok, p in probabilities(q, k, lse, lists, mask, bits, scale, bq, bk, causal_offset, window, sinks,
                                         key_mask, q_pos, k_pos, q_seg, k_seg):
         col = tok.clamp(max=lk - 1)
-        grp = torch.gather(groups[:, None, None, :].expand(B, H, r1 - r0, lk), 3, col)           # [B, H, R, S]
+        grp = torch.gather(groups[:, :, None, :].expand(B, H, r1 - r0, lk), 3, col)              # [B, H, R, S]
         m = torch.einsum("bhrqs,bhrsg->bhrqg", p, (grp[..., None] == g).to(p.dtype)).flatten(2, 3)
         n = min(lq, r1 * bq) - r0 * bq
         mass[:, :, r0 * bq:r0 * bq + n] = m[:, :, :n].float()

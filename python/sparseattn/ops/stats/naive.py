@@ -32,8 +32,9 @@ def attention_stats(q, k, layout, *, scale: Optional[float] = None, query_weight
            "column_max": torch.where(w[..., None] != 0, p, 0.0).amax(2)}
     if key_groups is not None:
         G = int(key_groups.max()) + 1 if num_groups is None else num_groups
-        onehot = (key_groups.long()[..., None] == torch.arange(G)).to(dtype)            # [B, Lk, G]
-        out["group_mass"] = torch.einsum("bhqk,bkg->bhqg", p, onehot.expand(B, lk, G))
+        kg = key_groups if key_groups.dim() == 3 else key_groups[:, None]
+        onehot = (kg.long()[..., None] == torch.arange(G)).to(dtype)                    # [B, H|1, Lk, G]
+        out["group_mass"] = torch.einsum("bhqk,bhkg->bhqg", p, onehot.expand(B, H, lk, G))
     bq, bk = layout.block_size
     nq, nk = -(-lq // bq), -(-lk // bk)
     padded = torch.nn.functional.pad(p, (0, nk * bk - lk, 0, nq * bq - lq))

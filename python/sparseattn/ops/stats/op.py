@@ -108,8 +108,8 @@ def attention_stats(q: Tensor, k: Tensor, layout_or_pattern=None, *, is_causal: 
             with a zero-width value).
         query_weights: ``[B, Lq]`` or ``[B, Hq, Lq]`` float: the weights ``w`` of the column sums
             (default 1; a 0 also drops the row from the column maxima).
-        key_groups: int ``[B, Lk]`` with values in ``[0, num_groups)``: group of each key for
-            ``group_mass`` (None: not computed). ``num_groups`` defaults to ``max + 1`` (a host read).
+        key_groups: int ``[B, Lk]`` or ``[B, Hq, Lk]`` (per head) with values in
+            ``[0, num_groups)``: group of each key for ``group_mass`` (None: not computed). ``num_groups`` defaults to ``max + 1`` (a host read).
         column_sum, column_max, block_sums: which statistics to compute.
         head_reduce: "none", "mean" or "sum": reduce every statistic over the query heads (column
             statistics inside the kernel, per-head maxima then reduced like the sums).
@@ -156,13 +156,13 @@ def attention_stats(q: Tensor, k: Tensor, layout_or_pattern=None, *, is_causal: 
                       "a float tensor", q.device)
         weights = (query_weights[:, None] if query_weights.dim() == 2 else query_weights).float()
     if key_groups is not None:
-        _check_vector(key_groups, "key_groups", [(B, Lk)], lambda d: not d.is_floating_point and d != torch.bool,
-                      "an integer tensor [B, Lk]", q.device)
+        _check_vector(key_groups, "key_groups", [(B, Lk), (B, Hq, Lk)],
+                      lambda d: not d.is_floating_point and d != torch.bool, "an integer tensor", q.device)
         if num_groups is None:
             num_groups = int(key_groups.max()) + 1 if key_groups.numel() else 1
         if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
             raise ValueError(f"num_groups: expected an int >= 1, got {num_groups!r}")
-        key_groups = key_groups.to(torch.int32)
+        key_groups = (key_groups[:, None] if key_groups.dim() == 2 else key_groups).to(torch.int32)
     backend = backend_for(q)
     _dispatch.set_backend(backend, _dispatch.cpu_reason(q) if backend == "cpu" else None)
     (lists, mask, bits), kinds = _layout_args(layout)
