@@ -29,3 +29,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(params=["kernel", "cpu_path"])
+def backend(request, monkeypatch):
+    """(device, expected sa.last_backend()) of the two paths an op test runs on: 'kernel' = the
+    Triton kernels (CUDA, or the interpreter on CPU), 'cpu_path' = the PyTorch CPU path."""
+    if request.param == "cpu_path":
+        monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")
+        return "cpu", "cpu"
+    from utils import DEVICE
+    return DEVICE, "triton"

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .._alloc import empty, on_device
 from ..ops.common import ScoreOptions
-from .common import GATE_DTYPES, GATE_HEAD_DIMS, block_d_of, load_rows, load_vec, plane, program_tile, view, view_type
+from .common import GATE_DTYPES, GATE_HEAD_DIMS, block_d_of, load_rows, plane, program_tile, view, view_type
 from .walk import RuleFlags, layout_row, lists_of, lists_type, lse2, rule_flags, rules_at, rules_of, rules_type, walk
 
 LOG2E = 1.4426950408889634

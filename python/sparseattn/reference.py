@@ -19,7 +19,8 @@ from .patterns.sparsed import sparsed_blocks
 from .patterns.topk_blocks import topk_blocks
 from .visual import naive as visual   # the sa.visual helpers' oracles (CCA / AKI masks, importance scores, ...)
 
-__all__ = ["attention", "sparse_attention", "varlen_attention", "decode_attention", "decode_mask", "lightning_attention",
+__all__ = ["attention", "sparse_attention", "varlen_attention", "decode_attention", "decode_mask",
+           "lightning_attention",
            "assert_close"]
 __all__ += ["attention_stats", "act_attention", "var_attention", "visual"]
 __all__ += ["routing_attention", "sparsed_blocks", "topk_blocks"]

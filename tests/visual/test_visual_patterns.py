@@ -15,14 +15,6 @@ from checks import attention_inputs, check_attention
 from utils import DEVICE, assert_oracle, randn
 
 
-@pytest.fixture(params=["kernel", "cpu_path"])
-def backend(request, monkeypatch):
-    if request.param == "cpu_path":
-        monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")
-        return "cpu", "cpu"
-    return DEVICE, "triton"
-
-
 def _tiles_of(mask, bq, bk):
     """(any, all) per tile of a bool [Lq, Lk] mask (positions past the ends: all-True for `all`)."""
     Lq, Lk = mask.shape

@@ -65,7 +65,7 @@ def _row_probs(q_row: torch.Tensor, k: torch.Tensor, scale: float, visible: Opti
     """Head-mean softmax of one query row per (batch, head): ``q_row [B, Hq, D]``, ``k [B, Hkv, Lk, D]``,
     ``visible`` bool ``[B, Lk]`` or None. fp32 ``[B, Lk]``; a row that sees nothing gives 0."""
     B, Hq, D = q_row.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     qg = q_row.float().view(B, Hkv, Hq // Hkv, D)
     s = torch.matmul(qg, k.float().transpose(-1, -2)) * scale                # [B, Hkv, G, Lk]
     if visible is not None:

@@ -9,16 +9,7 @@ import torch
 
 import sparseattn as sa
 from sparseattn.ops.attention import cpu
-from utils import DEVICE, assert_oracle, randn, strided
-
-
-@pytest.fixture(params=["kernel", "cpu_path"])
-def backend(request, monkeypatch):
-    """'kernel': the Triton kernels (CUDA, or the interpreter on CPU); 'cpu_path': the PyTorch CPU path."""
-    if request.param == "cpu_path":
-        monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")
-        return "cpu", "cpu"
-    return DEVICE, "triton"
+from utils import assert_oracle, randn, strided
 
 
 def _inputs(B, Hq, Hkv, Lq, Lk, D, dtype, device, Dv=None, non_contiguous=False):

@@ -10,15 +10,6 @@ from utils import DEVICE, DTYPES, assert_oracle, randn
 from checks import attention_inputs as _inputs, check_attention as check
 
 
-@pytest.fixture(params=["kernel", "cpu_path"])
-def backend(request, monkeypatch):
-    """'kernel': the Triton kernels (CUDA, or the interpreter on CPU); 'cpu_path': the PyTorch CPU path."""
-    if request.param == "cpu_path":
-        monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")
-        return "cpu", "cpu"
-    return DEVICE, "triton"
-
-
 def _random_layout(B, H, Lq, Lk, bs, density=0.5, empty_row=True, device=DEVICE, shape=None):
     nq, nk = math.ceil(Lq / bs[0]), math.ceil(Lk / bs[1])
     bm = torch.rand(*(shape or (B, H)), nq, nk, device=device) < density

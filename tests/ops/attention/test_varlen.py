@@ -10,15 +10,6 @@ import sparseattn as sa
 from utils import DEVICE, assert_oracle, randn
 
 
-@pytest.fixture(params=["kernel", "cpu_path"])
-def backend(request, monkeypatch):
-    """'kernel': the Triton kernels (CUDA, or the interpreter on CPU); 'cpu_path': the PyTorch CPU path."""
-    if request.param == "cpu_path":
-        monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")
-        return "cpu", "cpu"
-    return DEVICE, "triton"
-
-
 def _cu(lens, device):
     return torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
 

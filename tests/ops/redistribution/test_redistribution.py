@@ -9,15 +9,6 @@ import sparseattn as sa
 from utils import DEVICE, assert_oracle, randn
 
 
-@pytest.fixture(params=["kernel", "cpu_path"])
-def backend(request, monkeypatch):
-    """'kernel': the Triton kernels (CUDA, or the interpreter on CPU); 'cpu_path': the PyTorch CPU path."""
-    if request.param == "cpu_path":
-        monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")
-        return "cpu", "cpu"
-    return DEVICE, "triton"
-
-
 def _inputs(B, H, Hkv, Lq, Lk, D, device, dtype=torch.float32):
     q, k, v = randn(B, H, Lq, D, device=device, dtype=dtype), randn(B, Hkv, Lk, D, device=device, dtype=dtype), \
         randn(B, Hkv, Lk, D, device=device, dtype=dtype)
@@ -49,6 +40,21 @@ def test_var_matches_oracle(backend, Lq, Lk):
     _, sel64 = sa.reference.var_attention(q, k, v, image, sinks, summ=0.1, query_mask=qmask)
     disagree = sel != sel64
     assert disagree.float().mean() < 0.01, "selections differ beyond near-threshold rows"
+
+
+def test_var_decode_form_ragged(backend):
+    """Lq = 3 new tokens against a cache with ragged lengths (one sequence shorter than Lq)."""
+    device, name = backend
+    q, k, v = _inputs(3, 4, 2, 3, 160, 16, device)
+    image, sinks = _image_and_sinks(3, 160, device)
+    lens = torch.tensor([160, 100, 2], dtype=torch.int32, device=device)
+    out, sel = sa.visual.var_attention(q, k, v, image, sinks, summ=0.05, cache_seqlens=lens, return_selected=True)
+    assert sa.last_backend() == name
+    ref, _ = sa.reference.var_attention(q, k, v, image, sinks, summ=0.05, cache_seqlens=lens, selected=sel)
+    base, _ = sa.reference.var_attention(q, k, v, image, sinks, summ=0.05, cache_seqlens=lens, selected=sel,
+                                         dtype=torch.float32)
+    assert_oracle("var decode", out, ref, base)
+    assert (out[2, :, 0] == 0).all()    # row 0 of the length-2 sequence sits at position -1: sees nothing
 
 
 def test_var_redistributes_mass(backend):

@@ -5,16 +5,7 @@ import pytest
 import torch
 
 import sparseattn as sa
-from utils import DEVICE, randn
-
-
-@pytest.fixture(params=["kernel", "cpu_path"])
-def backend(request, monkeypatch):
-    """'kernel': the Triton kernels (CUDA, or the interpreter on CPU); 'cpu_path': the PyTorch CPU path."""
-    if request.param == "cpu_path":
-        monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")
-        return "cpu", "cpu"
-    return DEVICE, "triton"
+from utils import randn
 
 
 def _close(name, got, ref, rows):

@@ -23,16 +23,22 @@ def _causal_keep(lq, lk, is_causal, device):
 
 
 def var_attention(q, k, v, image_mask, sink_mask, *, p=0.6, rho=0.5, summ=0.2, query_mask=None, is_causal=True,
-                  scale=None, selected: Optional[torch.Tensor] = None, dtype=torch.float64):
+                  scale=None, cache_seqlens=None, selected: Optional[torch.Tensor] = None, dtype=torch.float64):
     """VAR on the dense probabilities ``A`` (causal bottom-right): the selection
     ``portion = sum_{S_v} A / sum_{I} (A + 1e-6) <= rho`` and ``sum_I A >= summ`` (rows allowed by
     ``query_mask``, batch elements with a visual sink), then for selected rows sinks (visual and
     text) keep ``p A`` and ``(1 - p)`` of their mass goes to the non-sink image keys in proportion to
     ``A``. ``selected`` ``[B, Hq, Lq]`` overrides the selection (to test away from thresholds).
+    ``cache_seqlens``: the decode form (row i of sequence b at ``n_b - Lq + i``, keys ``< n_b``).
     Returns (out ``[B, Hq, Lq, Dv]``, selected)."""
     B, H, lq, _ = q.shape
     lk = k.shape[2]
-    A = _probabilities(q, k, _causal_keep(lq, lk, is_causal, q.device), scale, dtype)
+    keep = _causal_keep(lq, lk, is_causal, q.device)
+    if cache_seqlens is not None:
+        n = cache_seqlens.long()[:, None, None, None]
+        j = torch.arange(lk, device=q.device)
+        keep = (j <= n - lq + torch.arange(lq, device=q.device)[:, None]) & (j < n)
+    A = _probabilities(q, k, keep, scale, dtype)
     img, snk = image_mask[:, None, None, :], sink_mask[:, None, None, :]
     sv, st, ni = img & snk, snk & ~img, img & ~snk
     summation = (A * img).sum(-1)

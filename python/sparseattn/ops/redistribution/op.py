@@ -53,6 +53,23 @@ def _check_fraction(x, name: str, lo_open: bool = False) -> float:
     return float(x)
 
 
+def _decode_layout(cache_seqlens, B: int, Lq: int, Lmax: int, device) -> BlockLayout:
+    """Decode against a cache: row i of sequence b at position ``n_b - Lq + i`` sees the keys at
+    positions ``<= n_b - Lq + i`` and ``< n_b``, as position-id causal plus a key padding mask."""
+    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens: expected an int32 torch.Tensor [{B}], got "
+                        f"{getattr(cache_seqlens, 'dtype', type(cache_seqlens).__name__)}")
+    if tuple(cache_seqlens.shape) != (B,) or cache_seqlens.device != device:
+        raise ValueError(f"cache_seqlens: expected shape [{B}] on {device}, got {list(cache_seqlens.shape)} on "
+                         f"{cache_seqlens.device}")
+    if not 1 <= Lq <= 16:
+        raise ValueError(f"q: expected 1 <= Lq <= 16 query positions with cache_seqlens (decode), got {Lq}")
+    n = cache_seqlens.long()[:, None]
+    q_pos = (n - Lq + torch.arange(Lq, device=device)).to(torch.int32)
+    k_pos = torch.arange(Lmax, device=device, dtype=torch.int32).expand(B, Lmax).contiguous()
+    return BlockLayout.from_positions(q_pos, k_pos, (64, 64)).with_key_padding(k_pos < n)
+
+
 def _reweighted(q, k, v, layout, scale, key_group, factors):
     """The output pass: attention with ``log(factors)`` ``[B, H, Lq, G]`` added to each key's group."""
     bias = torch.log(factors.float()).contiguous()
@@ -61,7 +78,8 @@ def _reweighted(q, k, v, layout, scale, key_group, factors):
 
 def var_attention(q: Tensor, k: Tensor, v: Tensor, image_mask: Tensor, sink_mask: Tensor, *, p: float = 0.6,
                   rho: float = 0.5, summ: float = 0.2, query_mask: Optional[Tensor] = None, is_causal: bool = True,
-                  scale: Optional[float] = None, return_selected: bool = False):
+                  scale: Optional[float] = None, cache_seqlens: Optional[Tensor] = None,
+                  return_selected: bool = False):
     """VAR attention redistribution ("See What You Are Told", ICLR 2025), fused: no ``Lq x Lk`` tensor.
 
     For each (batch, head, query) row of the softmax ``A``: image mass ``summ_i = sum_{j in I} A_ij``,
@@ -86,6 +104,10 @@ def var_attention(q: Tensor, k: Tensor, v: Tensor, image_mask: Tensor, sink_mask
         query_mask: bool ``[B, Lq]``: rows that may be redistributed (default all).
         is_causal: causal, bottom-right aligned (queries are the last Lq positions).
         scale: score scale, default ``1 / sqrt(D)``.
+        cache_seqlens: int32 ``[B]``: the decode form, ``k``/``v`` a cache ``[B, Hkv, Lmax, D]`` of
+            which sequence b holds ``cache_seqlens[b]`` keys and the Lq (<= 16) queries are its last
+            positions (as :func:`sparseattn.decode_attention`; masks in cache positions). Built as
+            position-id causal plus a key padding mask: exact for ragged lengths, no host read.
         return_selected: also return the selection ``[B, Hq, Lq]`` bool.
 
     Returns:
@@ -110,7 +132,10 @@ def var_attention(q: Tensor, k: Tensor, v: Tensor, image_mask: Tensor, sink_mask
     if query_mask is not None:
         _check_mask(query_mask, "query_mask", (B, Lq), q.device)
     p, rho, summ = _check_fraction(p, "p"), _check_fraction(rho, "rho"), _check_fraction(summ, "summ")
-    layout = _layout(Lq, Lk, is_causal, q.device)
+    if cache_seqlens is None:
+        layout = _layout(Lq, Lk, is_causal, q.device)
+    else:
+        layout = _decode_layout(cache_seqlens, B, Lq, Lk, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     # key groups: 0 other, 1 text sink, 2 visual sink, 3 non-sink image
     group = (sink_mask & ~image_mask).int() + 2 * (sink_mask & image_mask).int() + 3 * (image_mask & ~sink_mask).int()

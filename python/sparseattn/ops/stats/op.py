@@ -32,7 +32,8 @@ def attention_stats_columns(q: Tensor, k: Tensor, lse: Tensor, weights: Tensor, 
                             mask: Optional[Tensor], bits: Optional[Tensor], scale: float, block_q: int, block_k: int,
                             causal_offset: Optional[int], window: Optional[int], sinks: int,
                             key_mask: Optional[Tensor], q_pos: Optional[Tensor], k_pos: Optional[Tensor],
-                            q_seg: Optional[Tensor], k_seg: Optional[Tensor], reduce_heads: bool) -> Tuple[Tensor, Tensor]:
+                            q_seg: Optional[Tensor], k_seg: Optional[Tensor],
+                            reduce_heads: bool) -> Tuple[Tensor, Tensor]:
     impl = _tk.attention_stats_columns if backend_for(q) == "triton" else cpu.attention_stats_columns_cpu
     return impl(q, k, lse, weights, layout, mask, bits, scale, block_q, block_k, causal_offset, window, sinks,
                 key_mask, q_pos, k_pos, q_seg, k_seg, reduce_heads)
@@ -109,7 +110,8 @@ def attention_stats(q: Tensor, k: Tensor, layout_or_pattern=None, *, is_causal: 
         query_weights: ``[B, Lq]`` or ``[B, Hq, Lq]`` float: the weights ``w`` of the column sums
             (default 1; a 0 also drops the row from the column maxima).
         key_groups: int ``[B, Lk]`` or ``[B, Hq, Lk]`` (per head) with values in
-            ``[0, num_groups)``: group of each key for ``group_mass`` (None: not computed). ``num_groups`` defaults to ``max + 1`` (a host read).
+            ``[0, num_groups)``: group of each key for ``group_mass`` (None: not computed).
+            ``num_groups`` defaults to ``max + 1`` (a host read).
         column_sum, column_max, block_sums: which statistics to compute.
         head_reduce: "none", "mean" or "sum": reduce every statistic over the query heads (column
             statistics inside the kernel, per-head maxima then reduced like the sums).
