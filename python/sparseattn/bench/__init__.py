@@ -20,6 +20,7 @@ SUITE_LIST = {
     "lightning": ("lightning", "lightning_suite"),
     "dynamic": ("dynamic", "dynamic_suite"),
     "engine": ("engine", "engine_suite"),
+    "stats": ("stats", "stats_suite"),
 }
 
 
