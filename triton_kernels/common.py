@@ -151,8 +151,8 @@ def attention_tile_fits(cfg: Dict[str, int], *, kernel: str, layout_bq: int, lay
     else:
         resident, streamed = (n, m) if kernel == "dkdv" else (m, n)
         need = elem * block_d * (2 * resident + 2 * streamed * stages) + (32 << 10)
-        if elem == 4:
-            need += 2 * elem * m * n
+        if elem == 4:  # fp32 score tiles staged for layout conversions (three with every rule on)
+            need += 3 * elem * m * n
     if kernel == "fwd":
         need += 4 * m * n  # the score tile's layout conversion for tile bitmasks
     return need <= smem

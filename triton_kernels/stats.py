@@ -204,6 +204,8 @@ def compile_specs(cc: int):
                  "CSUM": "*fp32", "CMAX": "*fp32", "KG": view_type("*i32"), "MASS": "*fp32", "TSUM": "*fp32",
                  "rules": rules_type(ptr), "lists": lists_type()}
         for d in GATE_HEAD_DIMS:
+            if tname == "fp16" and d not in (64, 128):
+                continue  # fp16 code equals bf16's but for the MMA type (as the attention kernels' gate)
             rules = RuleFlags(**{f: f not in ("paged", "softcap", "alibi", "key_bias", "bias")
                                  for f in RuleFlags._fields})
             flags = dict(HEAD_DIM=d, BLOCK_D=block_d_of(d), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, LAYOUT_BQ=128,

@@ -100,11 +100,16 @@ def test_head_dim_padding():
     check_sdpa(*_qkv(1, 2, 2, 65, 65, 72, torch.float16), is_causal=True)
 
 
+def test_value_head_dim_differs():
+    """Dv != D runs on the kernels (MLA-style), not torch's fallback."""
+    check_sdpa(*_qkv(1, 2, 2, 65, 70, 32, torch.float32, Dv=48), is_causal=True)
+
+
 @pytest.mark.parametrize("case", ["dropout", "float64", "head_dim", "value_dim", "mask_grad"])
 def test_fallbacks_to_torch(case):
     dtype = torch.float64 if case == "float64" else torch.float32
     D = 288 if case == "head_dim" else 16
-    q, k, v = _qkv(1, 2, 2, 40, 40, D, dtype, Dv=24 if case == "value_dim" else None)
+    q, k, v = _qkv(1, 2, 2, 40, 40, D, dtype, Dv=288 if case == "value_dim" else None)   # Dv > 256
     kw = {}
     if case == "dropout":
         kw["dropout_p"] = 0.5
