@@ -18,6 +18,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ..ops.common import check_inputs
 
 # ----------------------------------------------------------------------------- validation
 def _check_float(t, name: str, dims: int, what: str) -> None:
@@ -30,17 +31,10 @@ def _check_float(t, name: str, dims: int, what: str) -> None:
 
 
 def _check_qk(q, k):
-    _check_float(q, "q", 4, "[B, Hq, Lq, D]")
-    _check_float(k, "k", 4, "[B, Hkv, Lk, D]")
-    if k.device != q.device:
-        raise ValueError(f"k: expected device {q.device} (as q), got {k.device}")
-    B, Hq, Lq, D = q.shape
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k: expected shape [B={B}, Hkv, Lk, D={D}] (as q), got {tuple(k.shape)}")
-    if k.shape[1] == 0 or Hq % k.shape[1]:
-        raise ValueError(f"k: expected Hkv dividing Hq={Hq}, got Hkv={k.shape[1]}")
-    if Lq == 0 or k.shape[2] == 0:
-        raise ValueError(f"q, k: expected non-empty sequences, got Lq={Lq}, Lk={k.shape[2]}")
+    """The one input check of the attention functions (GQA), plus non-empty sequences."""
+    check_inputs(q, k, k, gqa=True, names=("q", "k", "k"))
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise ValueError(f"q, k: expected non-empty sequences, got Lq={q.shape[2]}, Lk={k.shape[2]}")
 
 
 def _check_scale(scale, D: int) -> float:
