@@ -35,8 +35,18 @@ How to extend (each behaviour written once, never a copy of the walk):
   a TILE_HOOK whose accumulators (and read-only inputs) ride in ``extra``, stored by the kernel
   after the walk. The backward bodies' ``p`` is normalised, ``exp2(s - lse)`` from the saved LSE;
   the forward's is relative to the running row maximum.
-* a reweighted P.V (attention redistribution): a forward BODY whose carry keeps one accumulator per
-  key group, combined per row after the walk.
+* a reweighted P.V (attention redistribution) whose per-row, per-key-group factors are known
+  before the output pass: the ``group_bias`` rule (``log`` of the factors added to the scores; the
+  online softmax then renormalises), as VAR and ACT do (``sparseattn/ops/redistribution``). When
+  the factors depend on the output pass itself: a forward BODY whose carry keeps one accumulator
+  per key group, combined per row after the walk.
+* a different operand addressing (paged caches): map the visited rows before the load, as the
+  ``paged`` rule does with :func:`paged_rows` and ``load_cols_at``.
+
+Rule flags: causal, window (+ sinks), mask (element mask), bias (float [Lq, Lk]), bits (tile
+bitmasks), softcap, alibi, key_bias, key_mask (key padding), positions (q_pos / k_pos as the
+coordinates of causal, window and ALiBi), segments (packed sequences), paged (forward only),
+group_bias.
 """
 from __future__ import annotations
 
