@@ -133,8 +133,8 @@ def test_softcap(backend, dtype, softcap):
     _check(q, k, v, _random_layout(2, 2, 63, 200, device), name, scale=1.0, softcap=softcap)
 
 
-@pytest.mark.parametrize("per_batch", [False, True])
-@pytest.mark.parametrize("causal,Lq,Lk", [(None, 97, 200), ("top_left", 200, 97), ("bottom_right", 97, 200)])
+@pytest.mark.parametrize("causal,Lq,Lk,per_batch", [(None, 97, 200, True), ("top_left", 200, 97, False),
+                                                     ("bottom_right", 97, 200, True)])
 def test_alibi(backend, per_batch, causal, Lq, Lk):
     """ALiBi slopes [Hq] or [B, Hq] (fp32), index-based whatever the causal alignment."""
     device, name = backend
