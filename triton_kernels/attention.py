@@ -94,6 +94,17 @@ def _fwd_tile(carry, ctx, s, dcap, k, y, offs_n, MASKED: tl.constexpr, RULES: tl
 
 
 @triton.jit
+def fwd_epilogue(carry):
+    """(output rows, natural-log LSE) from the forward BODY's carry; a row that saw no key gives 0
+    and LSE -inf."""
+    acc, l_i, m_i = carry
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    return acc / l_safe[:, None], lse
+
+
+@triton.jit
 def _sparse_attention_fwd_kernel(
         Q, K, V, O, LSE, rules, lists, H, GROUP,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -110,11 +121,8 @@ def _sparse_attention_fwd_kernel(
     carry, _ = walk(init, (), (plane(V, b, hk), rules.Lk, rules), q, offs_m, plane(K, b, hk), None, rules,
                     lists, layout_row(lists, b, h, blk), False, RULES, BLOCK_N, LAYOUT_BQ, LAYOUT_BK, HEAD_DIM, BLOCK_D,
                     HEAD_DV, BLOCK_DV, PRECISION, _fwd_tile, no_hook)
-    acc, l_i, m_i = carry
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    store_rows(plane(O, b, h), offs_m, Lq, acc / l_safe[:, None], HEAD_DV, BLOCK_DV)
+    out, lse = fwd_epilogue(carry)
+    store_rows(plane(O, b, h), offs_m, Lq, out, HEAD_DV, BLOCK_DV)
     tl.store(LSE + (b * H + h) * Lq + offs_m, lse, mask=offs_m < Lq)
 
 

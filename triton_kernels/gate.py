@@ -21,7 +21,7 @@ from typing import Dict
 from .common import INTERPRET, SMEM_LIMIT
 
 # Kernel modules that take part in the gate (each defines compile_specs(cc)).
-MODULES = ["attention", "lightning", "stats"]
+MODULES = ["attention", "lightning", "stats", "hip"]
 
 
 @dataclass

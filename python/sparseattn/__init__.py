@@ -16,6 +16,8 @@ from .ops.attention.sdpa import scaled_dot_product_attention
 from .ops.attention.varlen import varlen_attention
 from .ops.stats.op import AttentionStats, attention_stats
 from .ops.decode.op import decode_attention
+from .ops.hip.config import HiP, HiPMask
+from .ops.hip.op import HiPDecodeState, hip_attention, hip_decode, hip_mask, hip_recall
 from .ops.lightning.op import lightning_attention, lightning_attention_step, lightning_slopes
 from .patterns import BlockSparse, PerHead, PowerAttention, SlidingWindow
 from .patterns import SparseD, SparseDSchedule, TopKBlocks
@@ -28,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = ["BlockLayout", "FallbackWarning", "last_backend", "last_fallback_reason", "reference",
            "scaled_dot_product_attention", "sparse_attention", "varlen_attention"]
 __all__ += ["AttentionStats", "attention_stats"]
+__all__ += ["HiP", "HiPDecodeState", "HiPMask", "hip_attention", "hip_decode", "hip_mask", "hip_recall"]
 __all__ += ["cuda_available", "cuda_unavailable_reason", "decode_attention"]
 __all__ += ["BlockSparse", "PerHead", "PowerAttention", "SlidingWindow"]
 __all__ += ["SparseD", "SparseDSchedule", "TopKBlocks", "routing_attention", "routing_kmeans_update"]

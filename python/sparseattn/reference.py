@@ -11,6 +11,7 @@ import torch
 
 from .ops.attention.naive import attention, sparse_attention, varlen_attention
 from .ops.decode.naive import decode_attention, decode_mask
+from .ops.hip.naive import best_mass as hip_best_mass, hip_attention, hip_mask, hip_recall
 from .ops.lightning.naive import lightning_attention
 from .ops.redistribution.naive import act_attention, var_attention
 from .ops.stats.naive import attention_stats
@@ -24,6 +25,7 @@ __all__ = ["attention", "sparse_attention", "varlen_attention", "decode_attentio
            "assert_close"]
 __all__ += ["attention_stats", "act_attention", "var_attention", "visual"]
 __all__ += ["routing_attention", "sparsed_blocks", "topk_blocks"]
+__all__ += ["hip_attention", "hip_best_mass", "hip_mask", "hip_recall"]
 
 
 
