@@ -21,6 +21,7 @@ SUITE_LIST = {
     "dynamic": ("dynamic", "dynamic_suite"),
     "engine": ("engine", "engine_suite"),
     "stats": ("stats", "stats_suite"),
+    "hip": ("hip", "hip_suite"),
 }
 
 
