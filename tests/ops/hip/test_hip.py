@@ -220,3 +220,45 @@ def test_bad_input():
         sa.hip_decode(torch.randn(1, 1, 17, 16), k, v, SMALL)
     with pytest.raises(TypeError, match="cache_seqlens"):
         sa.hip_decode(q[:, :, :1], k, v, SMALL, cache_seqlens=torch.tensor([3]))
+
+
+def test_decode_several_rows_full_cache(backend):
+    """Lq = 3 rows per step against a full cache (cache_seqlens None): each step's rows are the last
+    3 positions; the refresh block is the last refresh_interval - 1 rows plus the current ones."""
+    device, _ = backend
+    hip = sa.HiP(mask_k=8, block_size_q=16, block_stride_q=2, block_size_k=2, window=8, sinks=2, refresh_interval=2)
+    g = _gen(9)
+    kc, vc = torch.randn(1, 1, 150, 16, generator=g).to(device), torch.randn(1, 1, 150, 16, generator=g).to(device)
+    q0, q1 = (torch.randn(1, 2, 3, 16, generator=g).to(device) for _ in range(2))
+    _, st = sa.hip_decode(q0, kc, vc, hip)
+    assert st.refreshed and st.recent_q.shape[2] == 1 and torch.equal(st.recent_q, q0[:, :, -1:])
+    out, st = sa.hip_decode(q1, kc, vc, hip, state=st)
+    assert not st.refreshed
+    _, st2 = sa.hip_decode(q1, kc, vc, hip, state=st)
+    assert st2.refreshed                                   # step 2 of interval 2
+    rows = torch.cat((q1[:, :, -1:], q1), 2)               # the kept row of the last step + the current rows
+    ref_mask = naive.hip_mask(rows.cpu(), kc.cpu(), hip, q_pos=query_positions(1, 4, 150, None, "cpu"))
+    assert torch.equal(st2.indices.cpu(), ref_mask.indices)
+    mask = sa.HiPMask(st.indices.cpu(), st.counts.cpu(), hip, (3, 150))
+    ref = naive.hip_attention(q1.cpu(), kc.cpu(), vc.cpu(), hip, mask)
+    base = sa.reference.attention(q1.cpu(), kc.cpu(), vc.cpu(), mask=naive.attended(mask, hip, 3, 150),
+                                  dtype=torch.float32)
+    assert_oracle("decode Lq=3", out, ref, base)
+
+
+def test_compile_fullgraph():
+    """torch.compile(fullgraph=True): the mask estimation and the attention are custom ops with fake
+    implementations (no graph break, no host read), forward and backward."""
+    torch._dynamo.reset()
+    q, k, v = _qkv(1, 2, 1, 20, 140, 16, torch.float32, "cpu", seed=10)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def f(q, k, v):
+        return sa.hip_attention(q, k, v, SMALL)
+
+    def grads(fn):
+        out = fn(q, k, v)
+        return (out, *torch.autograd.grad(out.pow(2).sum(), (q, k, v)))
+
+    for a, b in zip(grads(f), grads(torch.compile(f, fullgraph=True, backend="aot_eager"))):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
