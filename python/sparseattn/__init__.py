@@ -12,6 +12,7 @@ from ._cuda import cuda_available, cuda_unavailable_reason
 from ._dispatch import FallbackWarning, last_backend, last_fallback_reason
 from .layout import BlockLayout
 from .ops.attention.op import sparse_attention
+from .ops.attention.patch import patch_sdpa, unpatch_sdpa
 from .ops.attention.sdpa import scaled_dot_product_attention
 from .ops.attention.varlen import varlen_attention
 from .ops.stats.op import AttentionStats, attention_stats
@@ -29,7 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = ["BlockLayout", "FallbackWarning", "last_backend", "last_fallback_reason", "reference",
            "scaled_dot_product_attention", "sparse_attention", "varlen_attention"]
-__all__ += ["AttentionStats", "attention_stats"]
+__all__ += ["AttentionStats", "attention_stats", "patch_sdpa", "unpatch_sdpa"]
 __all__ += ["HiP", "HiPDecodeState", "HiPMask", "hip_attention", "hip_decode", "hip_mask", "hip_recall"]
 __all__ += ["cuda_available", "cuda_unavailable_reason", "decode_attention"]
 __all__ += ["BlockSparse", "PerHead", "PowerAttention", "SlidingWindow"]

@@ -59,7 +59,7 @@ def set_backend(name: str, reason: Optional[str] = None) -> None:
     is warned about the first time it occurs in the process."""
     _state.backend = name
     _state.reason = reason
-    if reason is not None:
+    if reason is not None and not torch.compiler.is_compiling():   # (a lock cannot be traced)
         with _lock:
             first = reason not in _reported
             _reported.add(reason)

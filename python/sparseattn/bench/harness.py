@@ -392,7 +392,15 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a few sizes only")
     ap.add_argument("--out", default="bench_out", help="folder for the JSON and Markdown results")
     ap.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    ap.add_argument("--plot", metavar="DIR", help="also write PNG plots of the results to DIR (needs matplotlib)")
     args = ap.parse_args(argv)
+    if args.plot:
+        from .plots import plot_results, require_matplotlib
+        try:
+            require_matplotlib()   # before the run, not after an hour of it
+        except ImportError as e:
+            print(f"python -m sparseattn.bench: {e}", file=sys.stderr)
+            return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         print(f"python -m sparseattn.bench: --device cuda, but torch sees no CUDA device (torch {torch.__version__}, "
@@ -419,4 +427,7 @@ def main(argv=None) -> int:
     if device == "cpu":
         print("No GPU here: the GPU kernels were not timed; the table times what a CPU user gets.")
     print(f"saved {os.path.join(args.out, stem)}.json and .md")
+    if args.plot:
+        for path in plot_results({"environment": env, "rows": rows}, args.plot, stem):
+            print(f"saved {path}")
     return 1 if any("refused" in r and r["refused"].startswith("correctness") for r in rows) else 0

@@ -21,6 +21,10 @@ from .op import run
 # Layout block of the layouts built by scaled_dot_product_attention.
 SDPA_BLOCK = (128, 128)
 
+# torch's own function, taken when sparseattn is imported: the fallbacks call it, never the name
+# ``F.scaled_dot_product_attention``, which sa.patch_sdpa() points at the drop-in (no recursion).
+TORCH_SDPA = F.scaled_dot_product_attention
+
 _dense_layouts: Dict[Tuple, BlockLayout] = {}
 
 
@@ -159,8 +163,8 @@ def _torch_sdpa(query, key, value, attn_mask, mask4, dropout_p, is_causal, scale
         attn_mask = _with_alibi(mask4, is_causal, options.alibi, B, Hq, Lq, Lk, query.dtype)
         mask4, is_causal = attn_mask, False
     _dispatch.set_backend("torch", reason)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                         is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    out = TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                     enable_gqa=enable_gqa)
     if mask4 is not None:
         empty = ~mask4.any(-1) if mask4.dtype == torch.bool else torch.isneginf(mask4).all(-1)
         out = out.masked_fill(empty[..., None], 0)
