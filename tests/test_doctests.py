@@ -16,6 +16,7 @@ Nothing is skipped silently. Examples are kept small: the Triton kernels run int
 """
 import doctest
 import importlib
+import importlib.util
 import pathlib
 import pkgutil
 import re
@@ -35,6 +36,8 @@ SKIP_MODULES = {
                                       "tests/triton_kernels/test_compile_gate.py",
     "sparseattn.bench.__main__": "importing it runs the benchmark (python -m sparseattn.bench)",
 }
+if importlib.util.find_spec("transformers") is None:   # the optional hf extra (README's test command installs it)
+    SKIP_MODULES["sparseattn.integrations.transformers"] = "needs transformers: pip install -e '.[hf]'"
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 
