@@ -13,6 +13,17 @@ One program owns one (batch, head, value tile) and walks the sequence chunk by c
 ``exp((i - j) * log lambda)``, exponents of position differences bounded by the chunk size: no
 running product of lambda ever underflows, whatever the length or slope.
 
+Precision of the state (fp16 / bf16 inputs): the state is fp32 from start to end, and its update
+``sum_j lambda^(n-1-j) k_j^T v_j`` is as accurate as an fp32 recurrence. The decayed keys
+``k_j lambda^(n-1-j)`` are fp32 values that the input dtype cannot hold, so they enter the tensor
+cores as a sum of input-dtype terms (``_decayed_kv``: two fp16 terms, three bf16 terms; the
+products with v are exact, the accumulation fp32). Rounding them to the input dtype once, as
+before, cost a relative error of ~1e-4 (fp16) to ~5e-4 (bf16) in every state: the final state,
+the ``d initial_state`` of the backward and everything LASP-2 carries across ranks. In fp16 the
+rows of the intra-chunk product ``P`` are scaled to a maximum of 1 before they are rounded to fp16
+(``ROW_SCALE``): small incoming gradients (|do| ~ 1e-5) no longer fall into fp16's subnormals in
+the dq and dk passes, and large scores cannot overflow.
+
 The backward reuses the same kernel three times (no separate backward kernels):
 
 * ``dq`` is the forward of ``(do, v, k)`` with initial state ``S0^T``;
@@ -67,18 +78,42 @@ TUNER = Tuner("lightning_attention", LIGHTNING_CONFIGS, _fits)
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
+def _decayed_kv(kd, v, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """``kd^T v`` ([Dk, BLOCK_N] fp32) for fp32 decayed keys ``kd [M, Dk]`` and ``v [M, BLOCK_N]``
+    in the input dtype, accurate to fp32: ``kd`` is split into SPLIT terms of v's dtype whose sum is
+    kd to ~24 bits, each multiplied exactly by v on the tensor cores (fp32 accumulation), smallest
+    first. SPLIT 1: fp32 inputs (one ieee dot). SPLIT 2: fp16, the residual scaled by 2^11 (exact)
+    so that it stays in fp16's normal range. SPLIT 3: bf16 (8-bit significands, fp32's range)."""
+    if SPLIT == 1:
+        return tl.dot(tl.trans(kd.to(v.dtype)), v, input_precision=PRECISION)
+    hi = kd.to(v.dtype)
+    rest = kd - hi.to(tl.float32)  # exact
+    if SPLIT == 2:
+        lo = (rest * 2048.0).to(v.dtype)
+        acc = tl.dot(tl.trans(lo), v, input_precision=PRECISION) * (1.0 / 2048.0)
+    else:
+        mid = rest.to(v.dtype)
+        lo = (rest - mid.to(tl.float32)).to(v.dtype)
+        acc = tl.dot(tl.trans(lo), v, input_precision=PRECISION)
+        acc = tl.dot(tl.trans(mid), v, acc, input_precision=PRECISION)
+    return tl.dot(tl.trans(hi), v, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _lightning_attention_fwd_kernel(
         Q, K, V, S0, O, SF, SLOPES, H, L, scale, inter_scale, kv_scale,
         DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, STORE_SF: tl.constexpr,
         REVERSE: tl.constexpr, S0_SHIFT: tl.constexpr, LOWP_STATE: tl.constexpr,
-        PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr):
+        PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr, STATE_SPLIT: tl.constexpr,
+        ROW_SCALE: tl.constexpr):
     """out_t = scale * sum_{j<=t in chunk} lambda^(t-j) (q_t.k_j) v_j
                + inter_scale * lambda^(i+1) q_t S_chunk            (i: position in the chunk)
     S_next = lambda^n S_chunk + kv_scale * sum_j lambda^(n-1-j) k_j^T v_j; S before the first
     chunk is S0 (fp32). With REVERSE, chunk position p reads row L-1-p. With S0_SHIFT, the first
     chunk's state carries one decay step less (exponents i and n-1). Q, K, V, O [B, H, L, D] and
-    S0, SF [B, H, Dk, Dv] are Views."""
+    S0, SF [B, H, Dk, Dv] are Views. STATE_SPLIT: terms of the decayed keys in the state update
+    (``_decayed_kv``); ROW_SCALE: rows of the intra-chunk P scaled to max 1 before the fp16 cast."""
     pid_v, pid_bh = tile_and_plane(DV, BLOCK_N)  # value tiles of one (batch, head) consecutive
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -120,20 +155,25 @@ def _lightning_attention_fwd_kernel(
                     other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)                              # [M, M]
         if HAS_DECAY:
-            s = s * dmat
+            s = s * dmat * scale
         else:
-            s = tl.where(causal, s, 0.0)
-        acc = tl.dot((s * scale).to(v.dtype), v, input_precision=PRECISION)                # intra-chunk
+            s = tl.where(causal, s, 0.0) * scale
+        if ROW_SCALE:  # fp16: each row of P scaled to max |P| = 1 before the cast (no subnormals)
+            row_max = tl.maximum(tl.max(tl.abs(s), 1), 1e-30)
+            acc = tl.dot((s * (1.0 / row_max)[:, None]).to(v.dtype), v, input_precision=PRECISION)
+            acc = acc * row_max[:, None]                                                   # intra-chunk
+        else:
+            acc = tl.dot(s.to(v.dtype), v, input_precision=PRECISION)                      # intra-chunk
         if HAS_DECAY:
             shift = S0_SHIFT * (1 - tl.minimum(c, 1))  # the first chunk only
             q_dec = tl.exp((offs_c + 1 - shift).to(tl.float32) * log_lam) * inter_scale
             k_dec = tl.where(valid, tl.exp(tl.maximum(n - 1 - offs_c, 0).to(tl.float32) * log_lam), 0.0)
             s_dec = tl.exp((n - shift).to(tl.float32) * log_lam)
             qd = q.to(tl.float32) * q_dec[:, None]
-            kd = (k.to(tl.float32) * k_dec[:, None]).to(k.dtype)
+            kv = _decayed_kv(k.to(tl.float32) * k_dec[:, None], v, STATE_SPLIT, PRECISION)  # fp32-exact
         else:
             qd = q.to(tl.float32) * inter_scale
-            kd = k
+            kv = tl.dot(tl.trans(k), v, input_precision=PRECISION)  # undecayed: exact products
             s_dec = 1.0
         if LOWP_STATE:  # bf16: the state enters the tensor cores in bf16 (fp32 range, as FLA)
             acc = tl.dot(qd.to(q.dtype), state.to(q.dtype), acc)
@@ -141,7 +181,7 @@ def _lightning_attention_fwd_kernel(
             acc = tl.dot(qd, state, acc, input_precision=STATE_PRECISION)
         tl.store(Op.ptr + row[:, None] * Op.sr + offs_v[None, :] * Op.sc, acc.to(Op.ptr.dtype.element_ty),
                  mask=valid[:, None] & v_ok[None, :])
-        state = state * s_dec + tl.dot(tl.trans(kd), v, input_precision=PRECISION) * kv_scale
+        state = state * s_dec + kv * kv_scale
     if STORE_SF:
         SFp = plane(SF, b, h)
         tl.store(SFp.ptr + offs_k[:, None] * SFp.sr + offs_v[None, :] * SFp.sc, state, mask=st_ok)
@@ -183,9 +223,17 @@ def _problem(dk, dv, elem, smem):
                 layout_bk=32)
 
 
+_DTYPE_FLAGS = ("PRECISION", "STATE_PRECISION", "STATE_SPLIT", "ROW_SCALE")  # follow the dtype: not in tuner keys
+
+
 def _flags(q, dk, dv):
+    """Precision flags per input dtype: the state read into the output (bf16: bf16 operands;
+    fp16: TF32; fp32: ieee), the terms of the state update (fp32-exact in every dtype) and fp16's
+    row-scaled P."""
     return dict(DK=dk, DV=dv, BLOCK_DK=block_d_of(dk), LOWP_STATE=q.dtype == torch.bfloat16,
-                PRECISION="ieee", STATE_PRECISION="tf32" if q.dtype == torch.float16 else "ieee")
+                PRECISION="ieee", STATE_PRECISION="tf32" if q.dtype == torch.float16 else "ieee",
+                STATE_SPLIT={torch.float16: 2, torch.bfloat16: 3}.get(q.dtype, 1),
+                ROW_SCALE=q.dtype == torch.float16)
 
 
 def lightning_attention_pass(q, k, v, slopes: Optional[torch.Tensor], s0: Optional[torch.Tensor],
@@ -219,7 +267,7 @@ def lightning_attention_pass(q, k, v, slopes: Optional[torch.Tensor], s0: Option
 
     prob = _problem(Dk, Dv, q.element_size(), device_smem_limit(q.device))
     key = {"dtype": str(q.dtype), "L": triton.next_power_of_2(L), "BH": B * H,
-           **{k_: v_ for k_, v_ in flags.items() if k_ not in ("PRECISION", "STATE_PRECISION")}}
+           **{k_: v_ for k_, v_ in flags.items() if k_ not in _DTYPE_FLAGS}}
     with on_device(q):
         launch(TUNER.pick(launch, **prob, **key))
     return out, sf

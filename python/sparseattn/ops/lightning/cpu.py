@@ -1,5 +1,11 @@
 """The PyTorch CPU path of Lightning attention: the same chunked algorithm and the same three-pass
-backward as the Triton kernels (``sparseattn.triton_kernels.lightning``), in PyTorch ops."""
+backward as the Triton kernels (``sparseattn.triton_kernels.lightning``), in PyTorch ops.
+
+Precision policy, shared with the kernels: the state is fp32 from the initial state (any float
+dtype, converted once) to the final one, and every term that enters it (the decayed ``k^T v`` of a
+chunk, ``lambda^n S``) is computed to fp32 accuracy whatever the inputs' dtype; only ``o`` (and
+dq, dk, dv) are rounded to the inputs' dtype, once, at the end. Here that is fp32 matmuls of the
+inputs converted to fp32; the kernels reach the same accuracy with split tensor-core operands."""
 from __future__ import annotations
 
 from typing import Optional, Tuple

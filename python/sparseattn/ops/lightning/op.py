@@ -205,12 +205,17 @@ def lightning_attention(q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor
             Dv <= 256; any strides; any L >= 1.
         slopes: ``[H]`` decay rates >= 0 (constants, e.g. :func:`lightning_slopes`); None = no decay.
         scale: default ``1 / sqrt(Dk)``.
-        initial_state: optional ``S0 [B, H, Dk, Dv]`` (any float dtype; differentiable).
+        initial_state: optional ``S0 [B, H, Dk, Dv]``, differentiable, in any float dtype
+            independent of q's (fp32 with fp16 / bf16 inputs is the usual case: a final state fed
+            back). It is read into the fp32 state (exactly; float64 is rounded to fp32); its
+            gradient is computed in fp32 and returned in its own dtype.
         output_final_state: also return ``S_L``.
 
     Returns:
         o ``[B, H, L, Dv]`` in q's dtype; with ``output_final_state`` also the final state
         ``[B, H, Dk, Dv]`` float32. Differentiable in q, k, v, initial_state and the final state.
+        The state stays fp32 through the whole walk, for fp16 and bf16 inputs too: the final
+        state (and the gradient of S0) is as accurate as an fp32 recurrence over the same inputs.
 
     Example::
 
@@ -243,7 +248,8 @@ def lightning_attention_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, slo
 
     Args:
         q, k: ``[B, H, Dk]``; v: ``[B, H, Dv]``; one dtype (float16, bfloat16, float32).
-        state: ``[B, H, Dk, Dv]``, e.g. the final state of a prefill (any float dtype).
+        state: ``[B, H, Dk, Dv]``, e.g. the fp32 final state of a prefill (any float dtype,
+            read into fp32; the update is computed in fp32 whatever q's dtype).
         slopes: ``[H]`` decay rates >= 0 or None; scale: default ``1 / sqrt(Dk)``.
 
     Returns:
