@@ -26,7 +26,6 @@ seconds; no GPU number is implied. Targets are stated, never asserted.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, Iterable, Optional
 
 import torch
