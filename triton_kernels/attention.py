@@ -23,7 +23,8 @@ import triton.language as tl
 
 from .._alloc import empty, on_device
 from .common import (GATE_DTYPES, GATE_HEAD_DIMS, Tuner, attention_tile_fits, block_d_of, device_smem_limit,
-                     load_rows, load_rows_at, load_vec, plane, program_tile, store_rows, tile_and_plane, view, view_type)
+                     load_rows, load_rows_at, load_vec, plane, program_tile, save_tile_log, store_rows,
+                     tile_and_plane, tile_log, view, view_type)
 from ..ops.common import ScoreOptions
 from .walk import (RuleFlags, layout_row, lists_of, lists_type, lse2, no_hook, paged_rows, rule_flags, rules_at,
                    rules_of, rules_type, walk)
@@ -109,9 +110,9 @@ def _sparse_attention_fwd_kernel(
         Q, K, V, O, LSE, rules, lists, H, GROUP,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
-        RULES: tl.constexpr, PRECISION: tl.constexpr):
+        RULES: tl.constexpr, PRECISION: tl.constexpr, LOG=None):
     """O and LSE [B, H, Lq] of one query tile. Q, K, V, O: Views; rules: Rules; lists: the layout's
-    Lists by query block."""
+    Lists by query block; LOG: the tile log (work accounting, ``walk.py``) or None."""
     Lq = rules.Lq
     b, h, hk, blk, offs_m = program_tile(Lq, H, GROUP, BLOCK_M, LAYOUT_BQ)
     q = load_rows(plane(Q, b, h), offs_m, Lq, True, HEAD_DIM, BLOCK_D)
@@ -120,7 +121,7 @@ def _sparse_attention_fwd_kernel(
     rules = rules_at(rules, b, h)
     carry, _ = walk(init, (), (plane(V, b, hk), rules.Lk, rules), q, offs_m, plane(K, b, hk), None, rules,
                     lists, layout_row(lists, b, h, blk), False, RULES, BLOCK_N, LAYOUT_BQ, LAYOUT_BK, HEAD_DIM, BLOCK_D,
-                    HEAD_DV, BLOCK_DV, PRECISION, _fwd_tile, no_hook)
+                    HEAD_DV, BLOCK_DV, PRECISION, _fwd_tile, no_hook, LOG, b * H + h)
     out, lse = fwd_epilogue(carry)
     store_rows(plane(O, b, h), offs_m, Lq, out, HEAD_DV, BLOCK_DV)
     tl.store(LSE + (b * H + h) * Lq + offs_m, lse, mask=offs_m < Lq)
@@ -170,7 +171,7 @@ def _sparse_attention_bwd_dkdv_kernel(
         Q, K, V, DO, DK, DV, LSE, DELTA, rules, lists, H, HKV, GROUP, sm_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
-        RULES: tl.constexpr, PRECISION: tl.constexpr):
+        RULES: tl.constexpr, PRECISION: tl.constexpr, LOG=None):
     """dK, dV of one key tile, summed over the query heads of its GQA group (no atomics). lists: the
     layout's transposed Lists, by key block."""
     Lq, Lk = rules.Lq, rules.Lk
@@ -184,7 +185,7 @@ def _sparse_attention_bwd_dkdv_kernel(
         # walk(...)[0]: `_` holds a tensor above, and a Triton loop may not rebind it to a tuple
         carry = walk(carry, (), ctx, k, offs_n, plane(Q, b, h), None, rules_at(rules, b, h), lists,
                      layout_row(lists, b, h, blk), True, RULES, BLOCK_M, LAYOUT_BQ, LAYOUT_BK, HEAD_DIM, BLOCK_D,
-                     HEAD_DV, BLOCK_DV, PRECISION, _dkdv_tile, no_hook)[0]
+                     HEAD_DV, BLOCK_DV, PRECISION, _dkdv_tile, no_hook, LOG, b * H + h)[0]
     dk, dv = carry
     store_rows(plane(DK, b, hk), offs_n, Lk, dk * sm_scale, HEAD_DIM, BLOCK_D)
     store_rows(plane(DV, b, hk), offs_n, Lk, dv, HEAD_DV, BLOCK_DV)
@@ -209,7 +210,7 @@ def _sparse_attention_bwd_dq_kernel(
         Q, K, V, DO, DQ, LSE, DELTA, rules, lists, H, GROUP, sm_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
-        RULES: tl.constexpr, PRECISION: tl.constexpr):
+        RULES: tl.constexpr, PRECISION: tl.constexpr, LOG=None):
     """dQ of one query tile (lists: the layout's Lists by query block)."""
     Lq = rules.Lq
     b, h, hk, blk, offs_m = program_tile(Lq, H, GROUP, BLOCK_M, LAYOUT_BQ)
@@ -218,7 +219,8 @@ def _sparse_attention_bwd_dq_kernel(
     ctx = (do, lse2(LSE + (b * H + h) * Lq, offs_m, Lq, True), load_vec(DELTA + (b * H + h) * Lq, offs_m, Lq, True))
     dq, _ = walk(tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), (), ctx, q, offs_m, plane(K, b, hk), plane(V, b, hk),
                  rules_at(rules, b, h), lists, layout_row(lists, b, h, blk), False, RULES, BLOCK_N, LAYOUT_BQ,
-                 LAYOUT_BK, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION, _dq_tile, no_hook)
+                 LAYOUT_BK, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION, _dq_tile, no_hook,
+                 LOG, b * H + h)
     store_rows(plane(DQ, b, h), offs_m, Lq, dq * sm_scale, HEAD_DIM, BLOCK_D)
 
 
@@ -245,6 +247,13 @@ def _key(flags, q, lk: int):
     tiles = min(triton.next_power_of_2(B * H * triton.cdiv(Lq, 128)), 4096)
     return {"dtype": str(q.dtype), "tiles": tiles, "keys": min(triton.next_power_of_2(lk), 65536),
             **{n: v for n, v in flags.items() if n not in ("LAYOUT_BQ", "LAYOUT_BK")}}
+
+
+def _log_meta(cfg, key_major: bool, layout_bq: int, layout_bk: int, B: int, H: int, Hkv: int) -> dict:
+    """What a counted launch records besides its log (``common.Launch.meta``): the kernel tiles, the
+    layout block, the walk's direction and the heads."""
+    return dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], LAYOUT_BQ=layout_bq, LAYOUT_BK=layout_bk,
+                key_major=key_major, B=B, H=H, Hkv=Hkv)
 
 
 def sparse_attention_fwd(q, k, v, layout_lists: List[torch.Tensor], mask: Optional[torch.Tensor],
@@ -279,13 +288,17 @@ def sparse_attention_fwd(q, k, v, layout_lists: List[torch.Tensor], mask: Option
     lists = lists_of(*layout_lists[:5])
     flags = _flags(mask, bias, bits, causal_offset, window, opts, layout_bq, layout_bk, D, Dv, block_table is not None)
 
-    def launch(cfg):
+    def launch(cfg, log=None):
         grid = (triton.cdiv(Lq, cfg["BLOCK_M"]) * B * H,)
         _sparse_attention_fwd_kernel[grid](view(q), *kv_views, view(out), lse, rules, lists, H, H // Hkv, **flags,
-                                           **cfg)
+                                           **cfg, LOG=log)
+        return grid[0]
 
     with on_device(q):
-        launch(FWD_TUNER.pick(launch, **problem(q, layout_bq, layout_bk, D, Dv), **_key(flags, q, Lk)))
+        cfg = FWD_TUNER.pick(launch, **problem(q, layout_bq, layout_bk, D, Dv), **_key(flags, q, Lk))
+        log = tile_log(q.device)
+        save_tile_log(log, "sparse_attention_fwd", launch(cfg, log), **_log_meta(cfg, False, layout_bq, layout_bk, B,
+                                                                                 H, Hkv))
     return out, lse
 
 
@@ -313,23 +326,29 @@ def sparse_attention_bwd(do, dlse, q, k, v, out, lse, layout_lists: List[torch.T
     prob = problem(q, layout_bq, layout_bk, D, Dv)
     qs, ks, vs, dos = view(q), view(k), view(v), view(do)
 
-    def launch_dkdv(cfg):
+    def launch_dkdv(cfg, log=None):
         grid = (triton.cdiv(Lk, cfg["BLOCK_N"]) * B * Hkv,)
         _sparse_attention_bwd_dkdv_kernel[grid](qs, ks, vs, dos, view(dk), view(dv), lse, delta, rules,
-                                                lists_of(*layout_lists[5:]), H, Hkv, H // Hkv, scale, **flags, **cfg)
+                                                lists_of(*layout_lists[5:]), H, Hkv, H // Hkv, scale, **flags, **cfg,
+                                                LOG=log)
+        return grid[0]
 
-    def launch_dq(cfg):
+    def launch_dq(cfg, log=None):
         grid = (triton.cdiv(Lq, cfg["BLOCK_M"]) * B * H,)
         _sparse_attention_bwd_dq_kernel[grid](qs, ks, vs, dos, view(dq), lse, delta, rules,
-                                              lists_of(*layout_lists[:5]), H, H // Hkv, scale, **flags, **cfg)
+                                              lists_of(*layout_lists[:5]), H, H // Hkv, scale, **flags, **cfg, LOG=log)
+        return grid[0]
 
     key = _key(flags, q, Lk)
     with on_device(q):
         _sparse_attention_bwd_preprocess_kernel[(triton.cdiv(Lq, PREPROCESS_BLOCK_M) * B * H,)](
             out, do, dlse if dlse is not None else delta, delta, H, Lq, HEAD_DIM=Dv, BLOCK_D=block_d_of(Dv),
             BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=dlse is not None)
-        launch_dkdv(DKDV_TUNER.pick(launch_dkdv, **prob, **key))
-        launch_dq(DQ_TUNER.pick(launch_dq, **prob, **key))
+        for name, launch, tuner, key_major in (("sparse_attention_bwd_dkdv", launch_dkdv, DKDV_TUNER, True),
+                                               ("sparse_attention_bwd_dq", launch_dq, DQ_TUNER, False)):
+            cfg = tuner.pick(launch, **prob, **key)
+            log = tile_log(q.device)
+            save_tile_log(log, name, launch(cfg, log), **_log_meta(cfg, key_major, layout_bq, layout_bk, B, H, Hkv))
     return dq, dk, dv
 
 
@@ -390,7 +409,7 @@ def compile_specs(cc: int):
                         if fast and variant != "all" and i == 0 and cc == 90:
                             tags["max_spill"] = SPILL_BUDGET[name]
                         yield Spec(name, kernel, signature(kernel, types),
-                                   {**flags, **tiles, **({} if name == "fwd" else {"RULES": back})},
+                                   {**flags, **tiles, **({} if name == "fwd" else {"RULES": back}), "LOG": None},
                                    cfg["num_warps"], cfg["num_stages"], tags=tags)
             yield Spec("preprocess", _sparse_attention_bwd_preprocess_kernel,
                        signature(_sparse_attention_bwd_preprocess_kernel, pre_types),

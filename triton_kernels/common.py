@@ -1,10 +1,12 @@
 """Pieces shared by the Triton kernels: interpreter detection, config choice (pinning, pruning,
-timing), the compile gate's head dims and dtypes, and small jitted helpers (program tile, strided
-tensor views, masked loads and stores). Kernels trust their inputs; every check happens in Python."""
+timing), the compile gate's head dims and dtypes, work accounting (:class:`count_tiles`, for
+tests), and small jitted helpers (program tile, strided tensor views, masked loads and stores).
+Kernels trust their inputs; every check happens in Python."""
 from __future__ import annotations
 
 import os
 from collections import namedtuple
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -156,6 +158,96 @@ def attention_tile_fits(cfg: Dict[str, int], *, kernel: str, layout_bq: int, lay
     if kernel == "fwd":
         need += 4 * m * n  # the score tile's layout conversion for tile bitmasks
     return need <= smem
+
+
+# ----------------------------------------------------------------------------- work accounting
+# The tile log of one launch (a kernel argument, ``LOG``): ``entries`` int32 [capacity, 5] and an
+# int32 counter ``count`` [1] that every logged visit bumps with an atomic add (its old value is the
+# visit's slot; visits past ``capacity`` are counted, not written). Kernels take ``LOG=None`` unless
+# counting: None is a constexpr, so every ``if LOG is not None`` block is compiled out and the
+# kernels are the uncounted ones.
+TileLog = namedtuple("TileLog", ["entries", "count", "capacity"])
+
+
+@dataclass
+class Launch:
+    """One counted launch: ``kernel`` (the launcher's kernel name, e.g. ``"sparse_attention_fwd"``),
+    ``grid`` (programs), ``meta`` (what a reader needs to predict the visits: tile sizes, layout
+    block, heads; the launcher says) and ``entries`` int64 ``[n, 5]``, one row per visited tile in
+    the order each program logged them: (program id, plane, row, start, kind). plane = ``b * Hq +
+    h``, the batch element and query head whose walk visited the tile. For the tile walk of
+    ``walk.py``: row = the row of the layout's lists walked (``layout_row``), start = the first
+    position (key, or query in a key-major walk) of the visited tile, kind = 1 for a partial tile, 0
+    for a full one. For HiP's walk: row = the key set (0 sinks, 1 window, 2 selected), start = the
+    tile's first key (sinks, window) or its offset in the gathered selected keys, kind = 1."""
+    kernel: str
+    grid: int
+    meta: Dict[str, object]
+    entries: torch.Tensor
+
+    def per_program(self) -> torch.Tensor:
+        """Visited tiles per program, int64 ``[grid]``."""
+        return torch.bincount(self.entries[:, 0], minlength=self.grid)
+
+
+@dataclass(eq=False)
+class count_tiles:
+    """Work accounting, for tests: inside ``with count_tiles() as log:`` every launch of the
+    softmax-attention kernels (block-sparse forward, dK/dV and dQ, the attention statistics, HiP's
+    forward and backward) also records which tiles each program visited; ``log.launches`` holds one
+    :class:`Launch` per launch, in order (``log.of(kernel)``: those of one kernel). Costs a host
+    read per launch; off (the default) it costs nothing: the kernels get ``LOG=None``.
+
+    ``capacity``: visits a launch may log (more raise RuntimeError naming the count).
+    """
+    capacity: int = 1 << 16
+    launches: List[Launch] = field(default_factory=list)
+
+    def __enter__(self) -> "count_tiles":
+        _COUNTING.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _COUNTING[:] = [c for c in _COUNTING if c is not self]
+
+    def of(self, kernel: str) -> List[Launch]:
+        return [launch for launch in self.launches if launch.kernel == kernel]
+
+
+_COUNTING: List[count_tiles] = []
+
+
+def tile_log(device) -> Optional[TileLog]:
+    """The LOG argument of a launch: a fresh tile log inside :class:`count_tiles`, else None."""
+    if not _COUNTING:
+        return None
+    cap = _COUNTING[-1].capacity
+    return TileLog(torch.full((cap, 5), -1, dtype=torch.int32, device=device),
+                   torch.zeros(1, dtype=torch.int32, device=device), cap)
+
+
+def save_tile_log(log: Optional[TileLog], kernel: str, grid: int, **meta) -> None:
+    """After a launch given ``log`` (:func:`tile_log`): record it in the innermost count_tiles."""
+    if log is None:
+        return
+    n = int(log.count.item())
+    if n > log.capacity:
+        raise RuntimeError(f"count_tiles: {kernel} visited {n} tiles, more than capacity={log.capacity}")
+    _COUNTING[-1].launches.append(Launch(kernel, int(grid), meta, log.entries[:n].long().cpu()))
+
+
+@triton.jit
+def log_tile(LOG, plane, row, start, kind):
+    """Append (program id, plane, row, start, kind) to the tile log (:data:`TileLog`;
+    :class:`Launch` says what the fields mean)."""
+    slot = tl.atomic_add(LOG.count, 1)
+    if slot < LOG.capacity:
+        e = LOG.entries + slot.to(tl.int64) * 5
+        tl.store(e, tl.program_id(0))
+        tl.store(e + 1, plane)
+        tl.store(e + 2, row)
+        tl.store(e + 3, start)
+        tl.store(e + 4, kind)
 
 
 @triton.jit

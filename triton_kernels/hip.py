@@ -42,8 +42,8 @@ import triton.language as tl
 
 from .._alloc import empty, on_device
 from .attention import LOG2E, _fwd_tile, fwd_epilogue
-from .common import (INTERPRET, block_d_of, load_cols_at, load_rows, load_rows_at, load_vec, plane, program_tile,
-                     store_rows, view, view_type)
+from .common import (INTERPRET, block_d_of, load_cols_at, load_rows, load_rows_at, load_vec, log_tile,
+                     plane, program_tile, save_tile_log, store_rows, tile_log, view, view_type)
 from .walk import RuleFlags, _causal, _window, lse2
 
 # HiP's rule data: lengths, window, sinks, base-2 score scale.
@@ -245,20 +245,26 @@ def _visit(carry, ctx, q, pq, rows, ok, X, Y, args, SELECTED: tl.constexpr, BODY
 @triton.jit
 def hip_walk(carry, ctx, q, pq, X, Y, args, idx, count, BLOCK_N: tl.constexpr, BK: tl.constexpr, BODY: tl.constexpr,
              RULES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-             PRECISION: tl.constexpr):
+             PRECISION: tl.constexpr, LOG=None, log_plane=0):
     """Visit HiP's three disjoint key sets for the query rows at positions ``pq`` (-1: no row):
     the sinks before the window's range, the window's range (tiles aligned to BLOCK_N), then the
-    ``count`` selected blocks of BK tokens whose token offsets start at ``idx``."""
+    ``count`` selected blocks of BK tokens whose token offsets start at ``idx``. LOG: the tile log
+    (work accounting, ``walk.py``: row = the set, 0 sinks / 1 window / 2 selected) or None;
+    log_plane: the (batch, head) plane it logs under."""
     Lk = args.Lk
     lo = tl.min(tl.where(pq >= 0, pq, 1 << 30))
     hi = tl.max(pq)
     w_lo = (tl.maximum(lo - args.window + 1, 0) // BLOCK_N) * BLOCK_N
     for n0 in range(0, tl.minimum(args.sinks, w_lo), BLOCK_N):                # sinks left of the window's range
         rows = n0 + tl.arange(0, BLOCK_N)
+        if LOG is not None:
+            log_tile(LOG, log_plane, 0, n0, 1)
         carry = _visit(carry, ctx, q, pq, rows, rows < Lk, X, Y, args, False, BODY, RULES, HEAD_DIM, BLOCK_D, HEAD_DV,
                        BLOCK_DV, PRECISION)
     for n0 in range(w_lo, hi + 1, BLOCK_N):                                   # the window (and sinks inside it)
         rows = n0 + tl.arange(0, BLOCK_N)
+        if LOG is not None:
+            log_tile(LOG, log_plane, 1, n0, 1)
         carry = _visit(carry, ctx, q, pq, rows, rows < Lk, X, Y, args, False, BODY, RULES, HEAD_DIM, BLOCK_D, HEAD_DV,
                        BLOCK_DV, PRECISION)
     n_tok = count * BK
@@ -266,6 +272,8 @@ def hip_walk(carry, ctx, q, pq, X, Y, args, idx, count, BLOCK_N: tl.constexpr, B
         v = n0 + tl.arange(0, BLOCK_N)
         listed = v < n_tok
         rows = tl.load(idx + v // BK, mask=listed, other=0) + v % BK
+        if LOG is not None:
+            log_tile(LOG, log_plane, 2, n0, 1)
         carry = _visit(carry, ctx, q, pq, rows, listed & (rows < Lk), X, Y, args, True, BODY, RULES, HEAD_DIM, BLOCK_D,
                        HEAD_DV, BLOCK_DV, PRECISION)
     return carry
@@ -283,7 +291,8 @@ def _hip_rows(QPOS, qpos_sb, IDX, CNT, b, h, H, blk, NQ, offs_m, Lq, KB: tl.cons
 def _hip_attention_fwd_kernel(Q, K, V, O, LSE, QPOS, qpos_sb, IDX, CNT, args, H, GROUP, NQ,
                               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
                               BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BQ: tl.constexpr,
-                              BK: tl.constexpr, KB: tl.constexpr, RULES: tl.constexpr, PRECISION: tl.constexpr):
+                              BK: tl.constexpr, KB: tl.constexpr, RULES: tl.constexpr, PRECISION: tl.constexpr,
+                              LOG=None):
     """O [B, H, Lq, Dv] and LSE [B, H, Lq] of one query tile (inside query block ``blk``)."""
     Lq = args.Lq
     b, h, hk, blk, offs_m = program_tile(Lq, H, GROUP, BLOCK_M, BQ)
@@ -292,7 +301,8 @@ def _hip_attention_fwd_kernel(Q, K, V, O, LSE, QPOS, qpos_sb, IDX, CNT, args, H,
     init = (tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.float32),
             tl.full([BLOCK_M], float("-inf"), dtype=tl.float32))
     carry = hip_walk(init, (plane(V, b, hk), args.Lk, args), q, pq, plane(K, b, hk), None, args, idx, count, BLOCK_N,
-                     BK, _fwd_tile, RULES, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+                     BK, _fwd_tile, RULES, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION,
+                     LOG, b * H + h)
     out, lse = fwd_epilogue(carry)
     store_rows(plane(O, b, h), offs_m, Lq, out, HEAD_DV, BLOCK_DV)
     tl.store(LSE + (b * H + h) * Lq + offs_m, lse, mask=offs_m < Lq)
@@ -326,7 +336,7 @@ def _hip_attention_bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, QPOS, qpos_sb
                               NQ, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
                               BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BQ: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, RULES: tl.constexpr,
-                              PRECISION: tl.constexpr):
+                              PRECISION: tl.constexpr, LOG=None):
     """dQ of one query tile; its share of dK / dV (fp32 DK, DV) by atomics."""
     Lq = args.Lq
     b, h, hk, blk, offs_m = program_tile(Lq, H, GROUP, BLOCK_M, BQ)
@@ -336,7 +346,8 @@ def _hip_attention_bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, QPOS, qpos_sb
     ctx = (do, lse2(LSE + (b * H + h) * Lq, offs_m, Lq, True), load_vec(DELTA + (b * H + h) * Lq, offs_m, Lq, True),
            q, plane(DK, b, hk), plane(DV, b, hk), args.Lk, sm_scale)
     dq = hip_walk(tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), ctx, q, pq, plane(K, b, hk), plane(V, b, hk), args,
-                  idx, count, BLOCK_N, BK, _hip_bwd_tile, RULES, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
+                  idx, count, BLOCK_N, BK, _hip_bwd_tile, RULES, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION,
+                  LOG, b * H + h)
     store_rows(plane(DQ, b, h), offs_m, Lq, dq * sm_scale, HEAD_DIM, BLOCK_D)
 
 
@@ -345,6 +356,12 @@ def _attn_consts(kernel: str, q, v, hip, bq: int) -> dict:
     return dict(HEAD_DIM=D, BLOCK_D=block_d_of(D), HEAD_DV=Dv, BLOCK_DV=block_d_of(Dv), BQ=bq, BK=hip.block_size_k,
                 KB=hip.k_blocks, RULES=NO_RULES, PRECISION="ieee", num_stages=2,
                 **_tiles(kernel, q.element_size(), bq, q.shape[2]))
+
+
+def _log_meta(consts, B: int, H: int, Hkv: int) -> dict:
+    """What a counted launch records besides its log (``common.Launch.meta``)."""
+    return dict(BLOCK_M=consts["BLOCK_M"], BLOCK_N=consts["BLOCK_N"], BQ=consts["BQ"], BK=consts["BK"], B=B, H=H,
+                Hkv=Hkv)
 
 
 def _qpos_sb(q_pos) -> int:
@@ -364,8 +381,10 @@ def hip_attention_fwd(q, k, v, q_pos, indices, counts, hip, scale: float, bq: in
     grid = (triton.cdiv(Lq, consts["BLOCK_M"]) * B * H,)
     if grid[0]:
         with on_device(q):
+            log = tile_log(q.device)
             _hip_attention_fwd_kernel[grid](view(q), view(k), view(v), view(out), lse, q_pos, _qpos_sb(q_pos),
-                                            indices, counts, args, H, H // Hkv, indices.shape[2], **consts)
+                                            indices, counts, args, H, H // Hkv, indices.shape[2], **consts, LOG=log)
+            save_tile_log(log, "hip_attention_fwd", grid[0], **_log_meta(consts, B, H, Hkv))
     return out, lse
 
 
@@ -386,9 +405,11 @@ def hip_attention_bwd(do, dlse, q, k, v, out, lse, q_pos, indices, counts, hip, 
     grid = (triton.cdiv(Lq, consts["BLOCK_M"]) * B * H,)
     if grid[0]:
         with on_device(q):
+            log = tile_log(q.device)
             _hip_attention_bwd_kernel[grid](view(q), view(k), view(v), view(do), view(dq), view(dk), view(dv), lse,
                                             delta, q_pos, _qpos_sb(q_pos), indices, counts, args, scale, H, H // Hkv,
-                                            indices.shape[2], **consts)
+                                            indices.shape[2], **consts, LOG=log)
+            save_tile_log(log, "hip_attention_bwd", grid[0], **_log_meta(consts, B, H, Hkv))
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -421,5 +442,5 @@ def compile_specs(cc: int):
                 tiles = _tiles(name[4:], elem, 64, 1 << 20)
                 warps, stages = tiles.pop("num_warps"), 2
                 consts = dict(HEAD_DIM=d, BLOCK_D=block_d_of(d), HEAD_DV=d, BLOCK_DV=block_d_of(d), BQ=64,
-                              BK=hip.block_size_k, KB=hip.k_blocks, RULES=NO_RULES, PRECISION="ieee", **tiles)
+                              BK=hip.block_size_k, KB=hip.k_blocks, RULES=NO_RULES, PRECISION="ieee", LOG=None, **tiles)
             yield Spec(name, kernel, signature(kernel, types), consts, warps, stages, tags=tags)

@@ -32,7 +32,8 @@ import triton.language as tl
 
 from .._alloc import empty, on_device
 from ..ops.common import ScoreOptions
-from .common import GATE_DTYPES, GATE_HEAD_DIMS, block_d_of, load_rows, plane, program_tile, view, view_type
+from .common import (GATE_DTYPES, GATE_HEAD_DIMS, block_d_of, load_rows, plane, program_tile,
+                     save_tile_log, tile_log, view, view_type)
 from .walk import RuleFlags, layout_row, lists_of, lists_type, lse2, rule_flags, rules_at, rules_of, rules_type, walk
 
 LOG2E = 1.4426950408889634
@@ -86,9 +87,10 @@ def _row_hook(extra, p, offs_m, offs_n):
 def _attention_stats_columns_kernel(
         Q, K, LSE, W, CSUM, CMAX, rules, lists, H, GROUP, HEADS_PER_PROGRAM,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, RULES: tl.constexpr, PRECISION: tl.constexpr):
+        LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, RULES: tl.constexpr, PRECISION: tl.constexpr, LOG=None):
     """Column sums and maxima of P for one key tile, over HEADS_PER_PROGRAM query heads (1: per
-    head; H: the head reduction, per-head maxima summed). Outputs [B, H / HEADS_PER_PROGRAM, Lk]."""
+    head; H: the head reduction, per-head maxima summed). Outputs [B, H / HEADS_PER_PROGRAM, Lk].
+    LOG: the tile log (work accounting, ``walk.py``) or None."""
     Lq, Lk = rules.Lq, rules.Lk
     b, hp, _, blk, offs_n = program_tile(Lk, H // HEADS_PER_PROGRAM, 1, BLOCK_N, LAYOUT_BK)
     csum = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -99,7 +101,7 @@ def _attention_stats_columns_kernel(
         extra = (csum, tl.zeros([BLOCK_N], dtype=tl.float32), plane(W, b, h), Lq)
         extra = walk((), extra, (LSE + (b * H + h) * Lq, Lq), k, offs_n, plane(Q, b, h), None, rules_at(rules, b, h),
                      lists, layout_row(lists, b, h, blk), True, RULES, BLOCK_M, LAYOUT_BQ, LAYOUT_BK, HEAD_DIM,
-                     BLOCK_D, HEAD_DIM, BLOCK_D, PRECISION, _p_keys, _column_hook)[1]
+                     BLOCK_D, HEAD_DIM, BLOCK_D, PRECISION, _p_keys, _column_hook, LOG, b * H + h)[1]
         csum = extra[0]
         cmax_total += extra[1]
     n_out = H // HEADS_PER_PROGRAM
@@ -112,7 +114,7 @@ def _attention_stats_rows_kernel(
         Q, K, LSE, KG, MASS, TSUM, rules, lists, H, GROUP, n_row_tiles, n_col_tiles,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         G_PAD: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, RULES: tl.constexpr,
-        PRECISION: tl.constexpr):
+        PRECISION: tl.constexpr, LOG=None):
     """Group masses [B, H, Lq, G_PAD] and tile sums [B, H, n_row_tiles, n_col_tiles] of one query tile."""
     Lq, Lk = rules.Lq, rules.Lk
     b, h, hk, blk, offs_m = program_tile(Lq, H, GROUP, BLOCK_M, LAYOUT_BQ)
@@ -122,7 +124,7 @@ def _attention_stats_rows_kernel(
     extra = (tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32), plane(KG, b, h), Lk, tiles, n_col_tiles)
     extra = walk((), extra, lse, q, offs_m, plane(K, b, hk), None, rules_at(rules, b, h), lists,
                  layout_row(lists, b, h, blk), False, RULES, BLOCK_N, LAYOUT_BQ, LAYOUT_BK, HEAD_DIM, BLOCK_D,
-                 HEAD_DIM, BLOCK_D, PRECISION, _p_queries, _row_hook)[1]
+                 HEAD_DIM, BLOCK_D, PRECISION, _p_queries, _row_hook, LOG, b * H + h)[1]
     offs_g = tl.arange(0, G_PAD)
     ptrs = MASS + ((b * H + h) * Lq + offs_m[:, None]).to(tl.int64) * G_PAD + offs_g[None, :]
     tl.store(ptrs, extra[0], mask=(offs_m < Lq)[:, None])
@@ -139,6 +141,12 @@ def _setup(q, k, layout_lists, mask, bits, scale, bq, bk, causal_offset, window,
                  LAYOUT_BQ=bq, LAYOUT_BK=bk, RULES=rule_flags(mask, None, bits, causal_offset, window, opts),
                  PRECISION="ieee")
     return rules, flags
+
+
+def _log_meta(flags, key_major: bool, B: int, H: int, Hkv: int) -> dict:
+    """What a counted launch records besides its log (as ``attention.py``'s)."""
+    return dict(BLOCK_M=flags["BLOCK_M"], BLOCK_N=flags["BLOCK_N"], LAYOUT_BQ=flags["LAYOUT_BQ"],
+                LAYOUT_BK=flags["LAYOUT_BK"], key_major=key_major, B=B, H=H, Hkv=Hkv)
 
 
 def attention_stats_columns(q, k, lse, weights, layout_lists: List[torch.Tensor], mask: Optional[torch.Tensor],
@@ -158,8 +166,11 @@ def attention_stats_columns(q, k, lse, weights, layout_lists: List[torch.Tensor]
              + (0, weights.stride(2)))
     grid = (triton.cdiv(Lk, flags["BLOCK_N"]) * B * (H // per),)
     with on_device(q):
+        log = tile_log(q.device)
         _attention_stats_columns_kernel[grid](view(q), view(k), lse, w, csum, cmax, rules, lists_of(*layout_lists[5:]),
-                                              H, H // Hkv, per, num_warps=NUM_WARPS, **flags)
+                                              H, H // Hkv, per, num_warps=NUM_WARPS, **flags, LOG=log)
+        save_tile_log(log, "attention_stats_columns", grid[0], **_log_meta(flags, True, B, H, Hkv),
+                      heads_per_program=per)
     return csum, cmax
 
 
@@ -187,8 +198,10 @@ def attention_stats_rows(q, k, lse, key_groups, num_groups: int, layout_lists: L
     tsum = torch.zeros(B, H, n_rt, n_ct, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(Lq, bm) * B * H,)
     with on_device(q):
+        log = tile_log(q.device)
         _attention_stats_rows_kernel[grid](view(q), view(k), lse, kg, mass, tsum, rules, lists_of(*layout_lists[:5]),
-                                           H, H // Hkv, n_rt, n_ct, G_PAD=g_pad, num_warps=NUM_WARPS, **flags)
+                                           H, H // Hkv, n_rt, n_ct, G_PAD=g_pad, num_warps=NUM_WARPS, **flags, LOG=log)
+        save_tile_log(log, "attention_stats_rows", grid[0], **_log_meta(flags, False, B, H, Hkv))
     blocks = tsum.view(B, H, nq, bq // bm, nk, bk // bn).sum((3, 5))
     return mass[..., :num_groups], blocks
 
@@ -212,6 +225,7 @@ def compile_specs(cc: int):
                          LAYOUT_BK=128, RULES=rules, PRECISION="ieee")
             tags = {"dtype": tname, "D": d}
             yield Spec("stats_columns", _attention_stats_columns_kernel,
-                       signature(_attention_stats_columns_kernel, types), flags, NUM_WARPS, 1, tags=tags)
+                       signature(_attention_stats_columns_kernel, types), {**flags, "LOG": None}, NUM_WARPS, 1,
+                       tags=tags)
             yield Spec("stats_rows", _attention_stats_rows_kernel, signature(_attention_stats_rows_kernel, types),
-                       {**flags, "G_PAD": 16}, NUM_WARPS, 1, tags=tags)
+                       {**flags, "G_PAD": 16, "LOG": None}, NUM_WARPS, 1, tags=tags)

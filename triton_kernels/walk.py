@@ -43,6 +43,18 @@ How to extend (each behaviour written once, never a copy of the walk):
 * a different operand addressing (paged caches): map the visited rows before the load, as the
   ``paged`` rule does with :func:`paged_rows` and ``load_cols_at``.
 
+Work accounting (for tests): every kernel that walks takes a last argument ``LOG``, None unless the
+launch runs inside ``common.count_tiles()``. Given a :data:`common.TileLog`, :func:`walk` logs each
+visited tile before its BODY, as (program id, ``log_plane``: the (batch, head) plane the kernel
+says it walks, lists row, first position of the tile, 1 partial / 0 full), into a buffer slot
+taken with an atomic counter (``common.log_tile``); HiP's walk logs its sink, window and gathered
+tiles the same way. None is a constexpr, so the logging is compiled out: the launches without
+counting and the kernels of the compile gate (which passes ``LOG=None``) are the uncounted code. A
+LOG argument rather than a counting TILE_HOOK: a hook sees neither the row nor the partial / full
+pass, and the statistics kernels already have theirs. The launchers record the log with the tile
+sizes they chose (``common.save_tile_log``); ``tests/triton_kernels/test_work_accounting.py``
+checks that each kernel visits exactly the kernel tiles of the blocks its layout lists, each once.
+
 Rule flags: causal, window (+ sinks), mask (element mask), bias (float [Lq, Lk]), bits (tile
 bitmasks), softcap, alibi, key_bias, key_mask (key padding), positions (q_pos / k_pos as the
 coordinates of causal, window and ALiBi), segments (packed sequences), paged (forward only),
@@ -58,7 +70,7 @@ import triton
 import triton.language as tl
 
 from ..ops.common import ScoreOptions
-from .common import View, load_cols, load_cols_at, load_vec, plane, view, view_type
+from .common import View, load_cols, load_cols_at, load_vec, log_tile, plane, view, view_type
 
 # The rules' runtime data (a kernel argument): sequence lengths (the bounds rule), the causal and
 # sliding-window parameters, the base-2 score scale and the softcap (natural units, 0 = none), the
@@ -348,12 +360,13 @@ def no_hook(extra, p, offs_own, offs):
 def walk(carry, extra, ctx, own, offs_own, X, Y, rules, lists, row, KEY_MAJOR: tl.constexpr, RULES: tl.constexpr,
          BLOCK: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, HEAD_DIM: tl.constexpr,
          BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-         BODY: tl.constexpr, TILE_HOOK: tl.constexpr):
+         BODY: tl.constexpr, TILE_HOOK: tl.constexpr, LOG=None, log_plane=0):
     """Walk the tiles listed in ``row`` of ``lists`` for the owned tile ``own`` ``[own rows, BLOCK_D]``
     at positions ``offs_own`` (module docstring). ``X`` is the Plane of the visited side's score
     operand, ``Y`` that of the second operand (or None; its head dim is HEAD_DV, the value head
-    dim), ``rules`` the plane's Rules (:func:`rules_at`), BLOCK the visited tile's size. Returns
-    (carry, extra)."""
+    dim), ``rules`` the plane's Rules (:func:`rules_at`), BLOCK the visited tile's size, ``LOG``
+    the launch's tile log (work accounting; None: compiled out) and ``log_plane`` the (batch, head)
+    plane it logs this walk under. Returns (carry, extra)."""
     if KEY_MAJOR:
         LAYOUT_B: tl.constexpr = LAYOUT_BQ
         bound = rules.Lq
@@ -370,6 +383,8 @@ def walk(carry, extra, ctx, own, offs_own, X, Y, rules, lists, row, KEY_MAJOR: t
             else:
                 bid = -1
             offs = blk * LAYOUT_B + (t % SUB) * BLOCK + tl.arange(0, BLOCK)
+            if LOG is not None:
+                log_tile(LOG, log_plane, row, blk * LAYOUT_B + (t % SUB) * BLOCK, MASKED)
             if RULES.paged:  # (query-major forward only) key rows through the block table
                 ok = offs < bound
                 rows = paged_rows(rules, offs, ok)

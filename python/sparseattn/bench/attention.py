@@ -1,16 +1,68 @@
 """The attention suite: dense, causal and block-sparse prefill, forward and forward+backward,
 against torch SDPA (each backend) and FlexAttention with the same block mask. Inputs, dense masks
 and FlexAttention block masks live in the shared input cache (:data:`.harness.INPUTS`), one size
-at a time."""
+at a time.
+
+Work floor of a sparse case (params ``listed tiles``, ``listed GFLOP``, ``listed GB``;
+:func:`layout_work`, also used by the patterns and dynamic suites): the kernels visit exactly the
+tiles the layout lists (``tests/triton_kernels/test_work_accounting.py``), so their work follows
+from the list counts, summed on the host (no kernel runs). With ``n`` listed tiles of ``bq x bk``
+over every (batch, head) plane, head dim ``D``, ``e`` bytes per element and ``R = B H Lq`` query
+rows, ``C = B H Lk`` key rows:
+
+* FLOPs (matrix products as the kernels run them, 2 per multiply-add): forward ``4 n bq bk D``
+  (Q K^T, P V); forward+backward ``18 n bq bk D`` (the forward's 2 products, dK/dV's 4: Q K^T and
+  dO V^T recomputed, P^T dO, dS^T Q, and dQ's 3: Q K^T, dO V^T, dS K). The TFLOP/s column counts
+  attended pairs instead (and 3.5x the forward for forward+backward).
+* bytes (each listed tile's operands read once per layout block, each row tensor once: the floor;
+  a kernel tile smaller than the layout block reads the tile's operands again): forward
+  ``n 2 bk D e`` (K, V) ``+ R (2 D e + 4)`` (Q read, O and LSE written); the backward adds
+  ``R (2 D e + 4)`` (delta: O, dO), ``n (2 bq D e + 8 bq) + C 4 D e`` (dK/dV: Q, dO, LSE, delta
+  per tile; K, V read, dK, dV written) and ``n 2 bk D e + R (3 D e + 8)`` (dQ: K, V per tile; Q,
+  dO, LSE, delta read, dQ written). K/V counted per query head (no GQA sharing).
+
+So a GPU row shows how far each kernel is from its own floor: ``max(listed GFLOP / matmul rate,
+listed GB / copy bandwidth)`` against ``ms``, with the run's ``bf16 matmul TFLOP/s`` and ``copy
+GB/s`` from the table's header.
+"""
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .harness import INPUTS, Case, flex_attention_fn, sdpa_backends
+
+
+def listed_tiles(layout, B: int, H: int) -> int:
+    """Tiles (partial + full) the layout lists over the ``B x H`` planes of a call (a broadcast
+    list counts once per plane it serves): host sums of the list counts."""
+    bl, hl = layout.shape
+    per = int(layout.kv_num_blocks.sum()) + int(layout.full_kv_num_blocks.sum())
+    return per * (B // bl) * (H // hl)
+
+
+def tile_work(tiles: int, block_size: Tuple[int, int], seq_lens: Tuple[int, int], B: int, H: int, D: int,
+              elem: int, bwd: bool) -> dict:
+    """The params of a sparse case's work floor (module docstring) from its listed tiles."""
+    bq, bk = block_size
+    lq, lk = seq_lens
+    rows_q, rows_k = B * H * lq, B * H * lk
+    flops = (18 if bwd else 4) * tiles * bq * bk * D
+    nbytes = tiles * 2 * bk * D * elem + rows_q * (2 * D * elem + 4)
+    if bwd:
+        nbytes += (rows_q * (2 * D * elem + 4) + tiles * (2 * bq * D * elem + 8 * bq) + rows_k * 4 * D * elem
+                   + tiles * 2 * bk * D * elem + rows_q * (3 * D * elem + 8))
+    return {"listed tiles": tiles, "listed GFLOP": float(f"{flops / 1e9:.4g}"),
+            "listed GB": float(f"{nbytes / 1e9:.4g}")}
+
+
+def layout_work(layout, B: int, H: int, D: int, dtype: torch.dtype, bwd: bool) -> dict:
+    """:func:`tile_work` of a BlockLayout for q ``[B, H, Lq, D]`` in ``dtype``."""
+    return tile_work(listed_tiles(layout, B, H), layout.block_size, layout.seq_lens, B, H, D,
+                     torch.empty((), dtype=dtype).element_size(), bwd)
 
 
 def attention_suite(device: str, quick: bool, args) -> Iterable[Case]:
@@ -123,6 +175,7 @@ def _attention_case(sa, device, dtype, B, H, L, D, pattern, direction, layout, t
         sa.reference.assert_close(f"attention {pattern}", got, ref, base)
 
     flops = 4.0 * B * H * D * pairs * (3.5 if bwd else 1.0)
+    work = {} if layout is None else layout_work(layout, B, H, D, dtype, bwd)
     return Case(op=f"attention {pattern}", params=dict(direction=direction, B=B, H=H, L=L, D=D,
-                                                       dtype=str(dtype).replace("torch.", "")),
+                                                       dtype=str(dtype).replace("torch.", ""), **work),
                 run=lambda: step(ours), anchors=anchors, flops=flops, check=check)

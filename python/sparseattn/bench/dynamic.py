@@ -17,6 +17,14 @@ GPU (bf16, B = 1, H = 16, D = 128):
 
 CPU (``--quick`` or not): tiny sizes through the PyTorch CPU path, in seconds; no GPU number is
 implied. Every case is checked against its float64 oracle at a small size before it is timed.
+
+Every attention row carries the work floor of its attention part (the estimate has its own
+"layout build" row), from list counts on the host: ``listed tiles``, ``listed GFLOP`` and ``listed
+GB`` as defined in :mod:`.attention`'s docstring (``4 n bq bk D`` FLOPs forward, ``18 n bq bk D``
+forward+backward; each listed tile's operands read once plus one pass over each row tensor). For
+TopKBlocks and SparseD, ``n`` counts the estimated layout of the case's first inputs (computed when
+the case runs); for routing, the causal cluster layout: ``H C m (m + 1) / 2`` tiles of 64 x 64 with
+``m = ceil(w / 64)``, over ``H C`` sequences of ``w`` items.
 """
 from __future__ import annotations
 
@@ -26,9 +34,11 @@ from typing import Callable, Dict, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
+from .attention import layout_work, tile_work
 from .harness import INPUTS, Case, flex_attention_fn, lazy, sdpa_backends
 
 H_GPU, D_GPU = 16, 128
+ROUTING_TILE = 64     # the layout tile of routing's cluster sequences (sparseattn/ops/routing/op.py)
 
 
 def dynamic_suite(device: str, quick: bool, args=None) -> Iterable[Case]:
@@ -147,19 +157,21 @@ def _topk_cases(device, dtype, H, L, D, directions, flex):
         anchors["attention only (same layout)"] = lambda qkv=qkv, bwd=bwd: _step(
             qkv, lambda q, k, v: sa.sparse_attention(q, k, v, layout()), bwd)
         anchors["flex attention (same block mask)"] = _flex_anchor(flex, layout, qkv, bwd, causal=True)
-        flops = lambda: 4.0 * H * D * layout().density * L * L * (3.5 if bwd else 1.0)  # noqa: E731
+        flops = lambda bwd=bwd: 4.0 * H * D * layout().density * L * L * (3.5 if bwd else 1.0)  # noqa: E731
         yield _LazyFlopsCase(op=f"{name} (estimate + attention)", params=_params(direction, H, L, D, dtype),
                              run=lambda qkv=qkv, bwd=bwd: _step(qkv, lambda q, k, v: sa.sparse_attention(q, k, v, pat),
                                                                 bwd),
-                             anchors=anchors, check=check, flops_fn=flops)
+                             anchors=anchors, check=check, flops_fn=flops,
+                             work_fn=lambda bwd=bwd: layout_work(layout(), 1, H, D, dtype, bwd))
 
 
 class _LazyFlopsCase(Case):
-    """A Case whose FLOPs depend on the estimated layout: computed when the table asks."""
+    """A Case whose FLOPs and work params depend on the estimated layout: computed when the harness
+    first reads them (when the case runs: its inputs exist then)."""
 
-    def __init__(self, *, flops_fn, **kw):
+    def __init__(self, *, flops_fn, work_fn=None, **kw):
+        self._flops_fn, self._work_fn, self._work = flops_fn, work_fn, None
         super().__init__(**kw)
-        self._flops_fn = flops_fn
 
     @property
     def flops(self):
@@ -168,6 +180,16 @@ class _LazyFlopsCase(Case):
     @flops.setter
     def flops(self, value):
         pass
+
+    @property
+    def params(self):
+        if self._work is None and self._work_fn is not None:
+            self._work = self._work_fn()
+        return {**self._params, **(self._work or {})}
+
+    @params.setter
+    def params(self, value):
+        self._params = value
 
 
 # ----------------------------------------------------------------------------- SparseD
@@ -192,7 +214,8 @@ def _sparsed_cases(device, dtype, H, L, D, flex):
     check = _check_layout_attention(lambda q, k: sa.SparseD(64, 0.3).estimate(q, k, 384), device, dtype, H, False)
     yield _LazyFlopsCase(op=f"{name} (attention on the cached layout)", params=_params("fwd", H, L, D, dtype),
                          run=lambda: _step(qkv, lambda q, k, v: sa.sparse_attention(q, k, v, layout()), False),
-                         anchors=anchors, check=check, flops_fn=lambda: 4.0 * H * D * layout().density * L * L)
+                         anchors=anchors, check=check, flops_fn=lambda: 4.0 * H * D * layout().density * L * L,
+                         work_fn=lambda: layout_work(layout(), 1, H, D, dtype, False))
 
 
 # ----------------------------------------------------------------------------- routing
@@ -218,7 +241,10 @@ def _routing_cases(device, dtype, H, L, D, directions):
         bwd = direction == "fwd+bwd"
         qkv = _inputs(device, dtype, H, L, D, bwd)
         flops = 4.0 * H * D * C * w * (w + 1) / 2 * (3.5 if bwd else 1.0)
-        yield Case(op=f"{name} (routing + attention)", params=_params(direction, H, L, D, dtype),
+        m = math.ceil(w / ROUTING_TILE)
+        work = tile_work(H * C * m * (m + 1) // 2, (ROUTING_TILE, ROUTING_TILE), (w, w), 1, H * C, D,
+                         torch.empty((), dtype=dtype).element_size(), bwd)
+        yield Case(op=f"{name} (routing + attention)", params=_params(direction, H, L, D, dtype, **work),
                    run=lambda qkv=qkv, bwd=bwd: _step(
                        qkv, lambda q, k, v: sa.routing_attention(q, None, v, mu(), w, share_qk=True), bwd),
                    anchors=_sdpa_anchors(device, qkv, bwd, causal=True), flops=flops, check=check)

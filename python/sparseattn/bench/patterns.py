@@ -9,6 +9,13 @@ Inputs and FlexAttention block masks are created when a case first runs, in the 
 cache (:data:`.harness.INPUTS`); every pattern is checked against the float64 oracle
 (``dense_mask`` at a small length) before it is timed. What each pattern attends, its density and
 how it becomes a BlockLayout: docs/patterns.md.
+
+Every pattern row carries its work floor, from the layout's list counts on the host: ``listed
+tiles`` (partial + full tiles over the B x H planes), ``listed GFLOP`` (the kernels' matrix
+products over those tiles: ``4 n bq bk D`` forward, ``18 n bq bk D`` forward+backward) and
+``listed GB`` (each listed tile's K/V, or Q/dO in dK/dV, read once, plus one pass over each row
+tensor); the formulas are :mod:`.attention`'s (its docstring). Set against the row's ms and the
+run's matmul rate and copy bandwidth, they show how far each kernel is from its own floor.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ from typing import Callable, Dict, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
+from .attention import layout_work
 from .harness import INPUTS, Case, flex_attention_fn, lazy, sdpa_backends
 
 H_GPU, D_GPU = 16, 128
@@ -166,6 +174,7 @@ def _pattern_case(name, pattern, layout, make_mod, make_pattern, device, dtype, 
 
     flops = 4.0 * B * H * D * layout().density * L * L * (3.5 if bwd else 1.0)   # lists only: small
     return Case(op=f"pattern {name}", params=dict(direction=direction, B=B, H=H, L=L, D=D,
-                                                  dtype=str(dtype).replace("torch.", "")),
+                                                  dtype=str(dtype).replace("torch.", ""),
+                                                  **layout_work(layout(), B, H, D, dtype, bwd)),
                 run=lambda: step(lambda q, k, v: sa.sparse_attention(q, k, v, layout())), anchors=anchors,
                 flops=flops, check=check)
