@@ -1,29 +1,55 @@
 """The PyTorch CPU path of sparse attention (CPU tensors when the Triton interpreter is off).
 
-Same arguments as the Triton launchers. It gathers only the listed key blocks of a chunk of query
-blocks at a time, so memory is O(listed blocks of the chunk), never O(Lq * Lk) for a sparse
-layout. Scores are computed in fp32 (fp64 for fp64 inputs). The backward recomputes each chunk's
-probabilities from the saved LSE, so memory stays bounded the same way.
+Same arguments as the Triton launchers. Memory is O(listed blocks of a chunk), never O(Lq * Lk)
+for a sparse layout, and no Python loop runs over blocks. How it runs:
 
-Score options (one place, :func:`_scores`): softcap ``c * tanh(s / c)`` first, then ALiBi
-``-slope * |i + Lk - Lq - j|``, the per-key bias and the element bias. Masks: every rule of the
-layout, rebuilt with its per-token data (key padding mask ``key_mask [B|1, Lk]``, positions
-``q_pos``/``k_pos`` as the coordinates of causal and window, segments ``q_seg``/``k_seg``), through
-``BlockLayout.element_mask`` (the rules are written once, in ``layout/predicates.py``). Values may
-have their own head dim Dv.
+* Entries. Each row of the layout's lists (one query block of one (batch, head) plane, or of
+  every batch / head the lists broadcast over) is an *entry*. :class:`_Plan` views q (and out,
+  do, lse) as ``[X, E, M, D]``: the X (batch, KV head) planes one entry covers (all of them where
+  the lists broadcast, which then share one gather index), E entries, M query rows (one query
+  block; times the query heads of a KV head where the lists broadcast over heads, so GQA heads
+  that share their keys run as one taller block). K and V are viewed as blocks
+  ``[X, P * nK, BLOCK_K, D]``; these views copy nothing when no padding or reordering is needed.
+* Kinds and groups. An entry's listed tiles are of three kinds (:meth:`_Plan.lists`): full tiles,
+  partial tiles that are exactly the causal triangle ("diagonal": the fused op's own causal rule,
+  no mask), and other partial tiles. Entries listing the same number of tiles of a kind form a
+  group; each group (in chunks that bound memory) gathers its key blocks with one ``index_select``
+  (or takes a strided view of K and V when the blocks are consecutive and move by the same step
+  from entry to entry: sliding windows, causal rows) and makes one call of torch's fused CPU
+  attention (flash, which also returns the LSE) for all its entries: full and diagonal tiles
+  with no mask, other partial tiles with a float mask ``[X|1, R, M|1, S]`` (-inf where the
+  layout's in-block rules drop a pair, plus the additive score options; full tiles get those
+  options too). An entry's kinds are merged by their LSE (:func:`merge`).
+* Backward: the same groups through torch's fused CPU attention backward, fed the saved output and
+  LSE (``P = exp(s - lse)`` with the row's whole LSE, so the kinds' gradients add up); dK and dV
+  are added back per key block with ``index_add_``.
+* Softcap (not additive), a gradient through the LSE, or a torch without the fused op: the same
+  groups through matmuls (the scores of one chunk materialised).
+
+Scores are computed in fp32 (fp64 for fp64 inputs). Score options: softcap ``c * tanh(s / c)``
+first, then ALiBi ``-slope * |i + Lk - Lq - j|``, the per-key bias, the element bias and the key
+group's bias. Masks: every rule of the layout with its per-token data (key padding mask
+``key_mask [B|1, Lk]``, positions ``q_pos``/``k_pos`` as the coordinates of causal and window,
+segments ``q_seg``/``k_seg``), through ``BlockLayout.element_mask`` (the rules are written once,
+in ``layout/predicates.py``), and the tile bitmasks. Values may have their own head dim Dv.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 
 from ..._alloc import empty
 from ...layout import BlockLayout, unpack_bits
 from ...layout.predicates import alibi_bias, softcap_scores
 
-# Elements of the gathered score tile of one chunk (~64 MB of fp32).
+# Elements of the gathered keys / values and the mask or scores of one chunk (~64 MB of fp32).
 _CHUNK_ELEMS = 1 << 24
+_NEG_INF = float("-inf")
+# The kinds of listed tiles, in the order they run (see _Plan.lists).
+_KINDS = ("full", "diagonal", "partial")
 
 
 def _layout(lists, mask, bits, bq, bk, lq, lk, causal_offset, window, sinks, key_mask, q_pos, k_pos, q_seg,
@@ -33,7 +59,407 @@ def _layout(lists, mask, bits, bq, bk, lq, lk, causal_offset, window, sinks, key
                                   key_mask=key_mask, q_seg=q_seg, k_seg=k_seg)
 
 
-def _chunks(q, dv: int, layout: BlockLayout):
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _per_bh(t: torch.Tensor, b, h):
+    """(batch, head) index into a tensor whose leading dims may be 1 (broadcast)."""
+    return (0 if t.shape[0] == 1 else b), (0 if t.shape[1] == 1 else h)
+
+
+_PROBED = {}
+
+
+def _fused_ok() -> bool:
+    """Whether this torch has the fused CPU flash attention ops taking a float mask (probed once)."""
+    if "fused" not in _PROBED:
+        try:
+            t = torch.zeros(1, 1, 2, 8)
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(t, t, t, attn_mask=t[..., :2], scale=1.0)
+            _PROBED["fused"] = True
+        except (AttributeError, RuntimeError, TypeError):
+            _PROBED["fused"] = False
+    return _PROBED["fused"]
+
+
+# ----------------------------------------------------------------------------- one chunk of a group
+def _scores(Q, K, mask, scale, softcap, causal=False):
+    """Scores [X, R, M, S] of the matmul path with the options and masks, and the softcap's
+    derivative ``1 - tanh(s / c)^2`` (None without softcap)."""
+    s = torch.matmul(Q, K.transpose(-1, -2)) * scale
+    dcap = None
+    if softcap is not None:
+        s = softcap_scores(s, softcap)
+        dcap = 1 - (s / softcap) ** 2
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), _NEG_INF)
+    return (s if mask is None else s + mask), dcap
+
+
+def _attend_impl(Q, K, V, mask, scale, softcap, causal=False):
+    """Attention of one chunk: Q [X, R, M, D], K and V [X, R, S, D], float mask [X|1, R, M|1, S]
+    or None (``causal``: key j visible to row i iff j <= i, the fused op's own rule, only with
+    M == S and no mask). Returns (O [X, R, M, D], lse [X, R, M]); a row that sees no key gives 0
+    and -inf."""
+    if softcap is None and _fused_ok():
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(Q, K, V, is_causal=causal,
+                                                                            attn_mask=mask, scale=scale)
+        if mask is not None:  # the fused op gives 0 and lse 0 on a row that sees nothing
+            lse = lse.masked_fill(torch.isneginf(mask.amax(-1)).expand(lse.shape), _NEG_INF)
+        return o, lse
+    s, _ = _scores(Q, K, mask, scale, softcap, causal)
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    p = torch.exp(s - m)
+    l = p.sum(-1, keepdim=True)
+    unseen = l == 0
+    l = torch.where(unseen, torch.ones_like(l), l)
+    return torch.matmul(p, V) / l, torch.where(unseen, torch.full_like(l, _NEG_INF), m + torch.log(l)).squeeze(-1)
+
+
+def _attend_bwd(dO, Q, K, V, O, lse, mask, scale, softcap, dlse, causal=False):
+    """(dQ, dK, dV) of one chunk from the whole output O and LSE of its rows (+inf on rows that
+    see no key, so their probabilities are 0); ``dlse`` [X, R, M] or None."""
+    if softcap is None and dlse is None and _fused_ok():
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dO, Q, K, V, O, lse, 0.0, causal, attn_mask=mask, scale=scale)
+    s, dcap = _scores(Q, K, mask, scale, softcap, causal)
+    p = torch.exp(s - lse[..., None])
+    delta = (dO * O).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse
+    ds = p * (torch.matmul(dO, V.transpose(-1, -2)) - delta[..., None])
+    if dcap is not None:  # through the softcap: d(c tanh(s / c)) / ds = 1 - tanh(s / c)^2
+        ds = ds * dcap
+    return (torch.matmul(ds, K) * scale, torch.matmul(ds.transpose(-1, -2), Q) * scale,
+            torch.matmul(p.transpose(-1, -2), dO))
+
+
+def attend(Q, K, V, mask=None, scale: float = 1.0, softcap: Optional[float] = None, causal: bool = False):
+    """Softmax attention of gathered blocks, the one compute step of the CPU paths (torch's fused
+    CPU flash attention where it applies, matmuls for softcap): Q ``[N, X, M, D]``, K and V
+    ``[N, X, S, D]`` (any strides), float mask ``[N|1, X|1, M|1, S]`` (additive, -inf = masked) or
+    None, ``causal``: key j visible to row i iff ``j <= i`` (M == S, no mask). Returns
+    ``(O [N, X, M, D], lse [N, X, M])`` in Q's dtype; a row that sees no key gives 0 and -inf."""
+    return _attend_impl(Q, K, V, mask, scale, softcap, causal)
+
+
+def merge(o0, l0, o1, l1):
+    """The whole of rows attended in two parts, each normalised by its own LSE: (out, lse)."""
+    d = torch.nan_to_num(l1 - l0, nan=0.0, posinf=float("inf"), neginf=_NEG_INF)  # both -inf: both outputs 0
+    return torch.lerp(o0, o1, torch.sigmoid(d)[..., None]), torch.logaddexp(l0, l1)
+
+
+def _step(t: torch.Tensor) -> Optional[int]:
+    """s when the 1-D integer tensor ``t`` is ``t[0] + s * i`` (s >= 0), else None."""
+    if t.numel() < 2:
+        return 0
+    d = t[1:] - t[:-1]
+    s = int(d[0])
+    return s if s >= 0 and bool((d == s).all()) else None
+
+
+def _select(t: torch.Tensor, ent: torch.Tensor) -> torch.Tensor:
+    """Entries ``ent`` (sorted) of ``t [X, E, ...]``: a view when they are evenly spaced, else a copy."""
+    step = _step(ent)
+    if step is None:
+        return t.index_select(1, ent)
+    e0 = int(ent[0])
+    return t[:, e0:e0 + step * (ent.numel() - 1) + 1:max(step, 1)]
+
+
+def _gather(kx, vx, blocks, base):
+    """Keys and values of listed key blocks: ``blocks [R, c]`` block ids of R entries, ``base [R]``
+    the first block of each entry's planes in ``kx`` / ``vx`` (``[X, P * nK, BLOCK_K, D]``).
+    Returns K, V ``[X, R, c * BLOCK_K, D]`` and the block rows read ``[R * c]``. Runs of
+    consecutive blocks that move by the same step from entry to entry (sliding windows, causal
+    rows, dense rows) are strided views of kx / vx, not copies."""
+    R, c = blocks.shape
+    rows = base[:, None] + blocks
+    step = _step(rows[:, 0])
+    if step is not None and (c == 1 or bool((rows[:, 1:] - rows[:, :-1] == 1).all())) and \
+            all(t.stride(1) == t.shape[2] * t.stride(2) for t in (kx, vx)):
+        r0 = int(rows[0, 0])
+        kk, vv = (t.as_strided((t.shape[0], R, c * t.shape[2], t.shape[3]),
+                               (t.stride(0), step * t.stride(1), t.stride(2), t.stride(3)),
+                               t.storage_offset() + r0 * t.stride(1)) for t in (kx, vx))
+        return kk, vv, rows.reshape(-1)
+    rows = rows.reshape(-1)
+    kk, vv = kx.index_select(1, rows), vx.index_select(1, rows)
+    return kk.view(kx.shape[0], R, -1, kx.shape[3]), vv.view(vx.shape[0], R, -1, vx.shape[3]), rows
+
+
+# ----------------------------------------------------------------------------- the plan of one call
+class _Plan:
+    """How the entries of a layout's lists map onto q, k, v (see the module docstring): q as
+    ``[X, E, M, D]``, k and v as ``[X, P * nK, BLOCK_K, D]`` (P: the planes an entry picks from)."""
+
+    def __init__(self, q, k, v, layout: BlockLayout, bias, options):
+        B, H, lq, D = q.shape
+        self.B, self.H, self.Hkv, self.lq, self.lk = B, H, k.shape[1], lq, k.shape[2]
+        G = self.G = H // self.Hkv
+        bq, bk = self.bq, self.bk = layout.block_size
+        self.nq, self.nk = math.ceil(lq / bq), math.ceil(self.lk / bk)
+        self.layout, self.bias, self.ct = layout, bias, _compute_dtype(q)
+        self.key_bias, self.alibi, self.softcap, self.key_group, self.group_bias = options
+        self.dp = max(D, v.shape[3])  # the fused op wants one head dim: the narrower side is zero-padded
+        bl, hl = layout.shape
+        self.per_b, self.per_h = bl > 1, hl > 1
+        self.xb, self.xh = (1 if self.per_b else B), (1 if self.per_h else self.Hkv)
+        self.X, self.M, self.E = self.xb * self.xh, bq * (1 if self.per_h else G), bl * hl * self.nq
+        # q as [B, Hkv, G, nQ, bq, C] (dims 0..5) -> [X, E, M, C]; k as [B, Hkv, nK, bk, C] -> [X, P * nK, bk, C]
+        x_dims = ([] if self.per_b else [0]) + ([] if self.per_h else [1])
+        self.perm = x_dims + ([0] if self.per_b else []) + ([1, 2] if self.per_h else []) + [3] + \
+            ([] if self.per_h else [2]) + [4, 5]
+        self.kperm = x_dims + [d for d in (0, 1) if d not in x_dims] + [2, 3, 4]
+        e = torch.arange(self.E)
+        self.r_e, h_e, b_e = e % self.nq, (e // self.nq) % hl, e // (self.nq * hl)
+        plane = torch.zeros_like(e)
+        if self.per_b:
+            plane = b_e * (self.Hkv if self.per_h else 1)
+        if self.per_h:
+            plane = plane + h_e // G
+        self.base = plane * self.nk                                     # first block of each entry's planes
+        # batch and query head of each (plane, entry, row) of a chunk, as [Xb|1, Xh|1, R|1, M|1, 1]
+        i = torch.arange(self.M)
+        self.row_in = (i % bq).view(1, 1, 1, -1, 1)
+        self.b_of = (lambda ent: b_e[ent].view(1, 1, -1, 1, 1)) if self.per_b else \
+            (lambda ent: torch.arange(B).view(-1, 1, 1, 1, 1))
+        self.h_of = (lambda ent: h_e[ent].view(1, 1, -1, 1, 1)) if self.per_h else \
+            (lambda ent: torch.arange(self.Hkv).view(1, -1, 1, 1, 1) * G + (i // bq).view(1, 1, 1, -1, 1))
+
+    def _sizes(self, c: int):
+        return [self.B, self.Hkv, self.G, self.nq, self.bq, c]
+
+    def to_x(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, H, Lq, C] -> [X, E, M, dp] in the compute dtype (rows padded to whole blocks, C to dp;
+        a view where nothing needs a copy)."""
+        t = t.to(self.ct)
+        pads = (0, self.dp - t.shape[3], 0, self.nq * self.bq - self.lq)
+        if any(pads):
+            t = F.pad(t, pads)
+        return t.reshape(self._sizes(self.dp)).permute(self.perm).reshape(self.X, self.E, self.M, self.dp)
+
+    def from_x(self, t: torch.Tensor, c: int) -> torch.Tensor:
+        """Inverse of :meth:`to_x`: [X, E, M, C] -> [B, H, Lq, c]."""
+        t = t.reshape([self._sizes(t.shape[3])[d] for d in self.perm]).permute([self.perm.index(d) for d in range(6)])
+        return t.reshape(self.B, self.H, self.nq * self.bq, -1)[:, :, :self.lq, :c]
+
+    def x_view(self, t: torch.Tensor) -> Optional[torch.Tensor]:
+        """A [X, E, M, C] view writing into the output ``t`` [B, H, Lq, C], or None (rows to pad,
+        another dtype, or an order a view cannot give)."""
+        if t.dtype != self.ct or self.lq != self.nq * self.bq:
+            return None
+        try:
+            return t.view(self._sizes(t.shape[3])).permute(self.perm).view(self.X, self.E, self.M, t.shape[3])
+        except RuntimeError:
+            return None
+
+    def keys(self, t: torch.Tensor) -> torch.Tensor:
+        """K or V [B, Hkv, Lk, C] -> [X, P * nK, bk, dp] in the compute dtype (zero-padded)."""
+        t = t.to(self.ct)
+        pads = (0, self.dp - t.shape[3], 0, self.nk * self.bk - self.lk)
+        if any(pads):
+            t = F.pad(t, pads)
+        t = t.reshape(self.B, self.Hkv, self.nk, self.bk, self.dp).permute(self.kperm)
+        return t.reshape(self.X, -1, self.bk, self.dp)
+
+    def from_keys(self, t: torch.Tensor, c: int) -> torch.Tensor:
+        """Inverse of :meth:`keys`: -> [B, Hkv, Lk, c]."""
+        sizes = [self.B, self.Hkv, self.nk, self.bk, self.dp]
+        t = t.reshape([sizes[d] for d in self.kperm]).permute([self.kperm.index(d) for d in range(5)])
+        return t.reshape(self.B, self.Hkv, self.nk * self.bk, self.dp)[:, :, :self.lk, :c]
+
+    def _diagonal_ok(self) -> bool:
+        """Whether partial tiles on the causal diagonal can run as the fused op's own causal rule:
+        square tiles, plain causal (window >= BLOCK_Q, no positions, segments, key or element
+        masks), no additive score option, no softcap."""
+        lay = self.layout
+        return (_fused_ok() and self.softcap is None and self.bq == self.bk and self.M == self.bq and
+                lay.causal_offset is not None and (lay.window is None or lay.window >= self.bq) and
+                all(t is None for t in (lay.q_pos, lay.q_seg, lay.key_mask, lay.mask, self.alibi, self.key_bias,
+                                        self.bias, self.group_bias)))
+
+    def lists(self, kind: str):
+        """(count [E], block ids [E, W], bit ids [E, W] or None) of one kind of key blocks:
+        ``"full"``; ``"diagonal"`` (partial tiles that are exactly the causal triangle, at most one per
+        entry); ``"partial"`` (the other partial tiles)."""
+        lay, E = self.layout, self.E
+        if kind == "full":
+            return lay.full_kv_num_blocks.reshape(-1).long(), lay.full_kv_indices.reshape(E, -1).long(), None
+        num, idx = lay.kv_num_blocks.reshape(-1).long(), lay.kv_indices.reshape(E, -1).long()
+        ids = None if lay.bits is None else lay.kv_bit_ids.reshape(E, -1)
+        diag = None
+        if self._diagonal_ok():
+            r = self.r_e[:, None]
+            diag = ((torch.arange(idx.shape[1]) < num[:, None]) & (r * self.bq + lay.causal_offset == idx * self.bk) &
+                    ((r + 1) * self.bq <= self.lq) & ((idx + 1) * self.bk <= self.lk))
+            if ids is not None:
+                diag = diag & (ids < 0)
+            if not bool(diag.any()):
+                diag = None
+        if kind == "diagonal":
+            if diag is None:
+                return torch.zeros(E, dtype=torch.long), idx[:, :1], None
+            return diag.sum(1), idx.gather(1, diag.to(torch.uint8).argmax(1, keepdim=True)), None
+        if diag is not None:  # the other partial tiles first, in their order
+            order = torch.argsort(diag.to(torch.uint8), dim=1, stable=True)
+            num, idx = num - diag.sum(1), idx.gather(1, order)
+            ids = None if ids is None else ids.gather(1, order)
+        return num, idx, ids
+
+    def groups(self, kind: str):
+        """Chunks (entries [R], block ids [R, c], bit ids [R, c] or None) of the entries listing the
+        same number c > 0 of key blocks of one kind (:meth:`lists`); each count in a few chunks."""
+        num, idx, ids = self.lists(kind)
+        order = torch.argsort(num, stable=True)
+        start = 0
+        for c, n in enumerate(torch.bincount(num).tolist()):
+            ent, start = order[start:start + n], start + n
+            if c == 0 or n == 0:
+                continue
+            rows = max(1, _CHUNK_ELEMS // (self.X * c * self.bk * (2 * self.dp + self.M)))
+            for r0 in range(0, n, rows):
+                e = ent[r0:r0 + rows]
+                yield e, idx[e, :c], None if ids is None else ids[e, :c]
+
+    def mask(self, ent, blocks, bit_ids, kind: str) -> Optional[torch.Tensor]:
+        """Float mask [X|1, R, M|1, S] of a chunk: the additive score options, and -inf where the
+        in-block rules drop a pair (partial tiles); None for full tiles without options and for
+        diagonal tiles (the fused op's causal rule)."""
+        lay, ct, bk = self.layout, self.ct, self.bk
+        partial = kind == "partial"
+        if kind == "diagonal":
+            return None
+        if not partial and all(t is None for t in (self.alibi, self.key_bias, self.bias, self.group_bias)):
+            return None
+        R, c = blocks.shape
+        cols = (blocks[:, :, None] * bk + torch.arange(bk)).view(1, 1, R, 1, c * bk)
+        rows = (self.r_e[ent] * self.bq).view(1, 1, R, 1, 1) + self.row_in
+        b, h = self.b_of(ent), self.h_of(ent)
+        rc, cc = rows.clamp(max=self.lq - 1), cols.clamp(max=self.lk - 1)
+        m = torch.zeros((), dtype=ct)
+        if self.alibi is not None:
+            m = m + alibi_bias(self.alibi[_per_bh(self.alibi, b, h)].to(ct), lay.alibi_distance(rows, cols, b))
+        if self.key_bias is not None:
+            m = m + self.key_bias[(*_per_bh(self.key_bias, b, h), cc)].to(ct)
+        if self.bias is not None:
+            m = m + self.bias[(*_per_bh(self.bias, b, h), rc, cc)].to(ct)
+        if self.group_bias is not None:  # the row's bias of the key's group
+            g = self.key_group[(*_per_bh(self.key_group, b, h), cc)].long()
+            m = m + self.group_bias[(*_per_bh(self.group_bias, b, h), rc, g)].to(ct)
+        if partial:
+            keep = lay.element_mask(rows, cols, b, h)
+            if lay.bits is not None:
+                ids = bit_ids[:, :, None].expand(R, c, bk).reshape(1, 1, R, 1, c * bk)
+                keep = keep & unpack_bits(lay.bits, ids, self.row_in, cols % bk)
+            m = torch.where(keep, m, torch.full((), _NEG_INF, dtype=ct))
+        if m.shape[0] == 1 and m.shape[1] == 1:      # the same for every plane: the fused op broadcasts it
+            return m[0]
+        return m.expand(self.xb, self.xh, *m.shape[2:]).reshape(self.X, *m.shape[2:])
+
+
+# ----------------------------------------------------------------------------- forward and backward
+def sparse_attention_fwd_cpu(q, k, v, lists: List[torch.Tensor], mask: Optional[torch.Tensor],
+                             bias: Optional[torch.Tensor], bits: Optional[torch.Tensor], scale: float,
+                             layout_bq: int, layout_bk: int, causal_offset: Optional[int], window: Optional[int],
+                             sinks: int, key_mask: Optional[torch.Tensor] = None,
+                             key_bias: Optional[torch.Tensor] = None, alibi: Optional[torch.Tensor] = None,
+                             q_pos: Optional[torch.Tensor] = None, k_pos: Optional[torch.Tensor] = None,
+                             softcap: Optional[float] = None, q_seg: Optional[torch.Tensor] = None,
+                             k_seg: Optional[torch.Tensor] = None, key_group: Optional[torch.Tensor] = None,
+                             group_bias: Optional[torch.Tensor] = None):
+    return _fwd(q, k, v, lists, mask, bias, bits, scale, layout_bq, layout_bk, causal_offset, window, sinks,
+                key_mask, key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg, key_group, group_bias)
+
+
+def _fwd(q, k, v, lists, mask, bias, bits, scale, layout_bq, layout_bk, causal_offset, window, sinks, key_mask,
+         key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg, key_group, group_bias):
+    B, H, lq, _ = q.shape
+    Dv = v.shape[3]
+    layout = _layout(lists, mask, bits, layout_bq, layout_bk, lq, k.shape[2], causal_offset, window, sinks, key_mask,
+                     q_pos, k_pos, q_seg, k_seg)
+    plan = _Plan(q, k, v, layout, bias, (key_bias, alibi, softcap, key_group, group_bias))
+    qx, kx, vx = plan.to_x(q), plan.keys(k), plan.keys(v)
+    out = empty(B, H, lq, Dv, dtype=q.dtype, device=q.device)
+    lse = empty(B, H, lq, dtype=torch.float32, device=q.device)
+    # write into out and lse where they can be viewed as [X, E, M, C], else into buffers copied at the end
+    ox, lx = plan.x_view(out), plan.x_view(lse[..., None])
+    o_buf, l_buf = ox is None, lx is None
+    if o_buf:
+        ox = torch.empty(plan.X, plan.E, plan.M, Dv, dtype=plan.ct)
+    if l_buf:
+        lx = torch.empty(plan.X, plan.E, plan.M, 1, dtype=plan.ct)
+    lx = lx[..., 0]
+    # entries without full blocks start from 0 / -inf (their partial blocks, if any, merge in)
+    none = (plan.lists("full")[0] == 0).nonzero()[:, 0]
+    if none.numel():
+        ox.index_fill_(1, none, 0.0)
+        lx.index_fill_(1, none, _NEG_INF)
+    for kind in _KINDS:
+        for ent, blocks, ids in plan.groups(kind):
+            kk, vv, _ = _gather(kx, vx, blocks, plan.base[ent])
+            o, l = attend(_select(qx, ent), kk, vv, plan.mask(ent, blocks, ids, kind), scale, softcap,
+                           kind == "diagonal")
+            o, l = o[..., :Dv].to(ox.dtype), l.to(lx.dtype)
+            if kind != "full":
+                o, l = merge(_select(ox, ent), _select(lx, ent), o, l)
+            ox.index_copy_(1, ent, o)
+            lx.index_copy_(1, ent, l)
+    if o_buf:
+        out.copy_(plan.from_x(ox, Dv))
+    if l_buf:
+        lse.copy_(plan.from_x(lx[..., None], 1)[..., 0])
+    return out, lse
+
+
+def sparse_attention_bwd_cpu(do, dlse, q, k, v, out, lse, lists: List[torch.Tensor],
+                             mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: Optional[torch.Tensor],
+                             scale: float, layout_bq: int, layout_bk: int, causal_offset: Optional[int],
+                             window: Optional[int], sinks: int, key_mask: Optional[torch.Tensor] = None,
+                             key_bias: Optional[torch.Tensor] = None, alibi: Optional[torch.Tensor] = None,
+                             q_pos: Optional[torch.Tensor] = None, k_pos: Optional[torch.Tensor] = None,
+                             softcap: Optional[float] = None, q_seg: Optional[torch.Tensor] = None,
+                             k_seg: Optional[torch.Tensor] = None, key_group: Optional[torch.Tensor] = None,
+                             group_bias: Optional[torch.Tensor] = None):
+    return _bwd(do, dlse, q, k, v, out, lse, lists, mask, bias, bits, scale, layout_bq, layout_bk, causal_offset,
+                window, sinks, key_mask, key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg, key_group,
+                group_bias)
+
+
+def _bwd(do, dlse, q, k, v, out, lse, lists, mask, bias, bits, scale, layout_bq, layout_bk, causal_offset, window,
+         sinks, key_mask, key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg, key_group, group_bias):
+    B, H, lq, D = q.shape
+    lk, Dv = k.shape[2], v.shape[3]
+    layout = _layout(lists, mask, bits, layout_bq, layout_bk, lq, lk, causal_offset, window, sinks, key_mask, q_pos,
+                     k_pos, q_seg, k_seg)
+    plan = _Plan(q, k, v, layout, bias, (key_bias, alibi, softcap, key_group, group_bias))
+    qx, dox, outx = plan.to_x(q), plan.to_x(do), plan.to_x(out)
+    # rows that see no key: +inf, so that exp(s - lse) is 0 there
+    lse2 = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+    lx = plan.to_x(lse2[..., None])[..., 0]
+    dlx = None
+    if dlse is not None and bool(dlse.any()):
+        dlx = plan.to_x(dlse[..., None])[..., 0]
+    kx, vx = plan.keys(k), plan.keys(v)
+    dqx, dkx, dvx = torch.zeros_like(qx), torch.zeros_like(kx), torch.zeros_like(vx)
+    for kind in _KINDS:
+        for ent, blocks, ids in plan.groups(kind):
+            kk, vv, rows = _gather(kx, vx, blocks, plan.base[ent])
+            sel = (lambda t: None if t is None else _select(t, ent))  # noqa: E731
+            dq, dk, dv = _attend_bwd(sel(dox), sel(qx), kk, vv, sel(outx), sel(lx), plan.mask(ent, blocks, ids, kind),
+                                     scale, softcap, sel(dlx), kind == "diagonal")
+            dqx.index_add_(1, ent, dq.to(plan.ct))
+            dkx.index_add_(1, rows, dk.to(plan.ct).reshape(plan.X, -1, plan.bk, plan.dp))
+            dvx.index_add_(1, rows, dv.to(plan.ct).reshape(plan.X, -1, plan.bk, plan.dp))
+    # contiguous, as the op's fake registration says
+    return (plan.from_x(dqx, D).to(q.dtype).contiguous(), plan.from_keys(dkx, D).to(k.dtype).contiguous(),
+            plan.from_keys(dvx, Dv).to(v.dtype).contiguous())
+
+
+# ----------------------------------------------------------------------------- probabilities (statistics)
+def _chunks(q, layout: BlockLayout):
     """Yield (r0, r1, key-token index [B, H, R, S], token valid [B, H, R, S], tile bitmask id of
     each token [B, H, R, S]) per chunk of query blocks."""
     B, H, lq, d = q.shape
@@ -48,8 +474,7 @@ def _chunks(q, dv: int, layout: BlockLayout):
     ids = torch.cat([kvb, torch.full_like(fkvi, -1)], -1)
     nq, w = idx.shape[-2], idx.shape[-1]
     idx, valid, ids = (t.expand(B, H, nq, w) for t in (idx, valid, ids))
-    per_row = B * H * w * bk * (bq + d + dv)
-    rows = max(1, _CHUNK_ELEMS // max(1, per_row))
+    rows = max(1, _CHUNK_ELEMS // max(1, B * H * w * bk * (bq + d)))
     ar = torch.arange(bk)
 
     def tokens(t, r0, r1):
@@ -60,55 +485,6 @@ def _chunks(q, dv: int, layout: BlockLayout):
         yield r0, r1, (idx[:, :, r0:r1, :, None] * bk + ar).flatten(-2), tokens(valid, r0, r1), tokens(ids, r0, r1)
 
 
-def _gather(k, v, tok, group):
-    """Keys and values of the listed tokens: [B, H, R, S, D] each, plus the index used."""
-    B, H = tok.shape[:2]
-    index = (torch.arange(B)[:, None, None, None], torch.arange(H)[None, :, None, None] // group,
-             tok.clamp(max=k.shape[2] - 1))
-    return k[index], v[index], index
-
-
-def _per_bh(t: torch.Tensor, b5: torch.Tensor, h5: torch.Tensor):
-    """(batch, head) index into a tensor whose leading dims may be 1 (broadcast)."""
-    return (0 if t.shape[0] == 1 else b5), (0 if t.shape[1] == 1 else h5)
-
-
-def _scores(qc, kk, tok, ok, ids, layout, bias, scale, r0, key_bias=None, alibi=None, softcap=None, key_group=None,
-            group_bias=None):
-    """Scores of query blocks [r0, r0 + R) (qc [B, H, R, bq, D]) against the gathered keys, with
-    the score options and the layout's masks applied: ([B, H, R, bq, S], -inf where not attended; and the
-    softcap's derivative ``1 - tanh(s / c)^2`` of the same shape, or None without softcap)."""
-    B, H, R, bq, _ = qc.shape
-    lq, lk = layout.seq_lens
-    s = torch.einsum("bhrqd,bhrsd->bhrqs", qc, kk) * scale
-    rows = ((r0 + torch.arange(R))[:, None] * bq + torch.arange(bq))[None, None, :, :, None]   # [1,1,R,bq,1]
-    cols = tok[:, :, :, None, :]                                                                # [B,H,R,1,S]
-    b5 = torch.arange(B)[:, None, None, None, None]
-    h5 = torch.arange(H)[None, :, None, None, None]
-    rc, cc = rows.clamp(max=lq - 1), cols.clamp(max=lk - 1)
-    dcap = None
-    if softcap is not None:
-        s = softcap_scores(s, softcap)
-        dcap = 1 - (s / softcap) ** 2
-    if alibi is not None:
-        s = s + alibi_bias(alibi[_per_bh(alibi, b5, h5)].to(s.dtype), layout.alibi_distance(rows, cols, b5))
-    if key_bias is not None:
-        s = s + key_bias[(*_per_bh(key_bias, b5, h5), cc)].to(s.dtype)
-    if bias is not None:
-        s = s + bias[(*_per_bh(bias, b5, h5), rc, cc)].to(s.dtype)
-    if group_bias is not None:  # the row's bias of the key's group
-        g = key_group[(*_per_bh(key_group, b5, h5), cc)].long()
-        s = s + group_bias[b5, h5, rc, g].to(s.dtype)
-    keep = ok[:, :, :, None, :] & layout.element_mask(rows, cols, b5, h5)
-    if layout.bits is not None:
-        keep = keep & unpack_bits(layout.bits, ids[:, :, :, None, :], torch.arange(bq)[:, None], cols % layout.block_size[1])
-    return s.masked_fill(~keep, float("-inf")), dcap
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _rows(t: torch.Tensor, r0: int, r1: int, bq: int) -> torch.Tensor:
     """Rows of query blocks [r0, r1) of a [B, H, Lq, ...] tensor, zero-padded to whole blocks."""
     part = t[:, :, r0 * bq:r1 * bq]
@@ -116,82 +492,6 @@ def _rows(t: torch.Tensor, r0: int, r1: int, bq: int) -> torch.Tensor:
     if pad:
         part = torch.cat([part, part.new_zeros(*part.shape[:2], pad, *part.shape[3:])], 2)
     return part.reshape(*part.shape[:2], r1 - r0, bq, *part.shape[3:])
-
-
-def sparse_attention_fwd_cpu(q, k, v, lists: List[torch.Tensor], mask: Optional[torch.Tensor],
-                             bias: Optional[torch.Tensor], bits: Optional[torch.Tensor], scale: float,
-                             layout_bq: int, layout_bk: int, causal_offset: Optional[int], window: Optional[int],
-                             sinks: int, key_mask: Optional[torch.Tensor] = None,
-                             key_bias: Optional[torch.Tensor] = None, alibi: Optional[torch.Tensor] = None,
-                             q_pos: Optional[torch.Tensor] = None, k_pos: Optional[torch.Tensor] = None,
-                             softcap: Optional[float] = None, q_seg: Optional[torch.Tensor] = None,
-                             k_seg: Optional[torch.Tensor] = None, key_group: Optional[torch.Tensor] = None,
-                             group_bias: Optional[torch.Tensor] = None):
-    B, H, lq, d = q.shape
-    lk = k.shape[2]
-    ct = _compute_dtype(q)
-    layout = _layout(lists, mask, bits, layout_bq, layout_bk, lq, lk, causal_offset, window, sinks, key_mask, q_pos,
-                     k_pos, q_seg, k_seg)
-    out = empty(B, H, lq, v.shape[3], dtype=q.dtype, device=q.device)
-    lse = empty(B, H, lq, dtype=torch.float32, device=q.device)
-    kf, vf = k.to(ct), v.to(ct)
-    options = (key_bias, alibi, softcap, key_group, group_bias)
-    for r0, r1, tok, ok, ids in _chunks(q, v.shape[3], layout):
-        kk, vv, _ = _gather(kf, vf, tok, H // k.shape[1])
-        s, _ = _scores(_rows(q, r0, r1, layout_bq).to(ct), kk, tok, ok, ids, layout, bias, scale, r0, *options)
-        m = s.amax(-1, keepdim=True)
-        m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-        p = torch.exp(s - m)
-        l = p.sum(-1, keepdim=True)
-        unseen = l == 0  # rows with no visible key
-        l_safe = torch.where(unseen, torch.ones_like(l), l)
-        o_c = torch.einsum("bhrqs,bhrsd->bhrqd", p / l_safe, vv)
-        l_c = torch.where(unseen, torch.full_like(l, float("-inf")), m + torch.log(l_safe)).squeeze(-1)
-        n = min(lq, r1 * layout_bq) - r0 * layout_bq
-        out[:, :, r0 * layout_bq:r1 * layout_bq] = o_c.flatten(2, 3)[:, :, :n].to(q.dtype)
-        lse[:, :, r0 * layout_bq:r1 * layout_bq] = l_c.flatten(2, 3)[:, :, :n].float()
-    return out, lse
-
-
-def sparse_attention_bwd_cpu(do, dlse, q, k, v, out, lse, lists: List[torch.Tensor],
-                             mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: Optional[torch.Tensor],
-                             scale: float, layout_bq: int, layout_bk: int, causal_offset: Optional[int],
-                             window: Optional[int], sinks: int, key_mask: Optional[torch.Tensor] = None,
-                             key_bias: Optional[torch.Tensor] = None, alibi: Optional[torch.Tensor] = None,
-                             q_pos: Optional[torch.Tensor] = None, k_pos: Optional[torch.Tensor] = None,
-                             softcap: Optional[float] = None, q_seg: Optional[torch.Tensor] = None,
-                             k_seg: Optional[torch.Tensor] = None, key_group: Optional[torch.Tensor] = None,
-                             group_bias: Optional[torch.Tensor] = None):
-    B, H, lq, d = q.shape
-    lk = k.shape[2]
-    ct = _compute_dtype(q)
-    layout = _layout(lists, mask, bits, layout_bq, layout_bk, lq, lk, causal_offset, window, sinks, key_mask, q_pos,
-                     k_pos, q_seg, k_seg)
-    kf, vf = k.to(ct), v.to(ct)
-    dq = torch.zeros(B, H, lq, d, dtype=ct)
-    dk = torch.zeros(k.shape, dtype=ct)
-    dv = torch.zeros(v.shape, dtype=ct)
-    delta = (do.to(ct) * out.to(ct)).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.to(ct)
-    lse2 = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).to(ct)
-    options = (key_bias, alibi, softcap, key_group, group_bias)
-    for r0, r1, tok, ok, ids in _chunks(q, v.shape[3], layout):
-        kk, vv, index = _gather(kf, vf, tok, H // k.shape[1])
-        qc = _rows(q, r0, r1, layout_bq).to(ct)
-        doc = _rows(do, r0, r1, layout_bq).to(ct)
-        s, dcap = _scores(qc, kk, tok, ok, ids, layout, bias, scale, r0, *options)
-        p = torch.exp(s - _rows(lse2, r0, r1, layout_bq)[..., None])
-        dp = torch.einsum("bhrqd,bhrsd->bhrqs", doc, vv)
-        ds = p * (dp - _rows(delta, r0, r1, layout_bq)[..., None])
-        if dcap is not None:  # through the softcap: d(c tanh(s / c)) / ds = 1 - tanh(s / c)^2
-            ds = ds * dcap
-        n = min(lq, r1 * layout_bq) - r0 * layout_bq
-        dq[:, :, r0 * layout_bq:r1 * layout_bq] = (torch.einsum("bhrqs,bhrsd->bhrqd", ds, kk) * scale).flatten(2, 3)[:, :, :n]
-        # Scatter the gathered key/value gradients back (padding tokens carry exact zeros).
-        dk.index_put_(index, torch.einsum("bhrqs,bhrqd->bhrsd", ds, qc) * scale, accumulate=True)
-        dv.index_put_(index, torch.einsum("bhrqs,bhrqd->bhrsd", p, doc), accumulate=True)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def probabilities(q, k, lse, lists: List[torch.Tensor], mask: Optional[torch.Tensor], bits: Optional[torch.Tensor],
@@ -208,7 +508,16 @@ def probabilities(q, k, lse, lists: List[torch.Tensor], mask: Optional[torch.Ten
                      k_pos, q_seg, k_seg)
     kf = k.to(ct)
     lse2 = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).to(ct)
-    for r0, r1, tok, ok, ids in _chunks(q, 0, layout):
-        kk, _, _ = _gather(kf, kf[..., :0], tok, H // k.shape[1])
-        s, _ = _scores(_rows(q, r0, r1, layout_bq).to(ct), kk, tok, ok, ids, layout, None, scale, r0)
+    b5 = torch.arange(B)[:, None, None, None, None]
+    h5 = torch.arange(H)[None, :, None, None, None]
+    for r0, r1, tok, ok, ids in _chunks(q, layout):
+        kk = kf[b5[..., 0], h5[..., 0] // (H // k.shape[1]), tok.clamp(max=lk - 1)]       # [B, H, R, S, D]
+        s = torch.einsum("bhrqd,bhrsd->bhrqs", _rows(q, r0, r1, layout_bq).to(ct), kk) * scale
+        rows = ((r0 + torch.arange(r1 - r0))[:, None] * layout_bq + torch.arange(layout_bq))[None, None, :, :, None]
+        cols = tok[:, :, :, None, :]
+        keep = ok[:, :, :, None, :] & layout.element_mask(rows, cols, b5, h5)
+        if layout.bits is not None:
+            keep = keep & unpack_bits(layout.bits, ids[:, :, :, None, :], torch.arange(layout_bq)[:, None],
+                                      cols % layout_bk)
+        s = s.masked_fill(~keep, _NEG_INF)
         yield r0, r1, tok, torch.exp(s - _rows(lse2, r0, r1, layout_bq)[..., None])
