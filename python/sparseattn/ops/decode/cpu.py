@@ -74,7 +74,7 @@ def _decode(q, k, v, seqlens, blocks, block_k, head_mask, scale, block_table, so
         tc, ok = tok[..., c0:c0 + chunk], valid[..., c0:c0 + chunk]
         tci = tc.clamp(max=max(Lmax - 1, 0))
         if blocks is None and not paged:
-            kk, vv = k[:, :, c0:c0 + chunk], v[:, :, c0:c0 + chunk]
+            kk, vv = k[:, :, c0:c0 + tc.shape[-1]], v[:, :, c0:c0 + tc.shape[-1]]   # the chunk's T - c0 keys
         elif by_block:
             rows = (plane * (Lmax // block_k) + ids[..., c0 // block_k:(c0 + chunk) // block_k]).reshape(-1)
             kk, vv = (t.view(-1, block_k, D).index_select(0, rows).view(B, Hkv, -1, D) for t in (k, v))
