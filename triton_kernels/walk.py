@@ -42,6 +42,9 @@ How to extend (each behaviour written once, never a copy of the walk):
   per key group, combined per row after the walk.
 * a different operand addressing (paged caches): map the visited rows before the load, as the
   ``paged`` rule does with :func:`paged_rows` and ``load_cols_at``.
+* a key set that is not a layout's tile list (HiP: a sink range, a window range and gathered
+  tokens of a per-query-block index list): its own visiting loop (``hip.py``'s ``hip_walk``) that
+  calls the same BODYs and the rules of this module (``_causal``, ``_window``), never a copy of them.
 
 Work accounting (for tests): every kernel that walks takes a last argument ``LOG``, None unless the
 launch runs inside ``common.count_tiles()``. Given a :data:`common.TileLog`, :func:`walk` logs each
