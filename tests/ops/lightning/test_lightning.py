@@ -12,13 +12,6 @@ from utils import DEVICE, DTYPES, assert_oracle, randn
 from checks import check_lightning_bwd as _check_bwd, check_lightning_fwd as _check_fwd, lightning_inputs as _inputs
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small CPU ops run fastest on one thread (and do not spin against other processes)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

@@ -18,12 +18,6 @@ from utils import DEVICE, randn
 LOW = [torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def assert_fp32_level(name, out, ref, f32, factor=4.0):
