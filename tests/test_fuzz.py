@@ -1,5 +1,6 @@
 """Differential fuzzing (sparseattn.fuzz), bounded and deterministic: random shapes, GQA, dtypes
-(bf16 included, through the interpreter shim), strides and patterns against the float64 oracle.
+(bf16 included, through the interpreter shim), strides, patterns, score options (key padding, key
+bias, softcap, ALiBi), the SDPA drop-in's routes, varlen and HiP against the float64 oracle.
 Long runs: ``TRITON_INTERPRET=1 python -m sparseattn.fuzz --minutes 60 --seed S``."""
 import json
 import random
@@ -12,7 +13,7 @@ import sparseattn as sa
 from sparseattn import fuzz
 
 
-@settings(derandomize=True, max_examples=24, deadline=None, database=None,
+@settings(derandomize=True, max_examples=40, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2 ** 31 - 1))
 def test_random_cases_match_the_oracle(seed):
@@ -36,3 +37,24 @@ def test_replay_prints_ok(capsys):
                 pattern="causal_sdpa", seed=5)
     assert fuzz.main(["--case", json.dumps(case)]) == 0
     assert capsys.readouterr().out.strip() == "ok"
+
+
+def test_every_family_is_drawn():
+    """The CI sample reaches every pattern family and every score option (else a family would
+    silently drop out of the fuzzing)."""
+    rng = random.Random(0)
+    cases = [fuzz.draw_case(rng) for _ in range(400)]
+    assert {c["pattern"] for c in cases} == set(fuzz.PATTERNS)
+    assert {o for c in cases for o in c.get("options", ())} == set(fuzz.OPTIONS)
+
+
+@pytest.mark.parametrize("pattern", ["varlen", "hip", "padding_sdpa", "key_bias_sdpa", "lower_right_sdpa"])
+def test_fuzzer_catches_a_planted_bug_in_each_route(monkeypatch, pattern):
+    """A 5% error planted in the op each new family calls is reported."""
+    rng = random.Random(1)
+    case = next(c for c in iter(lambda: fuzz.draw_case(rng, 64), None) if c["pattern"] == pattern)
+    case = dict(case, dtype="fp32")
+    name = {"varlen": "varlen_attention", "hip": "hip_attention"}.get(pattern, "scaled_dot_product_attention")
+    real = getattr(sa, name)
+    monkeypatch.setattr(sa, name, lambda *a, **k: real(*a, **k) * 1.05 + 0.01)
+    assert "max error" in fuzz.run_case(case)

@@ -77,3 +77,43 @@ def test_opcheck():
     opts = (padded.key_mask, randn(1, 1, 70), torch.rand(1, 2, device=DEVICE), None, None, 3.0, None, None, None, None)
     torch.library.opcheck(ops.sparse_attention_fwd, (q, k, v, padded.lists(), None, None, None, 0.5, 64, 64,
                                                      padded.causal_offset, None, 0, *opts))
+
+
+def test_eager_calls_do_not_import_dynamo():
+    """Issue 18 item 9: eager forward and backward never import torch._dynamo (~2 s on the first
+    call, which torch.library.custom_op's kernel wrapper paid); a fresh interpreter checks it."""
+    import subprocess
+    import sys
+    code = ("import sys, torch, sparseattn as sa\n"
+            "q = torch.randn(1, 2, 70, 16, requires_grad=True)\n"
+            "sa.sparse_attention(q, q, q, sa.SlidingWindow(20)).sum().backward()\n"
+            "sa.lightning_attention(q, q, q).sum().backward()\n"
+            "sa.decode_attention(q[:, :, :1].detach(), q.detach(), q.detach())\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "TRITON_INTERPRET": "0"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_an_op_without_a_formula_raises_on_backward():
+    """sparseattn.ops.library.custom_op keeps torch.library.custom_op's contract: a backward through
+    an op without an autograd formula raises (no silent missing gradient); with one it is used."""
+    from sparseattn.ops.library import custom_op
+
+    @custom_op("sparseattn_test::double")
+    def double(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    @custom_op("sparseattn_test::triple", differentiable=True)
+    def triple(x: torch.Tensor) -> torch.Tensor:
+        return x * 3
+    torch.library.register_autograd("sparseattn_test::triple", lambda ctx, g: g * 3)
+
+    x = torch.randn(4, requires_grad=True)
+    assert torch.equal(double(x.detach()), x.detach() * 2)
+    with pytest.raises(RuntimeError, match="sparseattn_test::double: not differentiable"):
+        double(x).sum().backward()
+    triple(x).sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 3.0))
+    torch.library.opcheck(triple, (x,))

@@ -1,7 +1,10 @@
 """Differential fuzzing of the attention ops against the float64 oracle.
 
 ``python -m sparseattn.fuzz --minutes N --seed S`` draws random cases (shapes, GQA, dtypes,
-strides, patterns, masks, biases), runs forward and backward, compares output and gradients with
+strides, patterns, masks, biases, the engine's score options: key padding, per-key bias, softcap,
+ALiBi; the SDPA drop-in's routes: padding masks, per-key float masks, CausalBias, other ranks and
+broadcast batches; packed varlen batches; HiP with its estimated mask), runs forward and backward,
+compares output and gradients with
 ``sparseattn.reference`` under the oracle rule (:func:`sparseattn.reference.assert_close`), and
 for a failure prints the case, shrunk to a smaller one that still fails, as a one-line
 reproducer (``python -m sparseattn.fuzz --case '<json>'``). The tests run a bounded,
@@ -23,8 +26,12 @@ from typing import Dict, Optional
 import torch
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-PATTERNS = ("block_mask", "mask_mod", "sliding_window", "power", "per_head", "element_mask", "float_bias",
-            "causal_sdpa")
+LAYOUT_PATTERNS = ("block_mask", "mask_mod", "sliding_window", "power", "per_head")
+SDPA_PATTERNS = ("element_mask", "float_bias", "causal_sdpa", "padding_sdpa", "key_bias_sdpa", "lower_right_sdpa",
+                 "rank3_sdpa", "broadcast_sdpa")
+PATTERNS = LAYOUT_PATTERNS + SDPA_PATTERNS + ("varlen", "hip")
+OPTIONS = ("key_padding", "key_bias", "softcap", "alibi")   # sparse_attention's score options
+SDPA_OPTIONS = ("softcap", "alibi")                          # the drop-in's keyword extensions
 STRIDES = ("contiguous", "transposed", "sliced", "expanded")
 HEAD_DIMS = (16, 32, 64, 8, 24, 40, 72)
 
@@ -48,6 +55,20 @@ def draw_case(rng: random.Random, max_len: int = 300) -> Dict:
         case.update(block=rng.choice((16, 32, 64)), window_blocks=rng.randint(1, 2), sink_blocks=rng.randint(0, 1))
     elif p == "per_head":
         case.update(window=rng.randint(1, 120), sinks=rng.choice((0, 4)))
+    elif p == "varlen":
+        case.update(lens=[[rng.randint(0, 70), rng.randint(1, 90)] for _ in range(rng.randint(1, 4))],
+                    causal=rng.random() < 0.6, window=rng.choice((None, rng.randint(1, 60))),
+                    sinks=rng.choice((0, 0, 3)))
+    elif p == "hip":
+        bk = rng.choice((1, 2, 4, 8, 16))
+        case.update(Lk=max(case["Lq"], case["Lk"]), block_size_q=rng.choice((16, 32)), block_size_k=bk,
+                    mask_k=bk * rng.randint(1, 4), window=rng.randint(0, 40), sinks=rng.choice((0, 2, 8)))
+    if p in LAYOUT_PATTERNS or p == "varlen" or p in SDPA_PATTERNS[:3]:
+        pool = OPTIONS if p in LAYOUT_PATTERNS else SDPA_OPTIONS
+        if rng.random() < 0.5:
+            case["options"] = sorted(rng.sample(pool, rng.randint(1, len(pool))))
+            if "softcap" in case["options"]:
+                case["softcap"] = rng.choice((0.5, 5.0, 30.0))
     return case
 
 
@@ -78,7 +99,7 @@ def _doc_ids(L: int, seed: int) -> torch.Tensor:
 
 
 def _pattern(case: Dict, Hq: int):
-    """(pattern or layout for sparse_attention, None) or (None, SDPA kwargs) for the drop-in."""
+    """(pattern for sparse_attention, None) or (None, SDPA kwargs) for the drop-in."""
     import sparseattn as sa
 
     p, Lq, Lk = case["pattern"], case["Lq"], case["Lk"]
@@ -114,47 +135,153 @@ def _pattern(case: Dict, Hq: int):
     if p == "per_head":
         heads = [sa.SlidingWindow(10 ** 9), sa.SlidingWindow(case["window"], sinks=case["sinks"])]
         return sa.PerHead([heads[h % 2] for h in range(Hq)]), None
+    B = case["B"]
     if p == "element_mask":
-        return None, {"attn_mask": torch.rand(case["B"], 1, Lq, Lk, generator=g) < 0.6}
+        return None, {"attn_mask": torch.rand(B, 1, Lq, Lk, generator=g) < 0.6}
     if p == "float_bias":
         return None, {"attn_mask": torch.randn(1, Hq, Lq, Lk, generator=g)}
+    if p == "padding_sdpa":     # Hugging Face's padding mask: the key padding route
+        return None, {"attn_mask": (torch.rand(B, 1, 1, Lk, generator=g) < 0.7)}
+    if p == "key_bias_sdpa":    # a per-key float mask: the key bias route
+        bias = torch.randn(rng_choice(g, (1, B)), rng_choice(g, (1, Hq)), 1, Lk, generator=g)
+        return None, {"attn_mask": bias.masked_fill(torch.rand(bias.shape, generator=g) < 0.2, float("-inf"))}
+    if p == "lower_right_sdpa":
+        from torch.nn.attention.bias import causal_lower_right
+        return None, {"attn_mask": causal_lower_right(Lq, Lk)}
     return None, {"is_causal": True}
+
+
+def rng_choice(g: torch.Generator, options):
+    return options[int(torch.randint(len(options), (1,), generator=g))]
+
+
+def _options(case: Dict, B: int, Hq: int, Lk: int) -> Dict:
+    """The score options the case asks for (sparse_attention's keywords; SDPA's are softcap, alibi)."""
+    g = torch.Generator().manual_seed(case["seed"] + 3)
+    opts = {}
+    for name in case.get("options", ()):
+        if name == "key_padding":
+            opts["key_padding_mask"] = torch.rand(B, Lk, generator=g) < 0.75
+        elif name == "key_bias":
+            kb = torch.randn(rng_choice(g, (1, B)), rng_choice(g, (1, Hq)), Lk, generator=g)
+            opts["key_bias"] = kb.masked_fill(torch.rand(kb.shape, generator=g) < 0.15, float("-inf"))
+        elif name == "softcap":
+            opts["softcap"] = case["softcap"]
+        elif name == "alibi":
+            shape = (Hq,) if case["pattern"] == "varlen" else rng_choice(g, ((Hq,), (B, Hq)))  # varlen: [Hq]
+            opts["alibi_slopes"] = torch.rand(shape, generator=g) * 0.5
+    return opts
+
+
+def _varlen(case: Dict, q, k, v, opts):
+    """Packed inputs ``[total, H, D]`` from the drawn ``[1, H, total, D]`` ones; the op and its oracle."""
+    import sparseattn as sa
+
+    lens = case["lens"]
+    cu_q = torch.tensor([0] + [a for a, _ in lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cu_k = torch.tensor([0] + [b for _, b in lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    kw = dict(causal=case["causal"], window=case["window"], sinks=case["sinks"], **opts)
+
+    def op(q, k, v):
+        packed = [t[0].transpose(0, 1) for t in (q, k, v)]
+        return sa.varlen_attention(*packed, cu_q, cu_k, max(a for a, _ in lens), max(b for _, b in lens), **kw)
+
+    def ref(q, k, v, dtype):
+        packed = [t[0].transpose(0, 1) for t in (q, k, v)]
+        return sa.reference.varlen_attention(*packed, cu_q, cu_k, dtype=dtype, **kw)
+    return op, ref
+
+
+def _hip(case: Dict):
+    import sparseattn as sa
+
+    hip = sa.HiP(mask_k=case["mask_k"], block_size_q=case["block_size_q"], block_stride_q=1,
+                 block_size_k=case["block_size_k"], window=case["window"], sinks=case["sinks"])
+    state = {}
+
+    def op(q, k, v):
+        state["mask"] = sa.hip_mask(q.detach(), k.detach(), hip)     # the kernel's own estimate
+        return sa.hip_attention(q, k, v, hip, state["mask"])
+
+    def ref(q, k, v, dtype):
+        return sa.reference.hip_attention(q.to(dtype), k.to(dtype), v.to(dtype), hip, state["mask"])
+    return op, ref
+
+
+def _op_and_oracle(case: Dict, q, k, v):
+    """``op(q, k, v)`` (sparseattn) and ``ref(q, k, v, dtype)`` (the oracle) of the case."""
+    import sparseattn as sa
+
+    p = case["pattern"]
+    B, Hq, Lq, Lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    opts = _options(case, B, Hq, Lk)
+    if p == "varlen":
+        return _varlen(case, q, k, v, opts)
+    if p == "hip":
+        return _hip(case)
+    pattern, sdpa_kw = _pattern(case, Hq)
+    if pattern is not None:
+        mask = pattern.dense_mask(Lq, Lk) if hasattr(pattern, "dense_mask") else None
+
+        def op(q, k, v):
+            return sa.sparse_attention(q, k, v, pattern, **opts)
+
+        def ref(q, k, v, dtype):
+            return sa.reference.attention(q, k, v, mask=mask, dtype=dtype, **opts)
+        return op, ref
+    attn_mask, is_causal = sdpa_kw.get("attn_mask"), sdpa_kw.get("is_causal", False)
+    ref_mask = attn_mask
+    if p == "lower_right_sdpa":
+        ref_mask = torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq)
+
+    def op(q, k, v):
+        if p == "rank3_sdpa":       # [H, L, D]: torch's SDPA takes any rank >= 2
+            return sa.scaled_dot_product_attention(q[0], k[0], v[0], is_causal=True, enable_gqa=True)[None]
+        if p == "broadcast_sdpa":   # K/V batch 1 for every query batch
+            return sa.scaled_dot_product_attention(q, k[:1], v[:1], is_causal=True, enable_gqa=True)
+        return sa.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True,
+                                               **opts)
+
+    def ref(q, k, v, dtype):
+        if p == "rank3_sdpa":
+            q, k, v = q[:1], k[:1], v[:1]
+        if p == "broadcast_sdpa":
+            k, v = k[:1].expand_as(k), v[:1].expand_as(v)
+        m = ref_mask if ref_mask is None or ref_mask.dtype == torch.bool else ref_mask.to(dtype)
+        return sa.reference.attention(q, k, v, mask=m, is_causal=is_causal, dtype=dtype, **opts)
+    return op, ref
 
 
 def run_case(case: Dict) -> Optional[str]:
     """Forward and gradients of one case against the float64 oracle; None, or what failed."""
-    import sparseattn as sa
     from sparseattn.reference import assert_close
 
+    if case["pattern"] == "varlen":
+        case = dict(case, B=1, Lq=sum(a for a, _ in case["lens"]), Lk=sum(b for _, b in case["lens"]))
+    if case["pattern"] == "rank3_sdpa":
+        case = dict(case, B=1)
     q, k, v = _inputs(case)
-    Hq = q.shape[1]
-    pattern, sdpa_kw = _pattern(case, Hq)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]   # detach keeps the drawn strides
     q, k, v = leaves
     try:
-        if pattern is not None:
-            out = sa.sparse_attention(q, k, v, pattern)
-            mask = pattern.dense_mask(case["Lq"], case["Lk"]) if hasattr(pattern, "dense_mask") else None
-            ref_kw = {"mask": mask}
-        else:
-            out = sa.scaled_dot_product_attention(q, k, v, enable_gqa=True, **sdpa_kw)
-            ref_kw = {"mask": sdpa_kw.get("attn_mask"), "is_causal": sdpa_kw.get("is_causal", False)}
+        op, ref = _op_and_oracle(case, q, k, v)
+        out = op(q, k, v)
         g = torch.Generator().manual_seed(case["seed"] + 2)
         dout = torch.randn(out.shape, generator=g).to(out.dtype)
-        grads = torch.autograd.grad((out.float() * dout.float()).sum(), leaves)
+        grads = torch.autograd.grad((out.float() * dout.float()).sum(), leaves, allow_unused=True)
     except Exception as e:  # noqa: BLE001 - any crash of a valid case is a finding
         return f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(leaves, grads)]
     results = {}
     for dt in (torch.float64, q.dtype):
         ls = [t.detach().to(dt).requires_grad_() for t in leaves]
-        m = ref_kw.get("mask")
-        m = m if m is None or m.dtype == torch.bool else m.to(dt)
-        o = sa.reference.attention(*ls, mask=m, is_causal=ref_kw.get("is_causal", False), dtype=dt)
-        results[dt] = (o, *torch.autograd.grad((o.double() * dout.double()).sum(), ls))
+        o = ref(*ls, dt)
+        gs = torch.autograd.grad((o.double() * dout.double()).sum(), ls, allow_unused=True)
+        results[dt] = (o, *(torch.zeros_like(t) if gr is None else gr for t, gr in zip(ls, gs)))
     try:
-        for name, got, ref, base in zip(("out", "dq", "dk", "dv"), (out, *grads), results[torch.float64],
-                                        results[q.dtype]):
-            assert_close(name, got, ref, base)
+        for name, got, want, base in zip(("out", "dq", "dk", "dv"), (out, *grads), results[torch.float64],
+                                         results[q.dtype]):
+            assert_close(name, got, want, base)
     except AssertionError as e:
         return str(e)
     return None
@@ -167,7 +294,7 @@ def shrink(case: Dict, failure: str, budget_s: float = 120.0) -> Dict:
     while improved and time.time() - t0 < budget_s:
         improved = False
         for key in ("B", "group", "Lq", "Lk", "Hkv"):
-            if case[key] > 1:
+            if case[key] > 1 and not (key == "Lk" and case["pattern"] == "hip" and case["Lk"] // 2 < case["Lq"]):
                 smaller = dict(case, **{key: max(1, case[key] // 2)})
                 if run_case(smaller) is not None:
                     case, improved = smaller, True

@@ -22,12 +22,13 @@ from ... import _dispatch
 from ..._dispatch import backend_for
 from ...layout import BlockLayout
 from ..common import ScoreOptions, check_dtype_and_dim, check_inputs, check_layout, check_score_options, resolve_layout
+from ..library import custom_op
 from . import cpu
 
 _tk = _dispatch.triton_kernels()
 
 
-@torch.library.custom_op("sparseattn::sparse_attention_fwd", mutates_args=())
+@custom_op("sparseattn::sparse_attention_fwd", differentiable=True)
 def sparse_attention_fwd(q: Tensor, k: Tensor, v: Tensor, layout: List[Tensor], mask: Optional[Tensor],
                          bias: Optional[Tensor], bits: Optional[Tensor], scale: float, block_q: int, block_k: int,
                          causal_offset: Optional[int], window: Optional[int], sinks: int, key_mask: Optional[Tensor],
@@ -40,13 +41,13 @@ def sparse_attention_fwd(q: Tensor, k: Tensor, v: Tensor, layout: List[Tensor], 
                 key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg, key_group, group_bias)
 
 
-@sparse_attention_fwd.register_fake
+@torch.library.register_fake("sparseattn::sparse_attention_fwd")
 def _(q, k, v, layout, mask, bias, bits, scale, block_q, block_k, causal_offset, window, sinks, *options):
     B, H, lq, _ = q.shape
     return q.new_empty(B, H, lq, v.shape[-1]), q.new_empty(B, H, lq, dtype=torch.float32)
 
 
-@torch.library.custom_op("sparseattn::sparse_attention_bwd", mutates_args=())
+@custom_op("sparseattn::sparse_attention_bwd")
 def sparse_attention_bwd(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                          lse: Tensor, layout: List[Tensor], mask: Optional[Tensor], bias: Optional[Tensor],
                          bits: Optional[Tensor], scale: float, block_q: int, block_k: int,
@@ -60,7 +61,7 @@ def sparse_attention_bwd(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tenso
                 window, sinks, key_mask, key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg, key_group, group_bias)
 
 
-@sparse_attention_bwd.register_fake
+@torch.library.register_fake("sparseattn::sparse_attention_bwd")
 def _(do, dlse, q, k, v, out, lse, layout, *rest):
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(k, memory_format=torch.contiguous_format), \
@@ -90,7 +91,7 @@ def _backward(ctx, dout, dlse):
 torch.library.register_autograd("sparseattn::sparse_attention_fwd", _backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("sparseattn::paged_sparse_attention_fwd", mutates_args=())
+@custom_op("sparseattn::paged_sparse_attention_fwd")
 def paged_sparse_attention_fwd(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, layout: List[Tensor],
                                mask: Optional[Tensor], bits: Optional[Tensor], scale: float, block_q: int,
                                block_k: int, causal_offset: Optional[int], window: Optional[int], sinks: int,
@@ -105,7 +106,7 @@ def paged_sparse_attention_fwd(q: Tensor, k_pages: Tensor, v_pages: Tensor, bloc
     return cpu.sparse_attention_fwd_cpu(q, k, v, *args)
 
 
-@paged_sparse_attention_fwd.register_fake
+@torch.library.register_fake("sparseattn::paged_sparse_attention_fwd")
 def _(q, k_pages, v_pages, block_table, *rest):
     B, H, lq, _ = q.shape
     return q.new_empty(B, H, lq, v_pages.shape[-1]), q.new_empty(B, H, lq, dtype=torch.float32)

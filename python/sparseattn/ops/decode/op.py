@@ -35,6 +35,7 @@ from ...layout import BlockLayout, mask_to_lists
 from ..attention.op import sparse_attention
 from ..attention.sdpa import mask_layout
 from ..common import check_dtype_and_dim, check_inputs, check_score_options
+from ..library import custom_op
 from .cpu import decode_attention_cpu
 
 MAX_LQ = 16
@@ -310,7 +311,7 @@ _MASKED_REASON = ("decode of a window or tile bitmasks that the decode kernels c
 
 
 # ----------------------------------------------------------------------------- CUDA custom op
-@torch.library.custom_op("sparseattn::decode_attention_cuda", mutates_args=())
+@custom_op("sparseattn::decode_attention_cuda")
 def decode_attention_cuda(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor, blk_num: Optional[Tensor],
                           blk_idx: Optional[Tensor], block_k: int, head_mask: Optional[Tensor],
                           scale: float, block_table: Optional[Tensor], softcap: float,
@@ -323,7 +324,7 @@ def decode_attention_cuda(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor, blk_
                                       key_bias=key_bias)
 
 
-@decode_attention_cuda.register_fake
+@torch.library.register_fake("sparseattn::decode_attention_cuda")
 def _(q, k, v, seqlens, blk_num, blk_idx, block_k, head_mask, scale, block_table, softcap, alibi_slopes,
       key_padding_mask, key_bias):
     B, H, lq, d = q.shape

@@ -21,6 +21,7 @@ from torch import Tensor
 from ... import _dispatch
 from ..._dispatch import backend_for
 from ..common import check_dtype_and_dim, check_inputs
+from ..library import custom_op
 from . import cpu, naive
 from .config import HiP, HiPMask, num_rounds, query_positions
 
@@ -33,7 +34,7 @@ def _kernels():
     return hip
 
 
-@torch.library.custom_op("sparseattn::hip_mask", mutates_args=())
+@custom_op("sparseattn::hip_mask")
 def hip_mask_op(q: Tensor, k: Tensor, q_pos: Tensor, mask_k: int, bq: int, stride_q: int, bk: int, stride_k: int,
                 window: int, sinks: int, scale: float, rounds: int) -> Tuple[Tensor, Tensor]:
     hip = HiP(mask_k, bq, stride_q, bk, stride_k, window, sinks)
@@ -42,7 +43,7 @@ def hip_mask_op(q: Tensor, k: Tensor, q_pos: Tensor, mask_k: int, bq: int, strid
     return cpu.hip_mask_cpu(q, k, q_pos, hip, scale, rounds, bq)
 
 
-@hip_mask_op.register_fake
+@torch.library.register_fake("sparseattn::hip_mask")
 def _(q, k, q_pos, mask_k, bq, stride_q, bk, stride_k, *rest):
     B, H, Lq, _ = q.shape
     nq = -(-Lq // bq)
@@ -54,7 +55,7 @@ def _hip_of(mask_k, bq, bk, window, sinks) -> HiP:
                sinks=sinks)
 
 
-@torch.library.custom_op("sparseattn::hip_attention_fwd", mutates_args=())
+@custom_op("sparseattn::hip_attention_fwd", differentiable=True)
 def hip_attention_fwd(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, indices: Tensor, counts: Tensor, mask_k: int,
                       bq: int, bk: int, window: int, sinks: int, scale: float) -> Tuple[Tensor, Tensor]:
     hip = _hip_of(mask_k, bq, bk, window, sinks)
@@ -63,13 +64,13 @@ def hip_attention_fwd(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, indices: T
     return cpu.hip_attention_cpu(q, k, v, q_pos, indices, counts, hip, scale, bq)
 
 
-@hip_attention_fwd.register_fake
+@torch.library.register_fake("sparseattn::hip_attention_fwd")
 def _(q, k, v, *rest):
     B, H, Lq, _ = q.shape
     return q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(B, H, Lq, dtype=torch.float32)
 
 
-@torch.library.custom_op("sparseattn::hip_attention_bwd", mutates_args=())
+@custom_op("sparseattn::hip_attention_bwd")
 def hip_attention_bwd(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                       q_pos: Tensor, indices: Tensor, counts: Tensor, mask_k: int, bq: int, bk: int, window: int,
                       sinks: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
@@ -79,7 +80,7 @@ def hip_attention_bwd(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, 
     return cpu.hip_attention_bwd_cpu(do, dlse, q, k, v, q_pos, indices, counts, hip, scale, bq)
 
 
-@hip_attention_bwd.register_fake
+@torch.library.register_fake("sparseattn::hip_attention_bwd")
 def _(do, dlse, q, k, v, *rest):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 

@@ -17,6 +17,7 @@ from torch import Tensor
 from ... import _dispatch
 from ..._dispatch import backend_for
 from ..common import MAX_HEAD_DIM, SUPPORTED_DTYPES, check_inputs
+from ..library import custom_op
 from .cpu import lightning_attention_bwd_cpu, lightning_attention_step_cpu, lightning_pass_cpu
 
 try:
@@ -29,7 +30,7 @@ __all__ = ["lightning_attention", "lightning_attention_step", "lightning_slopes"
 
 
 # ----------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("sparseattn::lightning_attention_fwd", mutates_args=())
+@custom_op("sparseattn::lightning_attention_fwd", differentiable=True)
 def lightning_attention_fwd(q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor],
                             initial_state: Optional[Tensor], scale: float) -> Tuple[Tensor, Tensor]:
     if backend_for(q) == "triton":
@@ -38,13 +39,13 @@ def lightning_attention_fwd(q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Te
     return o.to(q.dtype), final
 
 
-@lightning_attention_fwd.register_fake
+@torch.library.register_fake("sparseattn::lightning_attention_fwd")
 def _(q, k, v, slopes, initial_state, scale):
     B, H, L, Dk = q.shape
     return q.new_empty(B, H, L, v.shape[-1]), q.new_empty(B, H, Dk, v.shape[-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("sparseattn::lightning_attention_bwd", mutates_args=())
+@custom_op("sparseattn::lightning_attention_bwd")
 def lightning_attention_bwd(do: Tensor, dsf: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
                             slopes: Optional[Tensor], initial_state: Optional[Tensor],
                             scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -56,7 +57,7 @@ def lightning_attention_bwd(do: Tensor, dsf: Optional[Tensor], q: Tensor, k: Ten
     return dq, dk, dv, ds0
 
 
-@lightning_attention_bwd.register_fake
+@torch.library.register_fake("sparseattn::lightning_attention_bwd")
 def _(do, dsf, q, k, v, slopes, initial_state, scale):
     dense = torch.contiguous_format
     ds0 = q.new_empty(0) if initial_state is None else torch.empty_like(initial_state, memory_format=dense)
@@ -81,7 +82,7 @@ def _backward(ctx, do, dsf):
 torch.library.register_autograd("sparseattn::lightning_attention_fwd", _backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("sparseattn::lightning_attention_step", mutates_args=())
+@custom_op("sparseattn::lightning_attention_step")
 def lightning_attention_step_op(q: Tensor, k: Tensor, v: Tensor, state: Tensor, slopes: Optional[Tensor],
                                 scale: float) -> Tuple[Tensor, Tensor]:
     if backend_for(q) == "triton":
@@ -89,7 +90,7 @@ def lightning_attention_step_op(q: Tensor, k: Tensor, v: Tensor, state: Tensor, 
     return lightning_attention_step_cpu(q, k, v, state, slopes, scale)
 
 
-@lightning_attention_step_op.register_fake
+@torch.library.register_fake("sparseattn::lightning_attention_step")
 def _(q, k, v, state, slopes, scale):
     B, H, Dk = q.shape
     return q.new_empty(B, H, v.shape[-1]), q.new_empty(B, H, Dk, v.shape[-1], dtype=torch.float32)

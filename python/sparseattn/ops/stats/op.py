@@ -19,6 +19,7 @@ from ..._dispatch import backend_for
 from ...layout import BlockLayout
 from ..attention.op import sparse_attention
 from ..common import check_dtype_and_dim, check_inputs, check_layout, resolve_layout
+from ..library import custom_op
 from . import cpu
 
 _tk = _dispatch.triton_kernels()
@@ -27,7 +28,7 @@ _HEAD_REDUCE = ("none", "mean", "sum")
 STATS_BLOCK = (128, 128)
 
 
-@torch.library.custom_op("sparseattn::attention_stats_columns", mutates_args=())
+@custom_op("sparseattn::attention_stats_columns")
 def attention_stats_columns(q: Tensor, k: Tensor, lse: Tensor, weights: Tensor, layout: List[Tensor],
                             mask: Optional[Tensor], bits: Optional[Tensor], scale: float, block_q: int, block_k: int,
                             causal_offset: Optional[int], window: Optional[int], sinks: int,
@@ -39,14 +40,14 @@ def attention_stats_columns(q: Tensor, k: Tensor, lse: Tensor, weights: Tensor, 
                 key_mask, q_pos, k_pos, q_seg, k_seg, reduce_heads)
 
 
-@attention_stats_columns.register_fake
+@torch.library.register_fake("sparseattn::attention_stats_columns")
 def _(q, k, lse, weights, layout, *rest):
     B, H = q.shape[:2]
     n = 1 if rest[-1] else H
     return q.new_empty(B, n, k.shape[2], dtype=torch.float32), q.new_empty(B, n, k.shape[2], dtype=torch.float32)
 
 
-@torch.library.custom_op("sparseattn::attention_stats_rows", mutates_args=())
+@custom_op("sparseattn::attention_stats_rows")
 def attention_stats_rows(q: Tensor, k: Tensor, lse: Tensor, key_groups: Optional[Tensor], num_groups: int,
                          layout: List[Tensor], mask: Optional[Tensor], bits: Optional[Tensor], scale: float,
                          block_q: int, block_k: int, causal_offset: Optional[int], window: Optional[int], sinks: int,
@@ -57,7 +58,7 @@ def attention_stats_rows(q: Tensor, k: Tensor, lse: Tensor, key_groups: Optional
                 sinks, key_mask, q_pos, k_pos, q_seg, k_seg)
 
 
-@attention_stats_rows.register_fake
+@torch.library.register_fake("sparseattn::attention_stats_rows")
 def _(q, k, lse, key_groups, num_groups, layout, mask, bits, scale, block_q, block_k, *rest):
     B, H, lq = q.shape[:3]
     nq, nk = -(-lq // block_q), -(-k.shape[2] // block_k)
