@@ -31,6 +31,13 @@ positions are data (``q_pos`` [B, Lq]), so ragged decode batches need no layout.
 with fp32 atomics into [B, Hkv, Lk, D] buffers (a selected key is shared by query blocks that do
 not know of each other: no transposed list exists). Not bitwise deterministic, unlike the
 block-sparse backward.
+
+**Key padding** (optional ``KPM`` uint8 [B, Lk], ``KOFF`` int32 [B] leading padded keys, ``ROUNDS``
+int32 [B]; None without padding, compiled out): positions (``q_pos``) arrive counted from each
+sequence's first real key (``config.py``); a key at relative position ``r`` is row ``r + KOFF[b]``
+of K / V. The mask kernel runs on the plane shifted by ``KOFF[b]`` rows (the sequence as if
+unpadded, with its own round count) and scores padded keys -32000; the attention walks relative
+positions, loads rows ``r + KOFF[b]``, and drops padded keys from every set.
 """
 from __future__ import annotations
 
@@ -42,7 +49,7 @@ import triton.language as tl
 
 from .._alloc import empty, on_device
 from .attention import LOG2E, _fwd_tile, fwd_epilogue
-from .common import (INTERPRET, block_d_of, load_cols_at, load_rows, load_rows_at, load_vec, log_tile,
+from .common import (INTERPRET, Plane, block_d_of, load_cols_at, load_rows, load_rows_at, load_vec, log_tile,
                      plane, program_tile, save_tile_log, store_rows, tile_log, view, view_type)
 from .walk import RuleFlags, _causal, _window, lse2
 
@@ -73,11 +80,13 @@ def _tiles(kernel: str, elem: int, bq: int, lq: int) -> dict:
 @triton.jit
 def _children_scores(Q_rows, rows_pos, row_ok, K, SCR, SCORE, n_child, Lk, window, scale,
                      ROWS: tl.constexpr, CH: tl.constexpr, NKS: tl.constexpr, BK: tl.constexpr,
-                     STRIDE_K: tl.constexpr, NC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+                     STRIDE_K: tl.constexpr, NC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     KPM=None):
     """Score the children whose representative block and size are in SCR[0:NC] / SCR[NC:2NC]
     into SCORE[0:NC]: max over the strided rows x the representative's strided keys of
     q.k * scale, -32000 where masked (key in the row's window or future, past Lk, product 0.0,
-    row absent); -inf for size-0 children."""
+    row absent, a padded key where KPM, the sequence's uint8 key mask, says 0); -inf for size-0
+    children."""
     j = tl.arange(0, NKS)
     for c0 in range(0, n_child, CH):
         c = c0 + tl.arange(0, CH)
@@ -86,6 +95,8 @@ def _children_scores(Q_rows, rows_pos, row_ok, K, SCR, SCORE, n_child, Lk, windo
         size = tl.load(SCR + NC + c, mask=c_ok, other=0)
         keys = tl.reshape(rep[:, None] * BK + j[None, :] * STRIDE_K + (STRIDE_K - 1), [CH * NKS])
         k_ok = tl.reshape(c_ok[:, None] & (j[None, :] >= 0), [CH * NKS]) & (keys < Lk)
+        if KPM is not None:
+            k_ok = k_ok & (tl.load(KPM + keys, mask=k_ok, other=0) != 0)
         kt = load_cols_at(K, keys, k_ok, True, HEAD_DIM, BLOCK_D)                            # [D, CH*NKS]
         s = tl.dot(Q_rows, kt, input_precision="ieee")                                       # [ROWS, CH*NKS]
         ok = row_ok[:, None] & k_ok[None, :] & (keys[None, :] <= rows_pos[:, None] - window) & (s != 0.0)
@@ -106,15 +117,25 @@ def _first_half(x, N: tl.constexpr):
 def _hip_mask_kernel(Q, K, QPOS, qpos_sb, IDX, CNT, SCR, SCORE, Lq, Lk, H, GROUP, NQ, window, sinks, mask_k, scale,
                      rounds, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BQ: tl.constexpr,
                      STRIDE_Q: tl.constexpr, ROWS: tl.constexpr, BK: tl.constexpr, STRIDE_K: tl.constexpr,
-                     KB: tl.constexpr, NKB: tl.constexpr, CH: tl.constexpr):
+                     KB: tl.constexpr, NKB: tl.constexpr, CH: tl.constexpr, KPM=None, KOFF=None, ROUNDS=None):
     """indices [B, H, NQ, KB] / counts [B, H, NQ] of one (batch, head, query block); SCR int32
-    [programs, 4 NKB] and SCORE fp32 [programs, 2 NKB] are this program's scratch."""
+    [programs, 4 NKB] and SCORE fp32 [programs, 2 NKB] are this program's scratch. Key padding
+    (KPM uint8 [B, Lk], KOFF / ROUNDS int32 [B], or None): the search runs on the keys from row
+    KOFF[b] on, with the sequence's own round count; the indices are shifted back."""
     NKS: tl.constexpr = BK // STRIDE_K
     pid = tl.program_id(0)
     qb = pid % NQ
     bh = pid // NQ
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    if KOFF is not None:
+        off = tl.load(KOFF + b)
+        rounds = tl.load(ROUNDS + b)
+        kpm = KPM + b * Lk + off
+        Lk = Lk - off
+    else:
+        off = 0
+        kpm = None
     start = qb * BQ
     offs = start + tl.arange(0, BQ)
     pos = tl.load(QPOS + b * qpos_sb + offs, mask=offs < Lq, other=-1)
@@ -125,7 +146,7 @@ def _hip_mask_kernel(Q, K, QPOS, qpos_sb, IDX, CNT, SCR, SCORE, Lq, Lk, H, GROUP
     kk = tl.arange(0, NKB)
     out = IDX + pid.to(tl.int64) * KB
     if tsrc <= mask_k:  # every candidate block is selected
-        tl.store(out + kk, tl.where(kk < bsrc, (nsb + kk) * BK, PAD_INDEX), mask=kk < KB)
+        tl.store(out + kk, tl.where(kk < bsrc, (nsb + kk) * BK + off, PAD_INDEX), mask=kk < KB)
         tl.store(CNT + pid, bsrc)
     else:
         r_last = tl.minimum(start + BQ, Lq) - 1
@@ -135,6 +156,8 @@ def _hip_mask_kernel(Q, K, QPOS, qpos_sb, IDX, CNT, SCR, SCORE, Lq, Lk, H, GROUP
         q_rows = load_rows_at(plane(Q, b, h), rows, row_ok, True, HEAD_DIM, BLOCK_D)          # [ROWS, D]
         rows_pos = tl.load(QPOS + b * qpos_sb + rows, mask=row_ok, other=-1)
         Kp = plane(K, b, h // GROUP)
+        if KOFF is not None:                                                 # the sequence from its first real key
+            Kp = Plane(Kp.ptr + off.to(tl.int64) * Kp.sr, Kp.sr, Kp.sc)
         # initial split, HiP's float32 arithmetic, aligned to ceil(2^floor(log2 bsrc) / K)
         top = bsrc * 0 + 1
         while top * 2 <= bsrc:
@@ -156,7 +179,7 @@ def _hip_mask_kernel(Q, K, QPOS, qpos_sb, IDX, CNT, SCR, SCORE, Lq, Lk, H, GROUP
             tl.store(scr + 2 * NKB + ci, cg)
             tl.debug_barrier()
             _children_scores(q_rows, rows_pos, row_ok, Kp, scr, sco, 2 * NKB, Lk, window, scale, ROWS, CH, NKS, BK,
-                             STRIDE_K, 2 * NKB, HEAD_DIM, BLOCK_D)
+                             STRIDE_K, 2 * NKB, HEAD_DIM, BLOCK_D, kpm)
             tl.debug_barrier()
             score = tl.load(sco + ci)
             # keys ordered as (score descending, child index ascending)
@@ -174,7 +197,7 @@ def _hip_mask_kernel(Q, K, QPOS, qpos_sb, IDX, CNT, SCR, SCORE, Lq, Lk, H, GROUP
         alive = node_g > 0
         final = tl.sort(tl.where(alive, 0, 1 << 62) | node_s.to(tl.int64))
         count = tl.sum(alive.to(tl.int32))
-        tl.store(out + kk, tl.where(kk < count, (final & ((1 << 40) - 1)).to(tl.int32) * BK, PAD_INDEX),
+        tl.store(out + kk, tl.where(kk < count, (final & ((1 << 40) - 1)).to(tl.int32) * BK + off, PAD_INDEX),
                  mask=kk < KB)
         tl.store(CNT + pid, count)
 
@@ -191,9 +214,10 @@ def _mask_consts(hip, bq: int, D: int) -> dict:
                 KB=hip.k_blocks, NKB=nkb, CH=max(MASK_COLS // nks, 1))
 
 
-def hip_mask(q, k, q_pos, hip, scale: float, rounds: int, bq: int):
+def hip_mask(q, k, q_pos, hip, scale: float, rounds: int, bq: int, kpm=None, k_off=None, rounds_b=None):
     """Launch the mask estimation: q [B, H, Lq, D], k [B, Hkv, Lk, D] (any strides), q_pos int32
-    [B|1, Lq] (row stride 1), query blocks of ``bq`` rows. Returns (indices int32 [B, H, nQ, K],
+    [B|1, Lq] (row stride 1), query blocks of ``bq`` rows; key padding: kpm uint8 [B, Lk]
+    (contiguous), k_off / rounds_b int32 [B], or all None. Returns (indices int32 [B, H, nQ, K],
     counts int32 [B, H, nQ])."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -209,8 +233,8 @@ def hip_mask(q, k, q_pos, hip, scale: float, rounds: int, bq: int):
     if progs:
         with on_device(q):
             _hip_mask_kernel[(progs,)](view(q), view(k), q_pos, qpos_sb, idx, cnt, scr, sco, Lq, Lk, H, H // Hkv, nq,
-                                       hip.window, hip.sinks, hip.mask_k, scale, rounds, **consts, num_warps=4,
-                                       num_stages=1)
+                                       hip.window, hip.sinks, hip.mask_k, scale, rounds, **consts, KPM=kpm, KOFF=k_off,
+                                       ROUNDS=rounds_b, num_warps=4, num_stages=1)
     return idx, cnt
 
 
@@ -227,17 +251,20 @@ def _hip_keep(ok, pq, kj, args, SELECTED: tl.constexpr):
 
 
 @triton.jit
-def _visit(carry, ctx, q, pq, rows, ok, X, Y, args, SELECTED: tl.constexpr, BODY: tl.constexpr, RULES: tl.constexpr,
-           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-           PRECISION: tl.constexpr):
-    """One key tile at ``rows`` (``ok``: listed and inside Lk): scores, HiP's rule, the BODY."""
+def _visit(carry, ctx, q, pq, rows, kj, ok, X, Y, args, SELECTED: tl.constexpr, BODY: tl.constexpr,
+           RULES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
+           BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, KPM=None):
+    """One key tile at rows ``rows`` of K / V, relative positions ``kj`` (``ok``: listed and inside
+    Lk): scores, HiP's rule, the BODY. KPM: the sequence's uint8 key mask (padded keys dropped)."""
+    if KPM is not None:
+        ok = ok & (tl.load(KPM + rows, mask=ok, other=0) != 0)
     x = load_cols_at(X, rows, ok, True, HEAD_DIM, BLOCK_D)                                    # [D, N]
     if Y is not None:
         y = load_cols_at(Y, rows, ok, True, HEAD_DV, BLOCK_DV)
     else:
         y = None
     s = tl.dot(q, x, input_precision=PRECISION) * args.qk_scale
-    s = tl.where(_hip_keep(ok[None, :], pq[:, None], rows[None, :], args, SELECTED), s, float("-inf"))
+    s = tl.where(_hip_keep(ok[None, :], pq[:, None], kj[None, :], args, SELECTED), s, float("-inf"))
     carry, _ = BODY(carry, ctx, s, 1.0, x, y, rows, True, RULES, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION)
     return carry
 
@@ -245,28 +272,31 @@ def _visit(carry, ctx, q, pq, rows, ok, X, Y, args, SELECTED: tl.constexpr, BODY
 @triton.jit
 def hip_walk(carry, ctx, q, pq, X, Y, args, idx, count, BLOCK_N: tl.constexpr, BK: tl.constexpr, BODY: tl.constexpr,
              RULES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-             PRECISION: tl.constexpr, LOG=None, log_plane=0):
+             PRECISION: tl.constexpr, LOG=None, log_plane=0, KPM=None, off=0):
     """Visit HiP's three disjoint key sets for the query rows at positions ``pq`` (-1: no row):
     the sinks before the window's range, the window's range (tiles aligned to BLOCK_N), then the
     ``count`` selected blocks of BK tokens whose token offsets start at ``idx``. LOG: the tile log
     (work accounting, ``walk.py``: row = the set, 0 sinks / 1 window / 2 selected) or None;
-    log_plane: the (batch, head) plane it logs under."""
+    log_plane: the (batch, head) plane it logs under. Key padding: positions are relative, key
+    ``r`` is row ``r + off``; KPM (the sequence's uint8 key mask) or None."""
     Lk = args.Lk
     lo = tl.min(tl.where(pq >= 0, pq, 1 << 30))
     hi = tl.max(pq)
     w_lo = (tl.maximum(lo - args.window + 1, 0) // BLOCK_N) * BLOCK_N
     for n0 in range(0, tl.minimum(args.sinks, w_lo), BLOCK_N):                # sinks left of the window's range
-        rows = n0 + tl.arange(0, BLOCK_N)
+        kj = n0 + tl.arange(0, BLOCK_N)
+        rows = kj + off
         if LOG is not None:
             log_tile(LOG, log_plane, 0, n0, 1)
-        carry = _visit(carry, ctx, q, pq, rows, rows < Lk, X, Y, args, False, BODY, RULES, HEAD_DIM, BLOCK_D, HEAD_DV,
-                       BLOCK_DV, PRECISION)
+        carry = _visit(carry, ctx, q, pq, rows, kj, rows < Lk, X, Y, args, False, BODY, RULES, HEAD_DIM, BLOCK_D,
+                       HEAD_DV, BLOCK_DV, PRECISION, KPM)
     for n0 in range(w_lo, hi + 1, BLOCK_N):                                   # the window (and sinks inside it)
-        rows = n0 + tl.arange(0, BLOCK_N)
+        kj = n0 + tl.arange(0, BLOCK_N)
+        rows = kj + off
         if LOG is not None:
             log_tile(LOG, log_plane, 1, n0, 1)
-        carry = _visit(carry, ctx, q, pq, rows, rows < Lk, X, Y, args, False, BODY, RULES, HEAD_DIM, BLOCK_D, HEAD_DV,
-                       BLOCK_DV, PRECISION)
+        carry = _visit(carry, ctx, q, pq, rows, kj, rows < Lk, X, Y, args, False, BODY, RULES, HEAD_DIM, BLOCK_D,
+                       HEAD_DV, BLOCK_DV, PRECISION, KPM)
     n_tok = count * BK
     for n0 in range(0, n_tok, BLOCK_N):                                       # the selected blocks, gathered
         v = n0 + tl.arange(0, BLOCK_N)
@@ -274,8 +304,8 @@ def hip_walk(carry, ctx, q, pq, X, Y, args, idx, count, BLOCK_N: tl.constexpr, B
         rows = tl.load(idx + v // BK, mask=listed, other=0) + v % BK
         if LOG is not None:
             log_tile(LOG, log_plane, 2, n0, 1)
-        carry = _visit(carry, ctx, q, pq, rows, listed & (rows < Lk), X, Y, args, True, BODY, RULES, HEAD_DIM, BLOCK_D,
-                       HEAD_DV, BLOCK_DV, PRECISION)
+        carry = _visit(carry, ctx, q, pq, rows, rows - off, listed & (rows < Lk), X, Y, args, True, BODY, RULES,
+                       HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION, KPM)
     return carry
 
 
@@ -292,17 +322,24 @@ def _hip_attention_fwd_kernel(Q, K, V, O, LSE, QPOS, qpos_sb, IDX, CNT, args, H,
                               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
                               BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BQ: tl.constexpr,
                               BK: tl.constexpr, KB: tl.constexpr, RULES: tl.constexpr, PRECISION: tl.constexpr,
-                              LOG=None):
-    """O [B, H, Lq, Dv] and LSE [B, H, Lq] of one query tile (inside query block ``blk``)."""
+                              LOG=None, KPM=None, KOFF=None):
+    """O [B, H, Lq, Dv] and LSE [B, H, Lq] of one query tile (inside query block ``blk``); key
+    padding: KPM uint8 [B, Lk] and KOFF int32 [B], or None."""
     Lq = args.Lq
     b, h, hk, blk, offs_m = program_tile(Lq, H, GROUP, BLOCK_M, BQ)
     q = load_rows(plane(Q, b, h), offs_m, Lq, True, HEAD_DIM, BLOCK_D)
     pq, idx, count = _hip_rows(QPOS, qpos_sb, IDX, CNT, b, h, H, blk, NQ, offs_m, Lq, KB)
     init = (tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.float32),
             tl.full([BLOCK_M], float("-inf"), dtype=tl.float32))
+    if KOFF is not None:                                   # key padding: the sequence's mask and offset
+        kpm = KPM + b * args.Lk
+        off = tl.load(KOFF + b)
+    else:
+        kpm = None
+        off = 0
     carry = hip_walk(init, (plane(V, b, hk), args.Lk, args), q, pq, plane(K, b, hk), None, args, idx, count, BLOCK_N,
                      BK, _fwd_tile, RULES, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION,
-                     LOG, b * H + h)
+                     LOG, b * H + h, kpm, off)
     out, lse = fwd_epilogue(carry)
     store_rows(plane(O, b, h), offs_m, Lq, out, HEAD_DV, BLOCK_DV)
     tl.store(LSE + (b * H + h) * Lq + offs_m, lse, mask=offs_m < Lq)
@@ -336,8 +373,8 @@ def _hip_attention_bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, QPOS, qpos_sb
                               NQ, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr,
                               BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BQ: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, RULES: tl.constexpr,
-                              PRECISION: tl.constexpr, LOG=None):
-    """dQ of one query tile; its share of dK / dV (fp32 DK, DV) by atomics."""
+                              PRECISION: tl.constexpr, LOG=None, KPM=None, KOFF=None):
+    """dQ of one query tile; its share of dK / dV (fp32 DK, DV) by atomics (padded keys get none)."""
     Lq = args.Lq
     b, h, hk, blk, offs_m = program_tile(Lq, H, GROUP, BLOCK_M, BQ)
     q = load_rows(plane(Q, b, h), offs_m, Lq, True, HEAD_DIM, BLOCK_D)
@@ -345,9 +382,15 @@ def _hip_attention_bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, QPOS, qpos_sb
     pq, idx, count = _hip_rows(QPOS, qpos_sb, IDX, CNT, b, h, H, blk, NQ, offs_m, Lq, KB)
     ctx = (do, lse2(LSE + (b * H + h) * Lq, offs_m, Lq, True), load_vec(DELTA + (b * H + h) * Lq, offs_m, Lq, True),
            q, plane(DK, b, hk), plane(DV, b, hk), args.Lk, sm_scale)
+    if KOFF is not None:                                   # key padding: the sequence's mask and offset
+        kpm = KPM + b * args.Lk
+        off = tl.load(KOFF + b)
+    else:
+        kpm = None
+        off = 0
     dq = hip_walk(tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), ctx, q, pq, plane(K, b, hk), plane(V, b, hk), args,
                   idx, count, BLOCK_N, BK, _hip_bwd_tile, RULES, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION,
-                  LOG, b * H + h)
+                  LOG, b * H + h, kpm, off)
     store_rows(plane(DQ, b, h), offs_m, Lq, dq * sm_scale, HEAD_DIM, BLOCK_D)
 
 
@@ -368,10 +411,11 @@ def _qpos_sb(q_pos) -> int:
     return q_pos.stride(0) if q_pos.shape[0] > 1 else 0
 
 
-def hip_attention_fwd(q, k, v, q_pos, indices, counts, hip, scale: float, bq: int):
+def hip_attention_fwd(q, k, v, q_pos, indices, counts, hip, scale: float, bq: int, kpm=None, k_off=None):
     """Launch the forward: q [B, H, Lq, D], k / v [B, Hkv, Lk, D|Dv] (any strides), q_pos int32
     [B|1, Lq] (row stride 1), the mask's indices / counts (contiguous) for query blocks of ``bq``
-    rows. Returns (out [B, H, Lq, Dv] in q's dtype, lse [B, H, Lq] float32, natural log)."""
+    rows, key padding kpm uint8 [B, Lk] (contiguous) and k_off int32 [B], or None. Returns
+    (out [B, H, Lq, Dv] in q's dtype, lse [B, H, Lq] float32, natural log)."""
     B, H, Lq, _ = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     out = empty(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
@@ -383,12 +427,14 @@ def hip_attention_fwd(q, k, v, q_pos, indices, counts, hip, scale: float, bq: in
         with on_device(q):
             log = tile_log(q.device)
             _hip_attention_fwd_kernel[grid](view(q), view(k), view(v), view(out), lse, q_pos, _qpos_sb(q_pos),
-                                            indices, counts, args, H, H // Hkv, indices.shape[2], **consts, LOG=log)
+                                            indices, counts, args, H, H // Hkv, indices.shape[2], **consts, LOG=log,
+                                            KPM=kpm, KOFF=k_off)
             save_tile_log(log, "hip_attention_fwd", grid[0], **_log_meta(consts, B, H, Hkv))
     return out, lse
 
 
-def hip_attention_bwd(do, dlse, q, k, v, out, lse, q_pos, indices, counts, hip, scale: float, bq: int):
+def hip_attention_bwd(do, dlse, q, k, v, out, lse, q_pos, indices, counts, hip, scale: float, bq: int, kpm=None,
+                      k_off=None):
     """Launch the backward (``do`` contiguous). Returns (dq, dk, dv) in the input dtypes; dK / dV
     are summed with fp32 atomics (not bitwise deterministic)."""
     B, H, Lq, D = q.shape
@@ -408,7 +454,7 @@ def hip_attention_bwd(do, dlse, q, k, v, out, lse, q_pos, indices, counts, hip, 
             log = tile_log(q.device)
             _hip_attention_bwd_kernel[grid](view(q), view(k), view(v), view(do), view(dq), view(dk), view(dv), lse,
                                             delta, q_pos, _qpos_sb(q_pos), indices, counts, args, scale, H, H // Hkv,
-                                            indices.shape[2], **consts, LOG=log)
+                                            indices.shape[2], **consts, LOG=log, KPM=kpm, KOFF=k_off)
             save_tile_log(log, "hip_attention_bwd", grid[0], **_log_meta(consts, B, H, Hkv))
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
@@ -416,8 +462,9 @@ def hip_attention_bwd(do, dlse, q, k, v, out, lse, q_pos, indices, counts, hip, 
 # ----------------------------------------------------------------------------- compile gate
 def compile_specs(cc: int):
     """The mask, forward and backward kernels at HiP's defaults (mask_k 512, block_size_q 64,
-    block_size_k 2) for bf16 D 128 and fp32 D 64, plus the forward at block_size_k 1 and the mask
-    at block_size_k 64 (bf16 D 128), at the tiles :func:`_tiles` picks (kept few for CI's time)."""
+    block_size_k 2) for bf16 D 128 (without key padding) and fp32 D 64 (with key padding: KPM,
+    KOFF, ROUNDS), plus the forward at block_size_k 1 and the mask at block_size_k 64 (bf16 D 128),
+    at the tiles :func:`_tiles` picks (kept few for CI's time)."""
     from ..ops.hip.config import HiP
     from .gate import Spec, signature
 
@@ -432,15 +479,21 @@ def compile_specs(cc: int):
         types = {**{n: view_type(ptr) for n in ("Q", "K", "V", "O", "DO", "DQ")},
                  **{n: view_type("*fp32") for n in ("DK", "DV")}, "LSE": "*fp32", "DELTA": "*fp32",
                  "QPOS": "*i32", "IDX": "*i32", "CNT": "*i32", "SCR": "*i32", "SCORE": "*fp32",
-                 "args": HipArgs("i32", "i32", "i32", "i32", "fp32"), "scale": "fp32", "sm_scale": "fp32"}
+                 "args": HipArgs("i32", "i32", "i32", "i32", "fp32"), "scale": "fp32", "sm_scale": "fp32",
+                 "KPM": "*u8", "KOFF": "*i32", "ROUNDS": "*i32"}
+        padded = tname == "fp32"                        # the key padding variant (the others: None)
         for name in names:
             kernel = kernels[name]
-            tags = {"dtype": tname, "D": d, "bk": hip.block_size_k}
+            tags = {"dtype": tname, "D": d, "bk": hip.block_size_k, "padded": padded}
             if name == "hip_mask":
                 consts, warps, stages = _mask_consts(hip, 64, d), 4, 1
+                if not padded:
+                    consts.update(KPM=None, KOFF=None, ROUNDS=None)
             else:
                 tiles = _tiles(name[4:], elem, 64, 1 << 20)
                 warps, stages = tiles.pop("num_warps"), 2
                 consts = dict(HEAD_DIM=d, BLOCK_D=block_d_of(d), HEAD_DV=d, BLOCK_DV=block_d_of(d), BQ=64,
                               BK=hip.block_size_k, KB=hip.k_blocks, RULES=NO_RULES, PRECISION="ieee", LOG=None, **tiles)
+                if not padded:
+                    consts.update(KPM=None, KOFF=None)
             yield Spec(name, kernel, signature(kernel, types), consts, warps, stages, tags=tags)

@@ -56,9 +56,10 @@ def draw_case(rng: random.Random, max_len: int = 300) -> Dict:
     elif p == "per_head":
         case.update(window=rng.randint(1, 120), sinks=rng.choice((0, 4)))
     elif p == "varlen":
+        causal = rng.random() < 0.6      # a window needs the causal rule, sinks a window (varlen's contract)
+        window = rng.choice((None, rng.randint(1, 60))) if causal else None
         case.update(lens=[[rng.randint(0, 70), rng.randint(1, 90)] for _ in range(rng.randint(1, 4))],
-                    causal=rng.random() < 0.6, window=rng.choice((None, rng.randint(1, 60))),
-                    sinks=rng.choice((0, 0, 3)))
+                    causal=causal, window=window, sinks=rng.choice((0, 0, 3)) if window else 0)
     elif p == "hip":
         bk = rng.choice((1, 2, 4, 8, 16))
         case.update(Lk=max(case["Lq"], case["Lk"]), block_size_q=rng.choice((16, 32)), block_size_k=bk,
@@ -293,7 +294,14 @@ def shrink(case: Dict, failure: str, budget_s: float = 120.0) -> Dict:
     improved = True
     while improved and time.time() - t0 < budget_s:
         improved = False
-        for key in ("B", "group", "Lq", "Lk", "Hkv"):
+        if case["pattern"] == "varlen":      # fewer, then shorter sequences
+            lens = case["lens"]
+            for smaller in ([lens[:i] + lens[i + 1:] for i in range(len(lens))] if len(lens) > 1 else []) + \
+                    [[[a // 2, max(1, b // 2)] for a, b in lens]]:
+                if smaller != lens and run_case(dict(case, lens=smaller)) is not None:
+                    case, improved = dict(case, lens=smaller), True
+                    break
+        for key in ("B", "group", "Hkv") if case["pattern"] == "varlen" else ("B", "group", "Lq", "Lk", "Hkv"):
             if case[key] > 1 and not (key == "Lk" and case["pattern"] == "hip" and case["Lk"] // 2 < case["Lq"]):
                 smaller = dict(case, **{key: max(1, case[key] // 2)})
                 if run_case(smaller) is not None:
@@ -324,6 +332,8 @@ def main(argv=None) -> int:
             failures += 1
             small = shrink(case, err)
             print(f"FAIL ({err})\n  reproduce: python -m sparseattn.fuzz --case '{json.dumps(small)}'", flush=True)
+        if n % 250 == 0:
+            print(f"... {n} cases, {failures} failures", flush=True)
     print(f"{n} cases, {failures} failures (seed {args.seed}, {args.minutes} min)")
     return 1 if failures else 0
 

@@ -81,12 +81,12 @@ def build(name, impl, dtype=torch.float32, **overrides):
     return m
 
 
-def batch(side):
-    """Two sequences of L tokens; the second has PAD padding tokens on `side`."""
+def batch(side, length=L, pad=PAD):
+    """Two sequences of `length` tokens; the second has `pad` padding tokens on `side`."""
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, 128, (2, L), generator=g)
-    mask = torch.ones(2, L, dtype=torch.long)
-    mask[1, slice(0, PAD) if side == "left" else slice(L - PAD, L)] = 0
+    ids = torch.randint(1, 128, (2, length), generator=g)
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, slice(0, pad) if side == "left" else slice(length - pad, length)] = 0
     return ids.to(DEVICE), mask.to(DEVICE)
 
 

@@ -24,6 +24,14 @@ The attention function runs prefill (and training) through :func:`sparseattn.spa
 with the layer's pattern or a dense (causal, windowed) layout, and decode steps (at most 16
 queries against more keys, no gradient) through :func:`sparseattn.decode_attention`. GQA heads
 are never repeated; ``scaling`` and Gemma 2's ``softcap`` pass through.
+
+A layer whose pattern is a :class:`sparseattn.HiP` runs HiP's own ops instead (:func:`_hip_forward`):
+prefill and training :func:`sparseattn.hip_mask` + :func:`sparseattn.hip_attention` with the
+padding as HiP's key padding rule (positions counted from each sequence's first real token), decode
+steps :func:`sparseattn.hip_decode` with a :class:`sparseattn.HiPDecodeState` kept on the module
+from one step to the next (dropped when a prefill runs, or when a step does not continue the last
+one). HiP is causal by construction; non-causal layers, a model's sliding window, softcap,
+attention dropout and dense 4-D masks are refused with a ValueError.
 """
 from __future__ import annotations
 
@@ -47,8 +55,10 @@ from ..ops.attention.op import sparse_attention
 from ..ops.attention.sdpa import fallback_reason, scaled_dot_product_attention
 from ..ops.common import resolve_layout
 from ..ops.decode.op import MAX_LQ, decode_attention
+from ..ops.hip.config import HiP
+from ..ops.hip.op import hip_attention, hip_decode, hip_mask
 
-__all__ = ["register", "attention_forward", "mask_function", "pattern_for", "DECODE_MAX_QUERIES"]
+__all__ = ["register", "attention_forward", "mask_function", "pattern_for", "DECODE_MAX_QUERIES", "RECORD_HIP"]
 
 DECODE_MAX_QUERIES = MAX_LQ        # a step with at most this many queries (and more keys) is decode
 PREFILL_BLOCK = (128, 128)         # tiles of the dense / windowed prefill layouts (as the SDPA drop-in)
@@ -56,6 +66,12 @@ SHORT_BLOCK = (64, 64)             # ... when both lengths fit in 64: no tile ro
 DECODE_BLOCK = (64, 64)            # tiles of the windowed decode layout (one query block)
 
 KEYS_DTYPE = torch.uint8           # marks the mask function's key padding mask (transformers' are bool or float)
+
+# Tests and debugging: when True, every HiP call of a layer appends a dict to the module's
+# ``sparseattn_hip_log`` list: kind ("prefill" / "decode"), the HiPMask (prefill) or the
+# HiPDecodeState (decode) it used, key_padding_mask, cache_seqlens, and q, k, v, out (detached).
+RECORD_HIP = False
+_HIP_STATE = "_sparseattn_hip_state"       # module attribute: (HiPDecodeState, where the last step ended)
 
 _registry: Dict[str, object] = {}                 # name -> pattern spec given to register()
 _layouts: Dict[Tuple, BlockLayout] = {}           # dense / windowed layouts, built once per shape
@@ -69,14 +85,15 @@ FOUR_D_REASON = ("a 4-D attention mask that no compact rule describes (transform
 
 # ----------------------------------------------------------------------------- registration
 def _is_pattern(obj) -> bool:
-    return callable(getattr(obj, "layout", None)) or callable(getattr(obj, "layout_for", None))
+    return isinstance(obj, HiP) or callable(getattr(obj, "layout", None)) or \
+        callable(getattr(obj, "layout_for", None))
 
 
 def _check_pattern(p, what: str):
     if p is not None and not _is_pattern(p):
         hint = " (a BlockLayout is built for one (Lq, Lk): pass a pattern object)" if isinstance(p, BlockLayout) else ""
-        raise TypeError(f"{what}: expected None or a sparseattn pattern (with layout(Lq, Lk, device) or "
-                        f"layout_for(q, k)){hint}, got {type(p).__name__}")
+        raise TypeError(f"{what}: expected None, a sparseattn pattern (with layout(Lq, Lk, device) or "
+                        f"layout_for(q, k)) or a sparseattn.HiP{hint}, got {type(p).__name__}")
 
 
 def register(name: str = "sparseattn", pattern=None) -> str:
@@ -87,11 +104,13 @@ def register(name: str = "sparseattn", pattern=None) -> str:
         name: the ``attn_implementation`` string (registering a name again replaces its pattern).
         pattern: what each layer attends to, besides the model's own rules (padding, causal, a
             model's sliding window): ``None`` (dense), one pattern object for every layer
-            (``sa.PowerAttention()``, ``sa.SlidingWindow(...)``, ``sa.TopKBlocks(...)``, ...), or a
-            callable ``pattern(layer_idx, module) -> pattern | None`` asked once per attention
-            module (e.g. ``lambda i, m: None if i < 2 else sa.PowerAttention()``). Patterns of a
-            causal layer must be causal and bottom-right aligned (the built-in causal patterns
-            are). Layers with a model sliding window run that window: their pattern must be None.
+            (``sa.PowerAttention()``, ``sa.SlidingWindow(...)``, ``sa.TopKBlocks(...)``,
+            ``sa.HiP(...)``, ...), or a callable ``pattern(layer_idx, module) -> pattern | None``
+            asked once per attention module (e.g. ``lambda i, m: None if i < 2 else
+            sa.PowerAttention()``). Patterns of a causal layer must be causal and bottom-right
+            aligned (the built-in causal patterns are). Layers with a model sliding window run that
+            window: their pattern must be None. A ``sa.HiP`` runs HiP's own ops (prefill
+            ``hip_attention``, decode ``hip_decode`` with a per-layer state); causal layers only.
 
     Returns:
         ``name``.
@@ -342,7 +361,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         scaling: score scale (default ``1 / sqrt(D)``); dropout: > 0 falls back to torch.
         sliding_window: the model's window (a query sees keys ``i - j < window``); default
             ``module.sliding_window``. softcap: Gemma 2's ``attn_logit_softcapping``.
-        pattern: None (dense) or a sparseattn pattern for this layer.
+        pattern: None (dense), a sparseattn pattern for this layer, or a ``sa.HiP`` (HiP's ops:
+            :func:`_hip_forward`).
         kwargs: ``is_causal`` (default ``module.is_causal``); ``s_aux`` and ``position_bias``
             are refused (ValueError); others are ignored.
 
@@ -360,6 +380,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if window is not None and pattern is not None:
         raise ValueError(f"pattern: layer {getattr(module, 'layer_idx', None)} has the model's sliding window "
                          f"{window}, which it keeps; expected None as its pattern, got {pattern!r}")
+    if isinstance(pattern, HiP):
+        return _hip_forward(module, query, key, value, attention_mask, pattern, scaling, dropout, softcap, causal)
     mask4 = pad = None
     complete = False
     if attention_mask is not None:
@@ -405,3 +427,98 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                                  f"with causal offset {layout.causal_offset}")
         out = sparse_attention(query, key, value, layout, scale=scaling, key_padding_mask=pad, softcap=softcap)
     return out.transpose(1, 2).contiguous(), None
+
+
+# ----------------------------------------------------------------------------- HiP layers
+def _hip_padding(layer, attention_mask, key, value):
+    """(key, value cut to the filled slots, padding bool [B, n] or None, cache_seqlens int32 [B]
+    or None) from the mask forms a HiP layer accepts; ValueError for the others."""
+    if attention_mask is None:
+        return key, value, None, None
+    b, lk = attention_mask.shape[0], key.shape[2]
+    if attention_mask.dim() == 2 or (attention_mask.dim() == 4 and attention_mask.dtype == KEYS_DTYPE and
+                                     tuple(attention_mask.shape[1:3]) == (1, 1)):
+        n = attention_mask.shape[-1]
+        if n > lk:
+            raise ValueError(f"attention_mask: expected at most {lk} keys (Lk), got shape "
+                             f"{tuple(attention_mask.shape)}")
+        return key[:, :, :n], value[:, :, :n], attention_mask.reshape(b, n).bool(), None
+    if attention_mask.dim() == 4 and attention_mask.dtype == torch.bool and \
+            tuple(attention_mask.shape[1:]) == (1, 1, lk):
+        # a static cache's decode row: the keys it sees are the filled slots; its position is
+        # the last of them (computed on the device)
+        pad = attention_mask[:, 0, 0, :]
+        seqlens = ((torch.arange(lk, device=key.device) + 1) * pad).amax(-1).to(torch.int32)
+        return key, value, pad, seqlens
+    raise ValueError(f"attention_mask: layer {layer} runs HiP (sa.HiP), which takes a padding mask only; expected "
+                     f"None, a 2-D padding mask or sparseattn's key mask, got a {attention_mask.dim()}-D "
+                     f"{attention_mask.dtype} mask of shape {tuple(attention_mask.shape)} (packed sequences, mask "
+                     f"overlays, a static cache's prefill under torch.compile, or a caller's 4-D mask: run this "
+                     f"layer without HiP)")
+
+
+def _log(module, **entry):
+    if RECORD_HIP:
+        log = module.__dict__.setdefault("sparseattn_hip_log", [])
+        log.append({n: (t.detach() if isinstance(t, torch.Tensor) else t) for n, t in entry.items()})
+
+
+def _hip_forward(module, q, k, v, attention_mask, hip: HiP, scale, dropout, softcap, causal):
+    """A layer whose pattern is ``hip``: prefill / training through hip_mask + hip_attention
+    (the layer's decode state dropped), decode steps through :func:`_hip_decode_step`."""
+    layer = getattr(module, "layer_idx", None)
+    if not causal:
+        raise ValueError(f"pattern: layer {layer} is not causal; HiP (sa.HiP) is causal by construction (the queries "
+                         f"are the last positions of the keys): expected a causal decoder layer, got is_causal=False")
+    if softcap is not None:
+        raise ValueError(f"softcap: HiP (sa.HiP) has no logit softcap; expected None on layer {layer}, got {softcap} "
+                         f"(give this layer the pattern None)")
+    if dropout:
+        raise ValueError(f"dropout: HiP (sa.HiP) has no attention dropout; expected 0.0 on layer {layer}, got "
+                         f"{dropout} (model.eval(), or attention_dropout=0 in the config)")
+    k, v, pad, seqlens = _hip_padding(layer, attention_mask, k, v)
+    lq, lk = q.shape[2], k.shape[2]
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if lq <= DECODE_MAX_QUERIES and lk > lq and not grad:
+        out = _hip_decode_step(module, q, k, v, hip, pad, seqlens, scale)
+    else:
+        if seqlens is not None:   # a static cache's one-row mask with a gradient: the keys up to the row
+            raise ValueError(f"attention_mask: layer {layer} runs HiP; a one-row static-cache mask is for decode "
+                             f"steps without gradient, got one with query length {lq} and a gradient")
+        module.__dict__.pop(_HIP_STATE, None)          # a new prefill: the next decode step starts afresh
+        mask = hip_mask(q.detach(), k.detach(), hip, scale=scale, key_padding_mask=pad)
+        out = hip_attention(q, k, v, hip, mask, scale=scale, key_padding_mask=pad)
+        if not _compiling():
+            _log(module, kind="prefill", mask=mask, key_padding_mask=pad, cache_seqlens=None, q=q, k=k, v=v, out=out)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@torch.compiler.disable
+def _hip_decode_step(module, q, k, v, hip: HiP, pad, seqlens, scale):
+    """One decode step of a HiP layer: sa.hip_decode with the state the module kept from the
+    previous step, if this step continues it (the same batch and heads, its rows right after the
+    last step's: ``Lk - Lq`` keys before them on a dynamic cache, ``cache_seqlens - Lq`` on a static
+    one); else a fresh state (a refresh). Runs outside torch.compile (a graph break): the state is
+    Python data and the continuity check reads the lengths on the host."""
+    if seqlens is not None:
+        # A static cache: read only the slots up to the longest row (one host read); when every
+        # row sits at the same length, the step is the dynamic cache's (the same Lk, the same
+        # round count of the mask search).
+        lo, hi = (int(x) for x in torch.aminmax(seqlens))
+        k, v, pad = k[:, :, :hi], v[:, :, :hi], pad[:, :hi]
+        seqlens = None if lo == hi else seqlens
+    lq, lk = q.shape[2], k.shape[2]
+    kept = module.__dict__.get(_HIP_STATE)
+    state = None
+    if kept is not None:
+        prev, end = kept
+        if prev.hip == hip and tuple(prev.indices.shape[:2]) == tuple(q.shape[:2]) and prev.recent_q.shape[-1] == \
+                q.shape[-1]:
+            if seqlens is None:
+                state = prev if end == lk - lq else None
+            elif isinstance(end, torch.Tensor) and end.shape == seqlens.shape and bool((end == seqlens - lq).all()):
+                state = prev
+    out, new = hip_decode(q, k, v, hip, cache_seqlens=seqlens, state=state, scale=scale, key_padding_mask=pad)
+    module.__dict__[_HIP_STATE] = (new, lk if seqlens is None else seqlens)
+    _log(module, kind="decode", state=new, key_padding_mask=pad, cache_seqlens=seqlens, q=q, k=k, v=v, out=out)
+    return out

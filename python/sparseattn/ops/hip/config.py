@@ -38,6 +38,21 @@ documented in the README's HiP section):
   entries and can repeat a block when fewer than ``K`` children are alive; a repeat would count a
   key twice in the softmax, so it is dropped;
 * the initial split reproduces HiP's float32 arithmetic (``int(float32(bsrc) / K * i)``).
+
+Key padding (``key_padding_mask`` bool ``[B, Lk]``, True = the key exists; HiP's code has none, so
+this is ours). Positions are counted per sequence from its first real key: with ``o_b`` leading
+padded keys (left padding, :func:`key_offsets`, computed on the device), row ``i`` sits at
+``p = q_pos[b, i] - o_b`` and key ``j`` at ``j - o_b``, so the sinks are the sequence's first real
+keys, the window and the candidate range are counted from there, and the round count is the one of
+that sequence alone (:func:`rounds_per_batch`, from ``p_max - o_b``; ``p_max`` the call's host
+bound): a left-padded sequence gets exactly the mask and the output of the same sequence unpadded
+(its indices shifted by ``o_b``, as they stay token offsets into ``k``). Padding elsewhere (right
+padding, holes, the empty slots of a static cache) only removes keys: a padded key scores as
+masked (-32000) in the search, so a real key is never passed over for it, and it is never attended
+(sinks, window and selected keys alike) and gets no gradient; positions are not renumbered there
+(the window counts positions, padded or not). Rows at a negative position (query rows inside the
+left padding) see nothing and give 0. Without a padding mask nothing changes (``o_b = 0``, the
+host round count).
 """
 from __future__ import annotations
 
@@ -201,6 +216,25 @@ class HiPMask:
         out = torch.zeros(B, H, nq, Lk + 1, dtype=torch.bool, device=self.indices.device)
         out.scatter_(3, torch.where(ok, tok, Lk).flatten(3), True)
         return out[..., :Lk]
+
+
+def key_offsets(key_padding_mask: Optional[torch.Tensor], B: int, device) -> Optional[torch.Tensor]:
+    """int32 ``[B]``: the leading padded keys of each sequence (the index of its first real key; 0
+    when it has none), on the device (no host read); None without a padding mask."""
+    if key_padding_mask is None:
+        return None
+    return key_padding_mask.to(torch.int32).argmax(1).to(torch.int32)
+
+
+def rounds_per_batch(hip: HiP, p_max: int, k_off: torch.Tensor) -> torch.Tensor:
+    """int32 ``[B]``: :func:`num_rounds` of each sequence, whose longest row sits at
+    ``p_max - k_off[b]`` (positions counted from its first real key), on the device."""
+    p = p_max - k_off.long()
+    tsrc = (p + 1 - hip.window - hip.sinks).clamp(min=0)
+    bsrc = -(-tsrc // hip.block_size_k)
+    g = -(-bsrc // hip.k_blocks)                  # ceil(bsrc / K); rounds = ceil(log2(g)), 0 for g <= 1
+    powers = torch.ones(48, dtype=torch.int64, device=k_off.device).cumsum(0) - 1
+    return (g[:, None] > (1 << powers)).sum(-1).to(torch.int32)
 
 
 def query_positions(B: int, Lq: int, Lk: int, cache_seqlens: Optional[torch.Tensor], device) -> torch.Tensor:

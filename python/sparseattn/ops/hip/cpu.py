@@ -4,10 +4,14 @@ packed sort keys, the same float32 initial split), so that it selects what the k
 
 Attention gathers, per query block, the keys of its three sets (the sinks, the window's range of
 the block, the selected blocks): memory ``O(B H Lq (sinks + window + block_size_q + mask_k))``,
-never ``Lq x Lk``. Its backward recomputes those gathers and scatters dK / dV back."""
+never ``Lq x Lk``. Its backward recomputes those gathers and scatters dK / dV back.
+
+Key padding (``config.py``'s docstring): ``q_pos`` arrives counted from each sequence's first real
+key; ``kpm`` bool ``[B, Lk]`` and ``k_off`` int ``[B]`` (the leading padded keys) map the keys: a
+key at relative position ``r`` is row ``r + k_off[b]`` of k."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -34,13 +38,31 @@ def _block_positions(q_pos: Tensor, B: int, Lq: int, bq: int) -> Tensor:
     return pos.view(B, nq, bq)
 
 
+def _keys(kpm: Optional[Tensor], k_off: Optional[Tensor], B: int, Lk: int, dev):
+    """(bool [B, Lk + 1] keys that exist, a False column appended for out-of-range keys; int64 [B]
+    offsets)."""
+    ok = torch.ones(B, Lk, dtype=torch.bool, device=dev) if kpm is None else kpm.bool()
+    off = torch.zeros(B, dtype=torch.int64, device=dev) if k_off is None else k_off.long()
+    return torch.nn.functional.pad(ok, (0, 1)), off
+
+
+def _exists(ok: Tensor, rows: Tensor) -> Tensor:
+    """ok [B, Lk + 1], rows int64 [B, H, ...] (any value) -> bool [B, H, ...]: the row is in [0, Lk)
+    and not padding."""
+    B, Lk = ok.shape[0], ok.shape[1] - 1
+    r = torch.where((rows >= 0) & (rows < Lk), rows, Lk)
+    return torch.gather(ok, 1, r.reshape(B, -1)).reshape(r.shape)
+
+
 def hip_mask_cpu(q: Tensor, k: Tensor, q_pos: Tensor, hip: HiP, scale: float, rounds: int,
-                 bq: int) -> Tuple[Tensor, Tensor]:
+                 bq: int, kpm: Optional[Tensor] = None, k_off: Optional[Tensor] = None,
+                 rounds_b: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """(indices int32 [B, H, nQ, K], counts int32 [B, H, nQ]); what ``triton_kernels/hip.py``'s
-    mask kernel computes."""
+    mask kernel computes (``rounds_b`` int [B]: each sequence's round count, at most ``rounds``)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     dev = q.device
+    key_ok, off = _keys(kpm, k_off, B, Lk, dev)
     K, bk, sq, sk = hip.k_blocks, hip.block_size_k, hip.block_stride_q, hip.block_stride_k
     pos = _block_positions(q_pos, B, Lq, bq)
     nq = pos.shape[1]
@@ -50,7 +72,7 @@ def hip_mask_cpu(q: Tensor, k: Tensor, q_pos: Tensor, hip: HiP, scale: float, ro
     nsb = hip.n_sink_blocks
     kk = torch.arange(K, device=dev)
     # blocks without a search: every candidate
-    direct = torch.where(kk < bsrc[..., None], (nsb + kk) * bk, PAD_INDEX)           # [B, nQ, K]
+    direct = torch.where(kk < bsrc[..., None], (nsb + kk) * bk + off[:, None, None], PAD_INDEX)   # [B, nQ, K]
     idx = direct[:, None].expand(B, H, nq, K).clone()
     cnt = bsrc.clamp(max=K)[:, None].expand(B, H, nq).clone()
     search = tsrc > hip.mask_k
@@ -77,13 +99,14 @@ def hip_mask_cpu(q: Tensor, k: Tensor, q_pos: Tensor, hip: HiP, scale: float, ro
     node_g = node_g[:, None].expand(B, H, nq, K).clone()
     j = torch.arange(bk // sk, device=dev) * sk + (sk - 1)
     ci = torch.arange(2 * K, device=dev)
-    for _ in range(rounds):
+    for r in range(rounds):
         half = node_g // 2
         cs = torch.stack((node_s, node_s + half), -1).flatten(-2)                     # [B, H, nQ, 2K]
         cg = torch.stack((half, node_g - half), -1).flatten(-2)
         keys = (cs + cg // 2)[..., None] * bk + j                                      # [B, H, nQ, 2K, NKS]
-        k_ok = keys < Lk
-        kv = _gather_rows(kf, keys.clamp(max=Lk - 1))                                  # [..., 2K, NKS, D]
+        rows_k = keys + off[:, None, None, None, None]                                 # rows of k
+        k_ok = _exists(key_ok, rows_k)
+        kv = _gather_rows(kf, rows_k.clamp(max=Lk - 1))                                # [..., 2K, NKS, D]
         s = torch.einsum("bhqrd,bhqcjd->bhqrcj", qs, kv)
         ok = row_ok[None, None, :, :, None, None] & k_ok[:, :, :, None] & (s != 0) & \
             (keys[:, :, :, None] <= rpos[:, None, :, :, None, None] - hip.window)
@@ -96,12 +119,17 @@ def hip_mask_cpu(q: Tensor, k: Tensor, q_pos: Tensor, hip: HiP, scale: float, ro
         kept = key <= kth
         packed = torch.where(kept, 0, 1 << 62) | (cs << 21) | cg
         first = packed.sort(-1).values[..., :K]
-        node_s, node_g = (first >> 21) & ((1 << 40) - 1), first & ((1 << 21) - 1)
+        new_s, new_g = (first >> 21) & ((1 << 40) - 1), first & ((1 << 21) - 1)
+        if rounds_b is None:
+            node_s, node_g = new_s, new_g
+        else:                                          # a sequence's own rounds: later ones leave it
+            on = (r < rounds_b.long())[:, None, None, None]
+            node_s, node_g = torch.where(on, new_s, node_s), torch.where(on, new_g, node_g)
     alive = node_g > 0
     final = torch.where(alive, 0, 1 << 62) | node_s
     final = final.sort(-1).values & ((1 << 40) - 1)
     count = alive.sum(-1)
-    found = torch.where(kk < count[..., None], final * bk, PAD_INDEX)
+    found = torch.where(kk < count[..., None], final * bk + off[:, None, None, None], PAD_INDEX)
     sel = search[:, None].expand(B, H, nq)
     idx = torch.where(sel[..., None], found, idx)
     cnt = torch.where(sel, count, cnt)
@@ -109,7 +137,7 @@ def hip_mask_cpu(q: Tensor, k: Tensor, q_pos: Tensor, hip: HiP, scale: float, ro
 
 
 def _attention_parts(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, indices: Tensor, counts: Tensor, hip: HiP,
-                     scale: float, bq: int):
+                     scale: float, bq: int, kpm: Optional[Tensor] = None, k_off: Optional[Tensor] = None):
     """The forward's pieces: (key index per block [B, H, nQ, N], gathered K / V float32
     [B, H, nQ, N, D], query blocks float32 [B, H, nQ, bq, D], probabilities [B, H, nQ, bq, N],
     lse [B, H, nQ, bq])."""
@@ -117,22 +145,25 @@ def _attention_parts(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, indices: Te
     Lk = k.shape[2]
     dev = q.device
     W, S, bk = hip.window, hip.sinks, hip.block_size_k
+    key_ok, off = _keys(kpm, k_off, B, Lk, dev)
+    o = off[:, None, None, None]
     pos = _block_positions(q_pos, B, Lq, bq)                                       # [B, nQ, bq]
     nq = pos.shape[1]
     p_lo = torch.where(pos >= 0, pos, 1 << 40).amin(-1)                             # [B, nQ]
-    # the three key lists of each block: sinks, the window's range, the selected tokens
+    # the three key lists of each block: sinks, the window's range (relative positions), the
+    # selected tokens (rows of k)
     sink = torch.arange(S, device=dev).expand(B, nq, S)
     win = p_lo[..., None] - W + 1 + torch.arange(W + bq - 1, device=dev)
     n_sel = indices.shape[-1] * bk
     t = torch.arange(n_sel, device=dev)
     listed = t < counts[..., None].long() * bk                                     # [B, H, nQ, n_sel]
     sel = torch.where(listed, indices.long().gather(-1, (t // bk).expand_as(listed)) + t % bk, -1)
-    keys = torch.cat((sink[:, None].expand(B, H, nq, S), win[:, None].expand(B, H, nq, W + bq - 1), sel), -1)
+    keys = torch.cat((sink[:, None].expand(B, H, nq, S) + o, win[:, None].expand(B, H, nq, W + bq - 1) + o, sel), -1)
     kind = torch.cat((torch.zeros(S, device=dev), torch.ones(W + bq - 1, device=dev),
                       torch.full((n_sel,), 2.0, device=dev)))                          # 0 sink, 1 window, 2 selected
     p = pos[:, None, :, :, None]                                                   # [B, 1, nQ, bq, 1]
-    j = keys[:, :, :, None, :]                                                     # [B, H, nQ, 1, N]
-    exists = (j >= 0) & (j < Lk) & (p >= 0)
+    j = (keys - o)[:, :, :, None, :]                                               # [B, H, nQ, 1, N] relative
+    exists = (keys >= 0)[:, :, :, None, :] & _exists(key_ok, keys)[:, :, :, None, :] & (p >= 0)
     keep = torch.where(kind == 0, (j < S) & (j <= p - W),
                        torch.where(kind == 1, (j > p - W) & (j <= p), (j >= S) & (j <= p - W))) & exists
     keys = keys.clamp(0, Lk - 1)
@@ -153,19 +184,21 @@ def _rows(t: Tensor, Lq: int) -> Tensor:
 
 
 def hip_attention_cpu(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, indices: Tensor, counts: Tensor, hip: HiP,
-                      scale: float, bq: int) -> Tuple[Tensor, Tensor]:
+                      scale: float, bq: int, kpm: Optional[Tensor] = None,
+                      k_off: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """(out [B, H, Lq, Dv] in q's dtype, lse [B, H, Lq] float32)."""
-    _, _, vg, _, prob, lse = _attention_parts(q, k, v, q_pos, indices, counts, hip, scale, bq)
+    _, _, vg, _, prob, lse = _attention_parts(q, k, v, q_pos, indices, counts, hip, scale, bq, kpm, k_off)
     out = torch.einsum("bhqmn,bhqnd->bhqmd", prob, vg)
     return _rows(out, q.shape[2]).to(q.dtype), _rows(lse, q.shape[2]).contiguous()
 
 
 def hip_attention_bwd_cpu(do: Tensor, dlse, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, indices: Tensor,
-                          counts: Tensor, hip: HiP, scale: float, bq: int):
+                          counts: Tensor, hip: HiP, scale: float, bq: int, kpm: Optional[Tensor] = None,
+                          k_off: Optional[Tensor] = None):
     """(dq, dk, dv): the softmax backward over the same gathered keys, dK / dV scattered back."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    keys, kg, vg, qb, prob, _ = _attention_parts(q, k, v, q_pos, indices, counts, hip, scale, bq)
+    keys, kg, vg, qb, prob, _ = _attention_parts(q, k, v, q_pos, indices, counts, hip, scale, bq, kpm, k_off)
     nq = qb.shape[2]
     dob = torch.nn.functional.pad(do.float(), (0, 0, 0, nq * bq - Lq)).view(B, H, nq, bq, -1)
     out = torch.einsum("bhqmn,bhqnd->bhqmd", prob, vg)

@@ -5,7 +5,12 @@ sparse attention under a mask (:func:`hip_attention`) and two quality measures (
 :func:`best_mass`). Plain PyTorch with loops over (batch, head, query block, round): small sizes only.
 
 Positions are 0-based: query row ``i`` of sequence ``b`` sits at ``p = q_pos[b, i]`` (default
-``Lk - Lq + i``) and sees keys ``j <= p``. GQA: query head ``h`` uses kv head ``h // (Hq // Hkv)``."""
+``Lk - Lq + i``) and sees keys ``j <= p``. GQA: query head ``h`` uses kv head ``h // (Hq // Hkv)``.
+
+Key padding (``key_padding_mask`` bool ``[B, Lk]``, True = the key exists; ``config.py``'s docstring):
+the ``o_b`` leading padded keys of sequence b are cut off and the search runs on the rest as on an
+unpadded sequence (positions ``p - o_b``, its own round count), the selected offsets shifted back by
+``o_b``; other padded keys score -32000 in the search and are never attended."""
 from __future__ import annotations
 
 import math
@@ -65,6 +70,18 @@ def _positions(B: int, Lq: int, Lk: int, q_pos: Optional[torch.Tensor], device) 
     return q_pos.to(device=device, dtype=torch.int64)
 
 
+def _padding(key_padding_mask: Optional[torch.Tensor], B: int, Lk: int, device):
+    """(bool ``[B, Lk]`` keys that exist, int64 ``[B]`` leading padded keys ``o_b``)."""
+    if key_padding_mask is None:
+        return torch.ones(B, Lk, dtype=torch.bool, device=device), torch.zeros(B, dtype=torch.int64, device=device)
+    if tuple(key_padding_mask.shape) != (B, Lk) or key_padding_mask.dtype != torch.bool:
+        raise ValueError(f"key_padding_mask: expected bool [{B}, {Lk}], got {key_padding_mask.dtype} "
+                         f"{list(key_padding_mask.shape)}")
+    kpm = key_padding_mask.to(device)
+    first = [int(torch.nonzero(row)[0]) if bool(row.any()) else 0 for row in kpm.cpu()]
+    return kpm, torch.tensor(first, dtype=torch.int64, device=device)
+
+
 def _strided_rows(hip: HiP, qb: int, Lq: int) -> torch.Tensor:
     """The rows of query block ``qb`` that score the tree's children, counted back from its last
     existing row by ``block_stride_q`` (on a full block: HiP's ``qb * BQ + j * stride + stride - 1``)."""
@@ -74,17 +91,19 @@ def _strided_rows(hip: HiP, qb: int, Lq: int) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64)
 
 
-def _representative_scores(qs, kk, pos, hip: HiP, scale: float, n_blocks: int) -> torch.Tensor:
+def _representative_scores(qs, kk, pos, hip: HiP, scale: float, n_blocks: int, key_ok=None) -> torch.Tensor:
     """float64 ``[n_blocks]``: the score of each key block ``r`` as a representative: the max over the
     strided rows ``i`` (``qs [n, D]`` at positions ``pos [n]``) and the keys
     ``t = r * bk + j * stride_k + stride_k - 1`` of ``q_i . k_t * scale``, with HiP's masked score
     -32000 for ``t > p_i - window`` (window or future), ``t >= Lk``, or a product exactly 0.0 (HiP's
-    padding hack, reproduced)."""
+    padding hack, reproduced), or a key that ``key_ok`` [Lk] says is padding."""
     Lk = kk.shape[0]
     bk, sk = hip.block_size_k, hip.block_stride_k
     dots = qs @ kk.T                                                        # [n, Lk], unscaled
     t = torch.arange(Lk)
     masked = (t[None, :] > pos[:, None] - hip.window) | (dots == 0.0)
+    if key_ok is not None:
+        masked = masked | ~key_ok[None, :]
     col = torch.where(masked, torch.tensor(MASKED_SCORE, dtype=torch.float64), dots * scale).amax(0)
     pad = max(0, n_blocks * bk - Lk)
     col = torch.cat([col, torch.full((pad,), MASKED_SCORE, dtype=torch.float64)])
@@ -128,7 +147,7 @@ def _search(bscore: torch.Tensor, hip: HiP, bsrc: int, rounds: int):
 
 
 def hip_mask_scores(q: torch.Tensor, k: torch.Tensor, hip: HiP, *, q_pos: Optional[torch.Tensor] = None,
-                    scale: Optional[float] = None) -> HiPScores:
+                    scale: Optional[float] = None, key_padding_mask: Optional[torch.Tensor] = None) -> HiPScores:
     """:func:`hip_mask`, with the float64 scores behind its decisions (:class:`HiPScores`)."""
     B, Hq, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -139,8 +158,11 @@ def hip_mask_scores(q: torch.Tensor, k: torch.Tensor, hip: HiP, *, q_pos: Option
     nq = -(-Lq // bq)
     sc = _scale(q, scale)
     pos = _positions(B, Lq, Lk, q_pos, dev).cpu()
+    kpm, off = (t.cpu() for t in _padding(key_padding_mask, B, Lk, dev))
     qq, kk = q.detach().double().cpu(), k.detach().double().cpu()
-    rounds = num_rounds(hip, int(pos.max().item())) if pos.numel() else 0   # one count for the call
+    p_max = int(pos.max().item()) if pos.numel() else 0             # one count for the call ...
+    rounds = [num_rounds(hip, p_max - int(o)) for o in off]        # ... per sequence from its first real key
+    pos = pos - off[:, None]                                         # positions from the first real key
     indices = torch.full((B, Hq, nq, K), PAD_INDEX, dtype=torch.int32)
     counts = torch.zeros(B, Hq, nq, dtype=torch.int32)
     selected = torch.full((B, Hq, nq, K), float("nan"), dtype=torch.float64)
@@ -149,28 +171,29 @@ def hip_mask_scores(q: torch.Tensor, k: torch.Tensor, hip: HiP, *, q_pos: Option
     for qb in range(nq):
         rows = _strided_rows(hip, qb, Lq)
         for b in range(B):
+            o = int(off[b])
             p_last = int(pos[b, qb * bq:min((qb + 1) * bq, Lq)].max().item())
             bsrc = hip.candidates(p_last)
             if not hip.searches(p_last):                 # every candidate is selected
                 counts[b, :, qb] = bsrc
-                indices[b, :, qb, :bsrc] = ((torch.arange(bsrc) + hip.n_sink_blocks) * bk).to(torch.int32)
+                indices[b, :, qb, :bsrc] = ((torch.arange(bsrc) + hip.n_sink_blocks) * bk + o).to(torch.int32)
                 continue
             for h in range(Hq):
-                kv = kk[b, h // (Hq // Hkv)]
+                kv = kk[b, h // (Hq // Hkv), o:]         # the sequence from its first real key
                 bscore = _representative_scores(qq[b, h, rows], kv, pos[b, rows], hip, sc,
-                                                hip.n_sink_blocks + bsrc)
-                nodes, rejected, gap = _search(bscore, hip, bsrc, rounds)
+                                                hip.n_sink_blocks + bsrc, kpm[b, o:])
+                nodes, rejected, gap = _search(bscore, hip, bsrc, rounds[b])
                 best_rejected[b, h, qb], margin[b, h, qb] = rejected, gap
                 counts[b, h, qb] = len(nodes)
                 for n, (start, _, score) in enumerate(nodes):
-                    indices[b, h, qb, n] = start * bk
+                    indices[b, h, qb, n] = start * bk + o
                     selected[b, h, qb, n] = score
     mask = HiPMask(indices.to(dev), counts.to(dev), hip, (Lq, Lk))
     return HiPScores(mask, selected.to(dev), best_rejected.to(dev), margin.to(dev))
 
 
 def hip_mask(q: torch.Tensor, k: torch.Tensor, hip: HiP, *, q_pos: Optional[torch.Tensor] = None,
-             scale: Optional[float] = None) -> HiPMask:
+             scale: Optional[float] = None, key_padding_mask: Optional[torch.Tensor] = None) -> HiPMask:
     """Oracle of HiP's mask estimate: the tree search of ``config.py``'s docstring in float64.
 
     Per (batch, query head, query block of ``block_size_q`` rows): the candidate ``block_size_k``-token
@@ -187,6 +210,8 @@ def hip_mask(q: torch.Tensor, k: torch.Tensor, hip: HiP, *, q_pos: Optional[torc
         hip: the :class:`HiP` configuration.
         q_pos: int ``[B, Lq]`` 0-based positions of the rows, default ``Lk - Lq + i``.
         scale: default ``1 / sqrt(D)``.
+        key_padding_mask: bool ``[B, Lk]`` (True = the key exists) or None: positions counted from
+            each sequence's first real key, padded keys scored -32000 (module docstring).
 
     Returns:
         :class:`HiPMask`: int32 ``indices [B, Hq, nQ, K]`` (ascending token offsets, ``PAD_INDEX``
@@ -200,27 +225,31 @@ def hip_mask(q: torch.Tensor, k: torch.Tensor, hip: HiP, *, q_pos: Optional[torc
         >>> m.indices.shape, m.counts[0, 0].tolist()    # block 0: 3 candidates, all selected
         (torch.Size([1, 2, 4, 4]), [3, 4, 4, 4])
     """
-    return hip_mask_scores(q, k, hip, q_pos=q_pos, scale=scale).mask
+    return hip_mask_scores(q, k, hip, q_pos=q_pos, scale=scale, key_padding_mask=key_padding_mask).mask
 
 
-def attended(mask: HiPMask, hip: HiP, Lq: int, Lk: int, q_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+def attended(mask: HiPMask, hip: HiP, Lq: int, Lk: int, q_pos: Optional[torch.Tensor] = None,
+             key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """bool ``[B, Hq, Lq, Lk]``: the keys HiP's sparse attention gives row ``i`` (position ``p``) of
     query block ``i // block_size_q``: the union of the sinks ``{j < sinks, j <= p - window}``, the
     window ``{p - window < j <= p}`` and the selected keys ``{j in a selected block (the first counts
-    entries), sinks <= j <= p - window}``; always ``j < Lk``."""
+    entries), sinks <= j <= p - window}``; always ``j < Lk``. With ``key_padding_mask`` the positions
+    ``p`` and ``j`` count from each sequence's first real key (``- o_b``) and padded keys are
+    removed."""
     if tuple(mask.seq_lens) != (Lq, Lk):
         raise ValueError(f"mask: expected a mask for seq_lens {(Lq, Lk)}, got one for {tuple(mask.seq_lens)}")
     if mask.hip != hip:
         raise ValueError(f"mask: expected a mask estimated with {hip}, got one for {mask.hip}")
     B, dev = mask.indices.shape[0], mask.indices.device
-    p = _positions(B, Lq, Lk, q_pos, dev)[:, None, :, None]             # [B, 1, Lq, 1]
-    j = torch.arange(Lk, device=dev)
+    kpm, off = _padding(key_padding_mask, B, Lk, dev)
+    p = (_positions(B, Lq, Lk, q_pos, dev) - off[:, None])[:, None, :, None]     # [B, 1, Lq, 1]
+    j = torch.arange(Lk, device=dev) - off[:, None, None, None]                  # [B, 1, 1, Lk]
     before_window = j <= p - hip.window
     sinks = (j < hip.sinks) & before_window
     window = (j > p - hip.window) & (j <= p)
     rows_block = torch.arange(Lq, device=dev) // hip.block_size_q
     sel = mask.block_mask()[:, :, rows_block, :] & (j >= hip.sinks) & before_window
-    return sinks | window | sel
+    return (sinks | window | sel) & kpm[:, None, None, :]
 
 
 def _softmax(q, k, keep, scale):
@@ -235,7 +264,8 @@ def _softmax(q, k, keep, scale):
 
 
 def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hip: HiP, mask: HiPMask, *,
-                  scale: Optional[float] = None, q_pos: Optional[torch.Tensor] = None, return_lse: bool = False):
+                  scale: Optional[float] = None, q_pos: Optional[torch.Tensor] = None, return_lse: bool = False,
+                  key_padding_mask: Optional[torch.Tensor] = None):
     """Oracle of HiP's sparse attention: dense float64 softmax of ``q.k * scale`` over
     :func:`attended` keys (one softmax over the union of sinks, window and selected keys).
 
@@ -243,12 +273,13 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hip: HiP, m
         q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``; v: ``[B, Hkv, Lk, Dv]``.
         hip, mask: the configuration and a :class:`HiPMask` for ``(Lq, Lk)``.
         scale: default ``1 / sqrt(D)``; q_pos: int ``[B, Lq]``, default ``Lk - Lq + i``.
+        key_padding_mask: bool ``[B, Lk]`` or None (:func:`attended`).
 
     Returns:
         out float64 ``[B, Hq, Lq, Dv]`` (a row that sees nothing gives 0), and with ``return_lse``
         the natural-log LSE float64 ``[B, Hq, Lq]`` (-inf on such rows).
     """
-    keep = attended(mask, hip, q.shape[2], k.shape[2], q_pos)
+    keep = attended(mask, hip, q.shape[2], k.shape[2], q_pos, key_padding_mask)
     P, lse = _softmax(q, k, keep, scale)
     out = P @ v.double().repeat_interleave(q.shape[1] // v.shape[1], 1)
     return (out, lse) if return_lse else out

@@ -20,10 +20,10 @@ from torch import Tensor
 
 from ... import _dispatch
 from ..._dispatch import backend_for
-from ..common import check_dtype_and_dim, check_inputs
+from ..common import check_dtype_and_dim, check_inputs, check_score_options
 from ..library import custom_op
 from . import cpu, naive
-from .config import HiP, HiPMask, num_rounds, query_positions
+from .config import HiP, HiPMask, key_offsets, num_rounds, query_positions, rounds_per_batch
 
 _tk = _dispatch.triton_kernels()
 MAX_DECODE_LQ = 16
@@ -35,16 +35,17 @@ def _kernels():
 
 
 @custom_op("sparseattn::hip_mask")
-def hip_mask_op(q: Tensor, k: Tensor, q_pos: Tensor, mask_k: int, bq: int, stride_q: int, bk: int, stride_k: int,
-                window: int, sinks: int, scale: float, rounds: int) -> Tuple[Tensor, Tensor]:
+def hip_mask_op(q: Tensor, k: Tensor, q_pos: Tensor, kpm: Optional[Tensor], k_off: Optional[Tensor],
+                rounds_b: Optional[Tensor], mask_k: int, bq: int, stride_q: int, bk: int, stride_k: int, window: int,
+                sinks: int, scale: float, rounds: int) -> Tuple[Tensor, Tensor]:
     hip = HiP(mask_k, bq, stride_q, bk, stride_k, window, sinks)
     if backend_for(q) == "triton":
-        return _kernels().hip_mask(q, k, q_pos, hip, scale, rounds, bq)
-    return cpu.hip_mask_cpu(q, k, q_pos, hip, scale, rounds, bq)
+        return _kernels().hip_mask(q, k, q_pos, hip, scale, rounds, bq, kpm, k_off, rounds_b)
+    return cpu.hip_mask_cpu(q, k, q_pos, hip, scale, rounds, bq, kpm, k_off, rounds_b)
 
 
 @torch.library.register_fake("sparseattn::hip_mask")
-def _(q, k, q_pos, mask_k, bq, stride_q, bk, stride_k, *rest):
+def _(q, k, q_pos, kpm, k_off, rounds_b, mask_k, bq, stride_q, bk, stride_k, *rest):
     B, H, Lq, _ = q.shape
     nq = -(-Lq // bq)
     return q.new_empty(B, H, nq, mask_k // bk, dtype=torch.int32), q.new_empty(B, H, nq, dtype=torch.int32)
@@ -56,12 +57,13 @@ def _hip_of(mask_k, bq, bk, window, sinks) -> HiP:
 
 
 @custom_op("sparseattn::hip_attention_fwd", differentiable=True)
-def hip_attention_fwd(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, indices: Tensor, counts: Tensor, mask_k: int,
-                      bq: int, bk: int, window: int, sinks: int, scale: float) -> Tuple[Tensor, Tensor]:
+def hip_attention_fwd(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, indices: Tensor, counts: Tensor,
+                      kpm: Optional[Tensor], k_off: Optional[Tensor], mask_k: int, bq: int, bk: int, window: int,
+                      sinks: int, scale: float) -> Tuple[Tensor, Tensor]:
     hip = _hip_of(mask_k, bq, bk, window, sinks)
     if backend_for(q) == "triton":
-        return _kernels().hip_attention_fwd(q, k, v, q_pos, indices, counts, hip, scale, bq)
-    return cpu.hip_attention_cpu(q, k, v, q_pos, indices, counts, hip, scale, bq)
+        return _kernels().hip_attention_fwd(q, k, v, q_pos, indices, counts, hip, scale, bq, kpm, k_off)
+    return cpu.hip_attention_cpu(q, k, v, q_pos, indices, counts, hip, scale, bq, kpm, k_off)
 
 
 @torch.library.register_fake("sparseattn::hip_attention_fwd")
@@ -72,12 +74,14 @@ def _(q, k, v, *rest):
 
 @custom_op("sparseattn::hip_attention_bwd")
 def hip_attention_bwd(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                      q_pos: Tensor, indices: Tensor, counts: Tensor, mask_k: int, bq: int, bk: int, window: int,
-                      sinks: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+                      q_pos: Tensor, indices: Tensor, counts: Tensor, kpm: Optional[Tensor], k_off: Optional[Tensor],
+                      mask_k: int, bq: int, bk: int, window: int, sinks: int,
+                      scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     hip = _hip_of(mask_k, bq, bk, window, sinks)
     if backend_for(q) == "triton":
-        return _kernels().hip_attention_bwd(do, dlse, q, k, v, out, lse, q_pos, indices, counts, hip, scale, bq)
-    return cpu.hip_attention_bwd_cpu(do, dlse, q, k, v, q_pos, indices, counts, hip, scale, bq)
+        return _kernels().hip_attention_bwd(do, dlse, q, k, v, out, lse, q_pos, indices, counts, hip, scale, bq, kpm,
+                                            k_off)
+    return cpu.hip_attention_bwd_cpu(do, dlse, q, k, v, q_pos, indices, counts, hip, scale, bq, kpm, k_off)
 
 
 @torch.library.register_fake("sparseattn::hip_attention_bwd")
@@ -86,17 +90,18 @@ def _(do, dlse, q, k, v, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, q_pos, indices, counts, *params = inputs
+    q, k, v, q_pos, indices, counts, kpm, k_off, *params = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, q_pos, indices, counts)
+    ctx.save_for_backward(q, k, v, out, lse, q_pos, indices, counts, kpm, k_off)
     ctx.params = params
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, q_pos, indices, counts = ctx.saved_tensors
+    q, k, v, out, lse, q_pos, indices, counts, kpm, k_off = ctx.saved_tensors
     dlse = None if dlse is None else dlse.contiguous()
-    dq, dk, dv = hip_attention_bwd(dout.contiguous(), dlse, q, k, v, out, lse, q_pos, indices, counts, *ctx.params)
-    return (dq, dk, dv) + (None,) * 9
+    dq, dk, dv = hip_attention_bwd(dout.contiguous(), dlse, q, k, v, out, lse, q_pos, indices, counts, kpm, k_off,
+                                   *ctx.params)
+    return (dq, dk, dv) + (None,) * 11
 
 
 torch.library.register_autograd("sparseattn::hip_attention_fwd", _backward, setup_context=_setup_context)
@@ -118,12 +123,32 @@ def _record(q: Tensor) -> None:
     _dispatch.set_backend(backend, _dispatch.cpu_reason(q) if backend == "cpu" else None)
 
 
-def _estimate(q: Tensor, k: Tensor, q_pos: Tensor, hip: HiP, scale: float, bq: int, p_max: int) -> Tuple[Tensor, Tensor]:
-    return hip_mask_op(q, k, q_pos, hip.mask_k, bq, hip.block_stride_q, hip.block_size_k, hip.block_stride_k,
-                       hip.window, hip.sinks, scale, num_rounds(hip, p_max))
+class _Padding:
+    """A checked key padding mask, as the ops take it: ``kpm`` uint8 ``[B, Lk]`` (contiguous) and
+    ``k_off`` int32 ``[B]`` (leading padded keys, :func:`key_offsets`), both None without one."""
+
+    def __init__(self, key_padding_mask: Optional[Tensor], B: int, Hq: int, Lk: int, device):
+        check_score_options(B, Hq, Lk, device, key_padding_mask=key_padding_mask)
+        self.kpm = self.k_off = None
+        if key_padding_mask is not None:
+            self.kpm = key_padding_mask.contiguous().view(torch.uint8)
+            self.k_off = key_offsets(key_padding_mask, B, device)
+
+    def positions(self, q_pos: Tensor) -> Tensor:
+        """HiP's positions: counted from each sequence's first real key."""
+        return q_pos if self.k_off is None else (q_pos - self.k_off[:, None]).contiguous()
 
 
-def hip_mask(q: Tensor, k: Tensor, hip: HiP, *, scale: Optional[float] = None) -> HiPMask:
+def _estimate(q: Tensor, k: Tensor, q_pos: Tensor, hip: HiP, scale: float, bq: int, p_max: int,
+              pad: _Padding) -> Tuple[Tensor, Tensor]:
+    rounds_b = None if pad.k_off is None else rounds_per_batch(hip, p_max, pad.k_off)
+    return hip_mask_op(q, k, pad.positions(q_pos), pad.kpm, pad.k_off, rounds_b, hip.mask_k, bq,
+                       hip.block_stride_q, hip.block_size_k, hip.block_stride_k, hip.window, hip.sinks, scale,
+                       num_rounds(hip, p_max))
+
+
+def hip_mask(q: Tensor, k: Tensor, hip: HiP, *, scale: Optional[float] = None,
+             key_padding_mask: Optional[Tensor] = None) -> HiPMask:
     """Estimate HiP's mask: for each (batch, query head, query block of ``hip.block_size_q`` rows)
     the ``hip.mask_k`` keys (``K = mask_k / block_size_k`` blocks) found by the tree search, on the
     device, in ``O(L log L)``; no ``[Lq, Lk]`` tensor.
@@ -133,9 +158,14 @@ def hip_mask(q: Tensor, k: Tensor, hip: HiP, *, scale: Optional[float] = None) -
             The queries are the last Lq positions: row ``i`` sits at ``Lk - Lq + i``.
         hip: the :class:`HiP` configuration.
         scale: score scale (default ``1 / sqrt(D)``; it only matters against HiP's -32000 mask value).
+        key_padding_mask: bool ``[B, Lk]``, True = the key exists (Hugging Face's attention_mask), or
+            None. Positions count from each sequence's first real key (a left-padded sequence gets
+            the mask of the same sequence unpadded, its offsets shifted by the padding); other
+            padded keys score as masked, so a real key is never passed over for one.
 
     Returns:
-        :class:`HiPMask` (indices int32 ``[B, Hq, nQ, K]``, counts int32 ``[B, Hq, nQ]``).
+        :class:`HiPMask` (indices int32 ``[B, Hq, nQ, K]``: token offsets into k, counts int32
+        ``[B, Hq, nQ]``).
 
     Example::
 
@@ -149,19 +179,21 @@ def hip_mask(q: Tensor, k: Tensor, hip: HiP, *, scale: Optional[float] = None) -
     hip = _check_hip(hip)
     B, Hq, _, Lq, Lk, D = check_inputs(q, k, k, gqa=True, names=("q", "k", "k"))
     check_dtype_and_dim(q)
+    pad = _Padding(key_padding_mask, B, Hq, Lk, q.device)
     _record(q)
     idx, cnt = _estimate(q, k, query_positions(B, Lq, Lk, None, q.device), hip, _scale(scale, D), hip.block_size_q,
-                         Lk - 1)
+                         Lk - 1, pad)
     return HiPMask(idx, cnt, hip, (Lq, Lk))
 
 
-def _attend(q, k, v, q_pos, mask_idx, mask_cnt, hip: HiP, scale: float, bq: int):
-    return hip_attention_fwd(q, k, v, q_pos, mask_idx.contiguous(), mask_cnt.contiguous(), hip.mask_k, bq,
-                             hip.block_size_k, hip.window, hip.sinks, scale)
+def _attend(q, k, v, q_pos, mask_idx, mask_cnt, hip: HiP, scale: float, bq: int, pad: _Padding):
+    return hip_attention_fwd(q, k, v, pad.positions(q_pos), mask_idx.contiguous(), mask_cnt.contiguous(), pad.kpm,
+                             pad.k_off, hip.mask_k, bq, hip.block_size_k, hip.window, hip.sinks, scale)
 
 
 def hip_attention(q: Tensor, k: Tensor, v: Tensor, hip: HiP, mask: Optional[HiPMask] = None,
-                  scale: Optional[float] = None, return_lse: bool = False):
+                  scale: Optional[float] = None, return_lse: bool = False, *,
+                  key_padding_mask: Optional[Tensor] = None):
     """HiP attention: one softmax per query row over three disjoint key sets: the attention sinks
     ``{j < sinks, j <= p - window}``, the sliding window ``{p - window < j <= p}`` and the keys of
     the mask's selected blocks ``{sinks <= j <= p - window}``, where ``p = Lk - Lq + i`` is the row's
@@ -175,25 +207,32 @@ def hip_attention(q: Tensor, k: Tensor, v: Tensor, hip: HiP, mask: Optional[HiPM
         mask: a :class:`HiPMask` from :func:`hip_mask` for these lengths and this config, or None
             to estimate it here (no gradient flows through the estimation).
         scale: default ``1 / sqrt(D)``. return_lse: also return the natural-log LSE ``[B, Hq, Lq]``.
+        key_padding_mask: bool ``[B, Lk]``, True = the key exists, or None. Padded keys are never
+            attended (sinks, window and selected keys alike) and get no gradient; positions count
+            from each sequence's first real key (:func:`hip_mask`), so a left-padded sequence's
+            sinks are its first real tokens. A mask given in ``mask`` must come from the same
+            ``key_padding_mask``.
 
     Returns:
         out ``[B, Hq, Lq, Dv]`` (q's dtype), and lse with ``return_lse``. A row that sees nothing
-        gives 0 (lse -inf). Differentiable in q, k, v through the fixed mask; dK / dV are summed
-        with float32 atomics on the GPU (not bitwise deterministic).
+        (e.g. a query inside the left padding) gives 0 (lse -inf). Differentiable in q, k, v through
+        the fixed mask; dK / dV are summed with float32 atomics on the GPU (not bitwise
+        deterministic).
     """
     hip = _check_hip(hip)
     B, Hq, _, Lq, Lk, D = check_inputs(q, k, v, gqa=True, same_value_dim=False)
     check_dtype_and_dim(q)
     check_dtype_and_dim(v, "v")
     scale = _scale(scale, D)
+    pad = _Padding(key_padding_mask, B, Hq, Lk, q.device)
     if mask is None:
-        mask = hip_mask(q.detach(), k.detach(), hip, scale=scale)
+        mask = hip_mask(q.detach(), k.detach(), hip, scale=scale, key_padding_mask=key_padding_mask)
     elif not isinstance(mask, HiPMask):
         raise TypeError(f"mask: expected a sparseattn.HiPMask or None, got {type(mask).__name__}")
     mask.check_for(B, Hq, Lq, Lk, hip, q.device)
     _record(q)
     out, lse = _attend(q, k, v, query_positions(B, Lq, Lk, None, q.device), mask.indices, mask.counts, hip, scale,
-                       hip.block_size_q)
+                       hip.block_size_q, pad)
     return (out, lse) if return_lse else out
 
 
@@ -217,7 +256,8 @@ class HiPDecodeState:
 
 
 def hip_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, hip: HiP, cache_seqlens: Optional[Tensor] = None,
-               state: Optional[HiPDecodeState] = None, scale: Optional[float] = None):
+               state: Optional[HiPDecodeState] = None, scale: Optional[float] = None, *,
+               key_padding_mask: Optional[Tensor] = None):
     """One HiP decode step: ``Lq`` (1 to 16) new query rows per sequence against a KV cache, with
     hip-attention's mask refresh: on the first call and every ``hip.refresh_interval`` steps the
     mask is re-estimated from one query block made of the last ``refresh_interval - 1`` decode query
@@ -232,6 +272,10 @@ def hip_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, hip: HiP, cache_seql
             included; at least Lq, unchecked: a row at a negative position sees nothing); None: Lmax.
         state: the :class:`HiPDecodeState` the previous step returned, or None on the first step.
         scale: default ``1 / sqrt(D)``.
+        key_padding_mask: bool ``[B, Lmax]`` (True = the key exists), or None: as in
+            :func:`hip_attention` (positions count from each sequence's first real key; padded keys
+            are never attended nor selected). Pass the same padding every step (a left-padded
+            batch's prompt padding stays where it is).
 
     Returns:
         (out ``[B, Hq, Lq, Dv]``, state for the next step).
@@ -268,6 +312,7 @@ def hip_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, hip: HiP, cache_seql
             raise ValueError(f"state: expected a state of this config and shapes (B={B}, Hq={Hq}, D={D}), got one "
                              f"for {state.hip} and indices {list(state.indices.shape)}")
     scale = _scale(scale, D)
+    pad = _Padding(key_padding_mask, B, Hq, Lmax, q.device)
     _record(q)
     keep = hip.refresh_interval - 1
     if state is None:
@@ -281,11 +326,11 @@ def hip_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, hip: HiP, cache_seql
         n = block_q.shape[2]
         bq = max(hip.block_size_q, triton.next_power_of_2(n))
         idx, cnt = _estimate(block_q, k_cache, query_positions(B, n, Lmax, cache_seqlens, q.device), hip, scale, bq,
-                             Lmax - 1)
+                             Lmax - 1, pad)
     else:
         idx, cnt = state.indices, state.counts
     out, _ = _attend(q, k_cache, v_cache, query_positions(B, Lq, Lmax, cache_seqlens, q.device), idx, cnt, hip,
-                     scale, hip.block_size_q)
+                     scale, hip.block_size_q, pad)
     recent = torch.cat((recent, q.detach()), 2)[:, :, max(0, recent.shape[2] + Lq - keep):] if keep else recent
     return out, HiPDecodeState(hip, idx, cnt, recent, step + 1, refresh)
 
