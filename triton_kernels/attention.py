@@ -131,17 +131,27 @@ def _sparse_attention_fwd_kernel(
 @triton.jit
 def _sparse_attention_bwd_preprocess_kernel(O, DO, DLSE, DELTA, H, Lq, HEAD_DIM: tl.constexpr,
                                             BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                                            HAS_DLSE: tl.constexpr):
-    """delta = rowsum(dO * O) - dLSE (O, dO contiguous [B, H, Lq, D]; DELTA, DLSE [B, H, Lq])."""
+                                            HAS_DLSE: tl.constexpr, PRECISION: tl.constexpr):
+    """delta = rowsum(dO * O) - dLSE (O, dO contiguous [B, H, Lq, D]; DELTA, DLSE [B, H, Lq]).
+
+    The row sums are the diagonal of ``tl.dot(dO, O^T)``: the same reduction, on the same operand
+    types, as the dK/dV and dQ kernels' ``dP = dO . V``. Where a row's probabilities are one key
+    (saturated softmax: huge logits), O is that key's V row exactly, so ``dP - delta`` is exactly
+    0 there, as in torch's ``sum(P * dP)`` formulation; an elementwise sum would leave the
+    difference of two orders of summation, ~u |dO| |V|, which dQ and dK multiply by |scale| |K|
+    and |scale| |Q|. O is read as saved, in the input dtype: for fp16 / bf16 its rounding, up to
+    u |dO_i|.|O_i|, shifts the whole row of dS (README, "Numerics of the backward")."""
     pid_m, bh = tile_and_plane(Lq, BLOCK_M)
     bh = bh.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM)
     off = bh * Lq * HEAD_DIM + offs_m[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
-    o = tl.load(O + off, mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(DO + off, mask=ok, other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, 1)
+    o = tl.load(O + off, mask=ok, other=0.0)
+    do = tl.load(DO + off, mask=ok, other=0.0)
+    dd = tl.dot(do, tl.trans(o), input_precision=PRECISION)                                    # [M, M]
+    diag = tl.arange(0, BLOCK_M)[:, None] == tl.arange(0, BLOCK_M)[None, :]
+    delta = tl.sum(tl.where(diag, dd, 0.0), 1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
     tl.store(DELTA + bh * Lq + offs_m, delta, mask=offs_m < Lq)
@@ -343,7 +353,7 @@ def sparse_attention_bwd(do, dlse, q, k, v, out, lse, layout_lists: List[torch.T
     with on_device(q):
         _sparse_attention_bwd_preprocess_kernel[(triton.cdiv(Lq, PREPROCESS_BLOCK_M) * B * H,)](
             out, do, dlse if dlse is not None else delta, delta, H, Lq, HEAD_DIM=Dv, BLOCK_D=block_d_of(Dv),
-            BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=dlse is not None)
+            BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=dlse is not None, PRECISION=flags["PRECISION"])
         for name, launch, tuner, key_major in (("sparse_attention_bwd_dkdv", launch_dkdv, DKDV_TUNER, True),
                                                ("sparse_attention_bwd_dq", launch_dq, DQ_TUNER, False)):
             cfg = tuner.pick(launch, **prob, **key)
@@ -413,5 +423,6 @@ def compile_specs(cc: int):
                                    cfg["num_warps"], cfg["num_stages"], tags=tags)
             yield Spec("preprocess", _sparse_attention_bwd_preprocess_kernel,
                        signature(_sparse_attention_bwd_preprocess_kernel, pre_types),
-                       dict(HEAD_DIM=dv, BLOCK_D=block_d_of(dv), BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=True), 4, 1,
+                       dict(HEAD_DIM=dv, BLOCK_D=block_d_of(dv), BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=True,
+                            PRECISION="ieee"), 4, 1,
                        tags={"dtype": tname, "D": dv})
