@@ -58,3 +58,17 @@ def test_fuzzer_catches_a_planted_bug_in_each_route(monkeypatch, pattern):
     real = getattr(sa, name)
     monkeypatch.setattr(sa, name, lambda *a, **k: real(*a, **k) * 1.05 + 0.01)
     assert "max error" in fuzz.run_case(case)
+
+
+# Cases the long runs found (python -m sparseattn.fuzz, README "Tests"), each a fixed bug.
+FOUND = [
+    # dV off by 6e-5 (> 5.2e-5): ALiBi scores of ~-150 on rows that see one key; the backward
+    # recomputed P from a float32 natural-log LSE (P = 1 +- 2e-5). Fixed: float64 LSE, split base-2.
+    dict(B=2, Hkv=1, group=1, Lq=293, Lk=1, D=24, dtype="fp32", strides="sliced", pattern="element_mask",
+         seed=836555366, options=["alibi", "softcap"], softcap=5.0),
+]
+
+
+@pytest.mark.parametrize("case", FOUND, ids=lambda c: c["pattern"])
+def test_found_cases_stay_fixed(case):
+    assert fuzz.run_case(case) is None

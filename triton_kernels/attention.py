@@ -26,7 +26,7 @@ from .common import (GATE_DTYPES, GATE_HEAD_DIMS, Tuner, attention_tile_fits, bl
                      load_rows, load_rows_at, load_vec, plane, program_tile, save_tile_log, store_rows,
                      tile_and_plane, tile_log, view, view_type)
 from ..ops.common import ScoreOptions
-from .walk import (RuleFlags, layout_row, lists_of, lists_type, lse2, no_hook, paged_rows, rule_flags, rules_at,
+from .walk import (RuleFlags, layout_row, lists_of, lists_type, lse2_split, no_hook, paged_rows, rule_flags, rules_at,
                    rules_of, rules_type, walk)
 
 LOG2E = 1.4426950408889634
@@ -96,12 +96,14 @@ def _fwd_tile(carry, ctx, s, dcap, k, y, offs_n, MASKED: tl.constexpr, RULES: tl
 
 @triton.jit
 def fwd_epilogue(carry):
-    """(output rows, natural-log LSE) from the forward BODY's carry; a row that saw no key gives 0
-    and LSE -inf."""
+    """(output rows, natural-log LSE in float64) from the forward BODY's carry; a row that saw no
+    key gives 0 and LSE -inf. float64 so that the backward recovers the base-2 LSE ``m + log2(l)``
+    exactly (:func:`lse2_split`); the ops hand users float32."""
     acc, l_i, m_i = carry
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    lse2 = m_i.to(tl.float64) + tl.math.log2(l_safe).to(tl.float64)
+    lse = tl.where(empty, float("-inf"), lse2 * tl.full([], 0.6931471805599453, tl.float64))
     return acc / l_safe[:, None], lse
 
 
@@ -165,7 +167,8 @@ def _dkdv_tile(carry, ctx, s_t, dcap, q_t, y, offs_m, MASKED: tl.constexpr, RULE
     [N, DV]); ctx (v tile, dO plane, LSE and delta rows of the query head, Lq)."""
     dk, dv = carry
     v, DO, LSE, DELTA, Lq = ctx
-    p_t = tl.math.exp2(s_t - lse2(LSE, offs_m, Lq, MASKED)[None, :])
+    hi, lo = lse2_split(LSE, offs_m, Lq, MASKED)
+    p_t = tl.math.exp2((s_t - hi[None, :]) - lo[None, :])
     do = load_rows(DO, offs_m, Lq, MASKED, HEAD_DV, BLOCK_DV)                               # [M, DV]
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)                                # [N, M]
@@ -205,9 +208,9 @@ def _sparse_attention_bwd_dkdv_kernel(
 def _dq_tile(dq, ctx, s, dcap, k_t, v_t, offs_n, MASKED: tl.constexpr, RULES: tl.constexpr, HEAD_DIM: tl.constexpr,
              BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     """dQ BODY over one key tile (the walk loads its V tile too, v_t [DV, N]). carry dq [M, D];
-    ctx (dO tile, base-2 LSE, delta)."""
-    do, lse, delta = ctx
-    p = tl.math.exp2(s - lse[:, None])
+    ctx (dO tile, base-2 LSE as hi + lo, delta)."""
+    do, hi, lo, delta = ctx
+    p = tl.math.exp2((s - hi[:, None]) - lo[:, None])
     dp = tl.dot(do, v_t, input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     if RULES.softcap:
@@ -226,7 +229,8 @@ def _sparse_attention_bwd_dq_kernel(
     b, h, hk, blk, offs_m = program_tile(Lq, H, GROUP, BLOCK_M, LAYOUT_BQ)
     q = load_rows(plane(Q, b, h), offs_m, Lq, True, HEAD_DIM, BLOCK_D)
     do = load_rows(plane(DO, b, h), offs_m, Lq, True, HEAD_DV, BLOCK_DV)
-    ctx = (do, lse2(LSE + (b * H + h) * Lq, offs_m, Lq, True), load_vec(DELTA + (b * H + h) * Lq, offs_m, Lq, True))
+    hi, lo = lse2_split(LSE + (b * H + h) * Lq, offs_m, Lq, True)
+    ctx = (do, hi, lo, load_vec(DELTA + (b * H + h) * Lq, offs_m, Lq, True))
     dq, _ = walk(tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), (), ctx, q, offs_m, plane(K, b, hk), plane(V, b, hk),
                  rules_at(rules, b, h), lists, layout_row(lists, b, h, blk), False, RULES, BLOCK_N, LAYOUT_BQ,
                  LAYOUT_BK, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, PRECISION, _dq_tile, no_hook,
@@ -281,7 +285,7 @@ def sparse_attention_fwd(q, k, v, layout_lists: List[torch.Tensor], mask: Option
     ``block_table`` int32 ``[B, max_pages]``, k and v are paged caches ``[num_pages, page_size,
     Hkv, D]`` (pages of consecutive rows: ``stride(0) == page_size * stride(1)``) read through the
     table, of logical length ``max_pages * page_size``. Returns (out [B, Hq, Lq, Dv] like q's
-    dtype, lse [B, Hq, Lq] float32)."""
+    dtype, lse [B, Hq, Lq] float64, natural log)."""
     B, H, Lq, D = q.shape
     Dv = v.shape[3]
     if block_table is None:
@@ -292,7 +296,7 @@ def sparse_attention_fwd(q, k, v, layout_lists: List[torch.Tensor], mask: Option
         kv_views = tuple(view(t, (0, t.stride(2), t.stride(1), t.stride(3))) for t in (k, v))
     opts = ScoreOptions(key_mask, key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg, key_group, group_bias)
     out = empty(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
-    lse = empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    lse = empty(B, H, Lq, dtype=torch.float64, device=q.device)   # float64: see fwd_epilogue
     rules = rules_of(Lq, Lk, mask, bias, bits, layout_lists[1], scale * LOG2E, causal_offset, window, sinks, opts,
                      block_table, page_size)
     lists = lists_of(*layout_lists[:5])
@@ -394,7 +398,7 @@ def compile_specs(cc: int):
     for tname, dtype in GATE_DTYPES.items():
         ptr = "*" + tname
         types = {**{n: view_type(ptr) for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")},
-                 **{n: "*fp32" for n in ("LSE", "DELTA", "DLSE")}, "rules": rules_type(ptr), "lists": lists_type(),
+                 "LSE": "*fp64", **{n: "*fp32" for n in ("DELTA", "DLSE")}, "rules": rules_type(ptr), "lists": lists_type(),
                  "sm_scale": "fp32"}
         pre_types = {**types, "O": ptr, "DO": ptr}  # the preprocess reads O and dO contiguous
         elem = torch.empty((), dtype=dtype).element_size()

@@ -51,7 +51,7 @@ from .._alloc import empty, on_device
 from .attention import LOG2E, _fwd_tile, fwd_epilogue
 from .common import (INTERPRET, Plane, block_d_of, load_cols_at, load_rows, load_rows_at, load_vec, log_tile,
                      plane, program_tile, save_tile_log, store_rows, tile_log, view, view_type)
-from .walk import RuleFlags, _causal, _window, lse2
+from .walk import RuleFlags, _causal, _window, lse2_split
 
 # HiP's rule data: lengths, window, sinks, base-2 score scale.
 HipArgs = namedtuple("HipArgs", ["Lq", "Lk", "window", "sinks", "qk_scale"])
@@ -350,9 +350,9 @@ def _hip_bwd_tile(dq, ctx, s, dcap, k_t, v_t, offs_n, MASKED: tl.constexpr, RULE
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
                   PRECISION: tl.constexpr):
     """Backward BODY over one key tile: dQ in the carry; dK, dV of the tile's rows added to the fp32
-    buffers with atomics. ctx (dO tile, base-2 LSE, delta, q tile, dK / dV planes, Lk, scale)."""
-    do, lse, delta, q, DK, DV, Lk, sm_scale = ctx
-    p = tl.math.exp2(s - lse[:, None])
+    buffers with atomics. ctx (dO tile, base-2 LSE as hi + lo, delta, q tile, dK / dV planes, Lk, scale)."""
+    do, hi, lo, delta, q, DK, DV, Lk, sm_scale = ctx
+    p = tl.math.exp2((s - hi[:, None]) - lo[:, None])
     dp = tl.dot(do, v_t, input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=PRECISION)
@@ -380,7 +380,8 @@ def _hip_attention_bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, QPOS, qpos_sb
     q = load_rows(plane(Q, b, h), offs_m, Lq, True, HEAD_DIM, BLOCK_D)
     do = load_rows(plane(DO, b, h), offs_m, Lq, True, HEAD_DV, BLOCK_DV)
     pq, idx, count = _hip_rows(QPOS, qpos_sb, IDX, CNT, b, h, H, blk, NQ, offs_m, Lq, KB)
-    ctx = (do, lse2(LSE + (b * H + h) * Lq, offs_m, Lq, True), load_vec(DELTA + (b * H + h) * Lq, offs_m, Lq, True),
+    hi, lo = lse2_split(LSE + (b * H + h) * Lq, offs_m, Lq, True)
+    ctx = (do, hi, lo, load_vec(DELTA + (b * H + h) * Lq, offs_m, Lq, True),
            q, plane(DK, b, hk), plane(DV, b, hk), args.Lk, sm_scale)
     if KOFF is not None:                                   # key padding: the sequence's mask and offset
         kpm = KPM + b * args.Lk
@@ -415,11 +416,11 @@ def hip_attention_fwd(q, k, v, q_pos, indices, counts, hip, scale: float, bq: in
     """Launch the forward: q [B, H, Lq, D], k / v [B, Hkv, Lk, D|Dv] (any strides), q_pos int32
     [B|1, Lq] (row stride 1), the mask's indices / counts (contiguous) for query blocks of ``bq``
     rows, key padding kpm uint8 [B, Lk] (contiguous) and k_off int32 [B], or None. Returns
-    (out [B, H, Lq, Dv] in q's dtype, lse [B, H, Lq] float32, natural log)."""
+    (out [B, H, Lq, Dv] in q's dtype, lse [B, H, Lq] float64, natural log)."""
     B, H, Lq, _ = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     out = empty(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
-    lse = empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    lse = empty(B, H, Lq, dtype=torch.float64, device=q.device)   # float64: see attention.fwd_epilogue
     consts = _attn_consts("fwd", q, v, hip, bq)
     args = HipArgs(Lq, Lk, hip.window, hip.sinks, scale * LOG2E)
     grid = (triton.cdiv(Lq, consts["BLOCK_M"]) * B * H,)
@@ -477,7 +478,7 @@ def compile_specs(cc: int):
         ptr = "*" + tname
         elem = 4 if tname == "fp32" else 2
         types = {**{n: view_type(ptr) for n in ("Q", "K", "V", "O", "DO", "DQ")},
-                 **{n: view_type("*fp32") for n in ("DK", "DV")}, "LSE": "*fp32", "DELTA": "*fp32",
+                 **{n: view_type("*fp32") for n in ("DK", "DV")}, "LSE": "*fp64", "DELTA": "*fp32",
                  "QPOS": "*i32", "IDX": "*i32", "CNT": "*i32", "SCR": "*i32", "SCORE": "*fp32",
                  "args": HipArgs("i32", "i32", "i32", "i32", "fp32"), "scale": "fp32", "sm_scale": "fp32",
                  "KPM": "*u8", "KOFF": "*i32", "ROUNDS": "*i32"}

@@ -354,6 +354,20 @@ def lse2(LSE, offs, Lq, MASKED: tl.constexpr):
 
 
 @triton.jit
+def lse2_split(LSE, offs, Lq, MASKED: tl.constexpr):
+    """The forward's saved float64 natural-log LSE rows as two float32 base-2 parts ``(hi, lo)``,
+    ``hi + lo = lse * log2(e)`` to float64 precision, for the backward's
+    ``P = exp2((s - hi) - lo)``: ``s - hi`` is exact where P is not negligible (Sterbenz), so P
+    carries no LSE rounding (a float32 LSE costs P a relative error of ~3u|lse|, 0.05 at
+    |lse| ~ 1e5). -inf (the row sees nothing) gives hi = +inf, lo = 0, so P = 0."""
+    lse = load_vec(LSE, offs, Lq, MASKED)
+    empty = lse == float("-inf")
+    lse = tl.where(empty, 0.0, lse) * tl.full([], 1.4426950408889634, tl.float64)
+    hi = lse.to(tl.float32)
+    return tl.where(empty, float("inf"), hi), (lse - hi.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
 def no_hook(extra, p, offs_own, offs):
     """The TILE_HOOK of a walk without extra outputs."""
     return extra

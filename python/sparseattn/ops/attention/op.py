@@ -36,15 +36,18 @@ def sparse_attention_fwd(q: Tensor, k: Tensor, v: Tensor, layout: List[Tensor], 
                          k_pos: Optional[Tensor], softcap: Optional[float], q_seg: Optional[Tensor],
                          k_seg: Optional[Tensor], key_group: Optional[Tensor],
                          group_bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    impl = _tk.sparse_attention_fwd if backend_for(q) == "triton" else cpu.sparse_attention_fwd_cpu
-    return impl(q, k, v, layout, mask, bias, bits, scale, block_q, block_k, causal_offset, window, sinks, key_mask,
-                key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg, key_group, group_bias)
+    args = (q, k, v, layout, mask, bias, bits, scale, block_q, block_k, causal_offset, window, sinks, key_mask,
+            key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg, key_group, group_bias)
+    if backend_for(q) == "triton":
+        return _tk.sparse_attention_fwd(*args)
+    out, lse = cpu.sparse_attention_fwd_cpu(*args)
+    return out, lse.double()   # the op's LSE is float64 (the kernels': see triton_kernels.attention.fwd_epilogue)
 
 
 @torch.library.register_fake("sparseattn::sparse_attention_fwd")
 def _(q, k, v, layout, mask, bias, bits, scale, block_q, block_k, causal_offset, window, sinks, *options):
     B, H, lq, _ = q.shape
-    return q.new_empty(B, H, lq, v.shape[-1]), q.new_empty(B, H, lq, dtype=torch.float32)
+    return q.new_empty(B, H, lq, v.shape[-1]), q.new_empty(B, H, lq, dtype=torch.float64)
 
 
 @custom_op("sparseattn::sparse_attention_bwd")
@@ -56,7 +59,9 @@ def sparse_attention_bwd(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tenso
                          k_pos: Optional[Tensor], softcap: Optional[float], q_seg: Optional[Tensor],
                          k_seg: Optional[Tensor], key_group: Optional[Tensor],
                          group_bias: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    impl = _tk.sparse_attention_bwd if backend_for(q) == "triton" else cpu.sparse_attention_bwd_cpu
+    impl = _tk.sparse_attention_bwd
+    if backend_for(q) != "triton":
+        impl, lse = cpu.sparse_attention_bwd_cpu, lse.float()    # exact: the CPU path's LSE is float32
     return impl(do, dlse, q, k, v, out, lse, layout, mask, bias, bits, scale, block_q, block_k, causal_offset,
                 window, sinks, key_mask, key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg, key_group, group_bias)
 
@@ -82,7 +87,7 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse, mask, bias, bits, key_mask, key_bias, alibi, q_pos, k_pos, q_seg, k_seg, key_group, \
         group_bias, *layout = ctx.saved_tensors
     dout = dout.contiguous()  # autograd may hand in stride-0 or transposed gradients
-    dlse = None if dlse is None else dlse.contiguous()
+    dlse = None if dlse is None else dlse.float().contiguous()   # the op's LSE is float64; the kernels' dLSE float32
     dq, dk, dv = sparse_attention_bwd(dout, dlse, q, k, v, out, lse, layout, mask, bias, bits, *ctx.params, key_mask,
                                       key_bias, alibi, q_pos, k_pos, ctx.softcap, q_seg, k_seg, key_group, group_bias)
     return (dq, dk, dv, [None] * len(layout)) + (None,) * 19  # mask .. group_bias
@@ -103,13 +108,14 @@ def paged_sparse_attention_fwd(q: Tensor, k_pages: Tensor, v_pages: Tensor, bloc
         return _tk.sparse_attention_fwd(q, k_pages, v_pages, *args, block_table=block_table)
     # the CPU path reads a logical copy (decode's own CPU path reads the pages directly)
     k, v = (t[block_table.long()].flatten(1, 2).transpose(1, 2) for t in (k_pages, v_pages))
-    return cpu.sparse_attention_fwd_cpu(q, k, v, *args)
+    out, lse = cpu.sparse_attention_fwd_cpu(q, k, v, *args)
+    return out, lse.double()
 
 
 @torch.library.register_fake("sparseattn::paged_sparse_attention_fwd")
 def _(q, k_pages, v_pages, block_table, *rest):
     B, H, lq, _ = q.shape
-    return q.new_empty(B, H, lq, v_pages.shape[-1]), q.new_empty(B, H, lq, dtype=torch.float32)
+    return q.new_empty(B, H, lq, v_pages.shape[-1]), q.new_empty(B, H, lq, dtype=torch.float64)
 
 
 def paged_sparse_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, layout: BlockLayout,
@@ -134,21 +140,24 @@ def paged_sparse_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_ta
         raise ValueError("layout: expected a layout without positions for a paged cache, got one from from_positions")
     backend = backend_for(q)
     _dispatch.set_backend(backend, _dispatch.cpu_reason(q) if backend == "cpu" else None)
-    return paged_sparse_attention_fwd(q, k_pages, v_pages, block_table, layout.lists(), layout.mask, layout.bits,
-                                      scale, *layout.block_size, layout.causal_offset, layout.window, layout.sinks,
-                                      layout.key_mask, options.key_bias, options.alibi, options.softcap)
+    out, lse = paged_sparse_attention_fwd(q, k_pages, v_pages, block_table, layout.lists(), layout.mask, layout.bits,
+                                          scale, *layout.block_size, layout.causal_offset, layout.window, layout.sinks,
+                                          layout.key_mask, options.key_bias, options.alibi, options.softcap)
+    return out, lse.float()
 
 
 def run(q, k, v, layout: BlockLayout, bias, scale, options: ScoreOptions = ScoreOptions()):
     """The fused op on a checked layout (its key mask and positions included) with the checked
     score options (``options.key_mask`` / positions are ignored: they come from the layout);
-    records the backend (and why, off the kernels)."""
+    records the backend (and why, off the kernels). Returns (out, lse float32); the op's float64
+    LSE stays saved for the backward."""
     backend = backend_for(q)
     _dispatch.set_backend(backend, _dispatch.cpu_reason(q) if backend == "cpu" else None)
-    return sparse_attention_fwd(q, k, v, layout.lists(), layout.mask, bias, layout.bits, scale, *layout.block_size,
-                                layout.causal_offset, layout.window, layout.sinks, layout.key_mask, options.key_bias,
-                                options.alibi, layout.q_pos, layout.k_pos, options.softcap, layout.q_seg,
-                                layout.k_seg, options.key_group, options.group_bias)
+    out, lse = sparse_attention_fwd(q, k, v, layout.lists(), layout.mask, bias, layout.bits, scale, *layout.block_size,
+                                    layout.causal_offset, layout.window, layout.sinks, layout.key_mask,
+                                    options.key_bias, options.alibi, layout.q_pos, layout.k_pos, options.softcap,
+                                    layout.q_seg, layout.k_seg, options.key_group, options.group_bias)
+    return out, lse.float()
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,

@@ -63,13 +63,14 @@ def hip_attention_fwd(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, indices: T
     hip = _hip_of(mask_k, bq, bk, window, sinks)
     if backend_for(q) == "triton":
         return _kernels().hip_attention_fwd(q, k, v, q_pos, indices, counts, hip, scale, bq, kpm, k_off)
-    return cpu.hip_attention_cpu(q, k, v, q_pos, indices, counts, hip, scale, bq, kpm, k_off)
+    out, lse = cpu.hip_attention_cpu(q, k, v, q_pos, indices, counts, hip, scale, bq, kpm, k_off)
+    return out, lse.double()   # the op's LSE is float64, as sparse_attention_fwd's
 
 
 @torch.library.register_fake("sparseattn::hip_attention_fwd")
 def _(q, k, v, *rest):
     B, H, Lq, _ = q.shape
-    return q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(B, H, Lq, dtype=torch.float32)
+    return q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(B, H, Lq, dtype=torch.float64)
 
 
 @custom_op("sparseattn::hip_attention_bwd")
@@ -81,7 +82,7 @@ def hip_attention_bwd(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, 
     if backend_for(q) == "triton":
         return _kernels().hip_attention_bwd(do, dlse, q, k, v, out, lse, q_pos, indices, counts, hip, scale, bq, kpm,
                                             k_off)
-    return cpu.hip_attention_bwd_cpu(do, dlse, q, k, v, q_pos, indices, counts, hip, scale, bq, kpm, k_off)
+    return cpu.hip_attention_bwd_cpu(do, dlse, q, k, v, q_pos, indices, counts, hip, scale, bq, kpm, k_off)  # recomputes the softmax
 
 
 @torch.library.register_fake("sparseattn::hip_attention_bwd")
@@ -98,7 +99,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, q_pos, indices, counts, kpm, k_off = ctx.saved_tensors
-    dlse = None if dlse is None else dlse.contiguous()
+    dlse = None if dlse is None else dlse.float().contiguous()
     dq, dk, dv = hip_attention_bwd(dout.contiguous(), dlse, q, k, v, out, lse, q_pos, indices, counts, kpm, k_off,
                                    *ctx.params)
     return (dq, dk, dv) + (None,) * 11
@@ -187,8 +188,10 @@ def hip_mask(q: Tensor, k: Tensor, hip: HiP, *, scale: Optional[float] = None,
 
 
 def _attend(q, k, v, q_pos, mask_idx, mask_cnt, hip: HiP, scale: float, bq: int, pad: _Padding):
-    return hip_attention_fwd(q, k, v, pad.positions(q_pos), mask_idx.contiguous(), mask_cnt.contiguous(), pad.kpm,
-                             pad.k_off, hip.mask_k, bq, hip.block_size_k, hip.window, hip.sinks, scale)
+    """(out, lse float32) of the op (whose float64 LSE stays saved for the backward)."""
+    out, lse = hip_attention_fwd(q, k, v, pad.positions(q_pos), mask_idx.contiguous(), mask_cnt.contiguous(), pad.kpm,
+                                 pad.k_off, hip.mask_k, bq, hip.block_size_k, hip.window, hip.sinks, scale)
+    return out, lse.float()
 
 
 def hip_attention(q: Tensor, k: Tensor, v: Tensor, hip: HiP, mask: Optional[HiPMask] = None,
