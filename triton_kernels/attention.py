@@ -316,6 +316,18 @@ def sparse_attention_fwd(q, k, v, layout_lists: List[torch.Tensor], mask: Option
     return out, lse
 
 
+def bwd_delta(out, do, dlse, precision: str) -> torch.Tensor:
+    """delta ``[B, H, Lq]`` float32 ``= rowsum(dO * O) - dLSE`` by the preprocess kernel (its
+    docstring says why a dot), for every softmax backward (this one, HiP's). ``out`` and ``do``
+    contiguous ``[B, H, Lq, Dv]``, ``dlse`` contiguous float32 or None."""
+    B, H, Lq, Dv = out.shape
+    delta = empty(B, H, Lq, dtype=torch.float32, device=out.device)
+    _sparse_attention_bwd_preprocess_kernel[(triton.cdiv(Lq, PREPROCESS_BLOCK_M) * B * H,)](
+        out, do, dlse if dlse is not None else delta, delta, H, Lq, HEAD_DIM=Dv, BLOCK_D=block_d_of(Dv),
+        BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=dlse is not None, PRECISION=precision)
+    return delta
+
+
 def sparse_attention_bwd(do, dlse, q, k, v, out, lse, layout_lists: List[torch.Tensor],
                          mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: Optional[torch.Tensor],
                          scale: float, layout_bq: int, layout_bk: int, causal_offset: Optional[int],
@@ -331,7 +343,6 @@ def sparse_attention_bwd(do, dlse, q, k, v, out, lse, layout_lists: List[torch.T
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     opts = ScoreOptions(key_mask, key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg, key_group, group_bias)
-    delta = empty(B, H, Lq, dtype=torch.float32, device=q.device)
     dq = empty(B, H, Lq, D, dtype=q.dtype, device=q.device)
     dk = empty(B, Hkv, Lk, D, dtype=k.dtype, device=q.device)
     dv = empty(B, Hkv, Lk, Dv, dtype=v.dtype, device=q.device)
@@ -355,9 +366,7 @@ def sparse_attention_bwd(do, dlse, q, k, v, out, lse, layout_lists: List[torch.T
 
     key = _key(flags, q, Lk)
     with on_device(q):
-        _sparse_attention_bwd_preprocess_kernel[(triton.cdiv(Lq, PREPROCESS_BLOCK_M) * B * H,)](
-            out, do, dlse if dlse is not None else delta, delta, H, Lq, HEAD_DIM=Dv, BLOCK_D=block_d_of(Dv),
-            BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=dlse is not None, PRECISION=flags["PRECISION"])
+        delta = bwd_delta(out, do, dlse, flags["PRECISION"])
         for name, launch, tuner, key_major in (("sparse_attention_bwd_dkdv", launch_dkdv, DKDV_TUNER, True),
                                                ("sparse_attention_bwd_dq", launch_dq, DQ_TUNER, False)):
             cfg = tuner.pick(launch, **prob, **key)

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty, on_device
-from .attention import LOG2E, _fwd_tile, fwd_epilogue
+from .attention import LOG2E, _fwd_tile, bwd_delta, fwd_epilogue
 from .common import (INTERPRET, Plane, block_d_of, load_cols_at, load_rows, load_rows_at, load_vec, log_tile,
                      plane, program_tile, save_tile_log, store_rows, tile_log, view, view_type)
 from .walk import RuleFlags, _causal, _window, lse2_split
@@ -440,10 +440,6 @@ def hip_attention_bwd(do, dlse, q, k, v, out, lse, q_pos, indices, counts, hip, 
     are summed with fp32 atomics (not bitwise deterministic)."""
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    delta = (out.float() * do.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse
-    delta = delta.contiguous()
     dq = empty(B, H, Lq, D, dtype=q.dtype, device=q.device)
     dk = torch.zeros(B, Hkv, Lk, D, dtype=torch.float32, device=q.device)
     dv = torch.zeros(B, Hkv, Lk, Dv, dtype=torch.float32, device=q.device)
@@ -452,6 +448,7 @@ def hip_attention_bwd(do, dlse, q, k, v, out, lse, q_pos, indices, counts, hip, 
     grid = (triton.cdiv(Lq, consts["BLOCK_M"]) * B * H,)
     if grid[0]:
         with on_device(q):
+            delta = bwd_delta(out.contiguous(), do, dlse, consts["PRECISION"])   # saturated rows: dP - delta = 0
             log = tile_log(q.device)
             _hip_attention_bwd_kernel[grid](view(q), view(k), view(v), view(do), view(dq), view(dk), view(dv), lse,
                                             delta, q_pos, _qpos_sb(q_pos), indices, counts, args, scale, H, H // Hkv,

@@ -233,3 +233,19 @@ def test_rows_and_keys_that_see_nothing(backend, dtype, route):
     ref, base = _oracle(q, k, v, do, None, mask), _oracle(q, k, v, do, None, mask, dtype=dtype)
     for name, g, r, b in zip(("out", "dq", "dk", "dv"), got, ref[:1] + ref[2:], base[:1] + base[2:]):
         assert_oracle(name, g, r, b)
+
+
+@pytest.mark.parametrize("scale", [1e4, -1e4])
+def test_hip_backward_at_huge_logits(scale):
+    """HiP's backward shares the preprocess (delta from the same dot as dP) and the float64 LSE:
+    at q = k = v and |scale| 1e4 its gradient is as exact as torch's math (it was off by 0.1-0.2)."""
+    hip = sa.HiP(mask_k=16, block_size_q=16, block_stride_q=1, block_size_k=2, window=24, sinks=2)
+    x = randn(1, 2, 80, 32, dtype=torch.float32)
+    q = x.clone().requires_grad_()
+    mask = sa.hip_mask(x, x, hip, scale=scale)
+    dout = randn(1, 2, 80, 32, dtype=torch.float32)
+    g, = torch.autograd.grad((sa.hip_attention(q, q, q, hip, mask, scale=scale) * dout).sum(), q)
+    qd = x.double().requires_grad_()
+    gd, = torch.autograd.grad((sa.reference.hip_attention(qd, qd, qd, hip, mask, scale=scale) * dout.double()).sum(),
+                              qd)
+    assert (g.double() - gd).abs().max().item() <= 1e-5 * gd.abs().max().item()
