@@ -175,6 +175,19 @@ def _block_sets(layout: BlockLayout, B: int, Hq: int, Hkv: int, seqlens: Tensor)
     return blk_num, blk_idx, (attended if hl > 1 else None)
 
 
+def _block_sets_cpu(layout: BlockLayout, B: int, Hq: int, Hkv: int, seqlens: Tensor):
+    """:func:`_block_sets` of CPU tensors, kept on the layout (layouts are immutable) per
+    (B, Hq, Hkv, lengths), a few entries: a decode loop that reuses one layout pays the ~0.3 ms of
+    small tensor ops once, not per step (on CPU the lengths cost no device sync to read)."""
+    cache = layout.__dict__.setdefault("_decode_block_sets", {})
+    key = (B, Hq, Hkv, tuple(seqlens.tolist()))
+    if key not in cache:
+        if len(cache) >= 8:
+            cache.clear()
+        cache[key] = _block_sets(layout, B, Hq, Hkv, seqlens)
+    return cache[key]
+
+
 # ----------------------------------------------------------------------------- Triton fallback
 def _sparse(q, k, v, layout: BlockLayout, scale: float, block_table: Optional[Tensor], opts: dict):
     """sparse_attention on the logical cache, or paged_sparse_attention through the table."""
@@ -444,7 +457,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, layout_or_patt
     block_k = 64
     if layout is not None:
         block_k = layout.block_size[1]
-        blk_num, blk_idx, head_mask = _block_sets(layout, B, Hq, Hkv, seqlens)
+        blk_num, blk_idx, head_mask = (_block_sets_cpu if backend == "cpu" else _block_sets)(layout, B, Hq, Hkv,
+                                                                                            seqlens)
         if exact == "layout":  # CPU: the listed blocks, and the layout's in-block kinds as a mask
             elem = layout.to_dense_mask()
     if backend == "cuda":
