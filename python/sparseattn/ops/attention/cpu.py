@@ -145,14 +145,10 @@ def attend(Q, K, V, mask=None, scale: float = 1.0, softcap: Optional[float] = No
     return _attend_impl(Q, K, V, mask, scale, softcap, causal)
 
 
-def _weight(l0, l1):
-    """The share of part 1 in the merge of two parts with LSEs l0, l1 (both -inf: both outputs 0)."""
-    return torch.sigmoid(torch.nan_to_num(l1 - l0, nan=0.0, posinf=float("inf"), neginf=_NEG_INF))[..., None]
-
-
 def merge(o0, l0, o1, l1):
     """The whole of rows attended in two parts, each normalised by its own LSE: (out, lse)."""
-    return torch.lerp(o0, o1, _weight(l0, l1)), torch.logaddexp(l0, l1)
+    d = torch.nan_to_num(l1 - l0, nan=0.0, posinf=float("inf"), neginf=_NEG_INF)  # both -inf: both outputs 0
+    return torch.lerp(o0, o1, torch.sigmoid(d)[..., None]), torch.logaddexp(l0, l1)
 
 
 def _step(t: torch.Tensor) -> Optional[int]:
@@ -171,27 +167,6 @@ def _select(t: torch.Tensor, ent: torch.Tensor) -> torch.Tensor:
         return t.index_select(1, ent)
     e0 = int(ent[0])
     return t[:, e0:e0 + step * (ent.numel() - 1) + 1:max(step, 1)]
-
-
-def _write(ox, lx, ent, o, l, merge_in: bool):
-    """Rows ``ent`` of ``ox [X, E, M, C]`` / ``lx [X, E, M]`` become ``o`` / ``l`` (``merge_in``: merged
-    with what they hold, by LSE). Evenly spaced entries are written through views (in place, no
-    index_copy_: a third of the forward's time at 10% density), others by index_copy_."""
-    step = _step(ent)
-    if step is None:
-        if merge_in:
-            o, l = merge(ox.index_select(1, ent), lx.index_select(1, ent), o, l)
-        ox.index_copy_(1, ent, o)
-        lx.index_copy_(1, ent, l)
-        return
-    ov, lv = _select(ox, ent), _select(lx, ent)
-    if merge_in:
-        ov.lerp_(o, _weight(lv, l))                                   # merge(), in place
-        torch.logaddexp(lv, l, out=l)
-        lv.copy_(l)
-    else:
-        ov.copy_(o)
-        lv.copy_(l)
 
 
 def _gather(kx, vx, blocks, base):
@@ -428,7 +403,10 @@ def _fwd(q, k, v, lists, mask, bias, bits, scale, layout_bq, layout_bk, causal_o
             o, l = attend(_select(qx, ent), kk, vv, plan.mask(ent, blocks, ids, kind), scale, softcap,
                            kind == "diagonal")
             o, l = o[..., :Dv].to(ox.dtype), l.to(lx.dtype)
-            _write(ox, lx, ent, o, l, merge_in=kind != "full")
+            if kind != "full":
+                o, l = merge(_select(ox, ent), _select(lx, ent), o, l)
+            ox.index_copy_(1, ent, o)
+            lx.index_copy_(1, ent, l)
     if o_buf:
         out.copy_(plan.from_x(ox, Dv))
     if l_buf:
