@@ -82,7 +82,7 @@ def hip_attention_bwd(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, 
     if backend_for(q) == "triton":
         return _kernels().hip_attention_bwd(do, dlse, q, k, v, out, lse, q_pos, indices, counts, hip, scale, bq, kpm,
                                             k_off)
-    return cpu.hip_attention_bwd_cpu(do, dlse, q, k, v, q_pos, indices, counts, hip, scale, bq, kpm, k_off)  # recomputes the softmax
+    return cpu.hip_attention_bwd_cpu(do, dlse, q, k, v, q_pos, indices, counts, hip, scale, bq, kpm, k_off)
 
 
 @torch.library.register_fake("sparseattn::hip_attention_bwd")
