@@ -1,36 +1,52 @@
 #!/usr/bin/env bash
-# The GPU session of issue 6 in stages, each sized to fit one call of the device tool.
+# The GPU validation of issue 17 in one call of the device tool (a lease is 15 minutes of device
+# time in all, the machine's start included: one call of ~9.5 minutes, then give the machine back).
 #
-#   OUT=dir benchmarks/gpu_suite.sh [STAGE ...]      (default: setup tests sanitize bench)
+#   OUT=dir benchmarks/gpu_suite.sh [STAGE[/SECONDS] ...]      (default: the lease plan below)
 #
 #   setup     env.txt (GPU, driver, versions, commit) and an editable install with the image's
-#             torch (no deps, no build isolation: the image cannot download), which builds csrc/;
+#             torch (no deps, no build isolation: the image cannot download), which builds csrc/
+#             for SPARSEATTN_CUDA_ARCHS (default here 90a: the H200 only, half the nvcc time);
 #             installs the wheels under .whl/ first when that folder was carried (the image lacks
 #             flash-linear-attention, the Lightning anchor: on the dev machine run
-#             `pip download --no-deps -d .whl fla-core==0.6.0 flash-linear-attention==0.6.0`
-#             and call the device tool with carry [".whl"]). Every call runs it first: ninja
-#             rebuilds only what changed on a warm machine.
-#   tests     the whole pytest suite on CUDA; PYTEST_ARGS adds to it (e.g. "-k decode -x").
-#   sanitize  benchmarks/sanitize.sh: compute-sanitizer memcheck + racecheck on the CUDA extension.
+#             `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl
+#             fla-core==0.6.0 flash-linear-attention==0.6.0` and call the device tool with carry
+#             [".whl"]). Always runs first; when it fails the call ends there.
+#   tests     pytest on CUDA over GPU_TESTS (default: the CUDA extension, then every op family,
+#             layouts, patterns, visual, launch limits, work accounting, torch.compile, dispatch,
+#             the fuzzer's cases; the kernel backend only: -k "not cpu_path and not gate");
+#             PYTEST_ARGS adds to it. Interrupted at its limit, it still reports what ran.
+#   sanitize  benchmarks/sanitize.sh (TOOLS, default here memcheck): compute-sanitizer over the
+#             CUDA extension's GPU tests (decode kernels and the layout builder).
 #   bench     python -m sparseattn.bench $BENCH_ARGS, every suite. bench:SUITE runs one suite, and
 #             bench:SUITE@ARG@ARG passes it options, e.g. bench:attention@--head-dims=128@--quick;
 #             each word is its own process and its own table.
 #
-# BUDGET (seconds, default 540) bounds the whole call: keep it under the call's timeout_s and under
-# the session's device time left (the device tool's status). Each stage gets what is left less a
-# margin and is interrupted (SIGINT: pytest, the sanitizer script and the bench still write what
-# they have) when it runs long. The device tool returns at most 8 files, so everything lands in a
-# work folder packed into $OUT/gpu_suite.tgz after every stage, next to $OUT/summary.txt and
-# $OUT/bench.md (every bench table of the call, one after the other).
+# A stage may carry a cap in seconds, STAGE/SECONDS (e.g. tests/180): it gets at most that, and
+# never more than what BUDGET has left. BUDGET (seconds, default 560) bounds the whole call: keep
+# it under the call's timeout_s and under the session's device time left (the device tool's
+# status), counting a minute or two for the machine's start. A stage that runs long is
+# interrupted (SIGINT: pytest, the sanitizer script and the bench still write what they have).
+# The device tool returns at most 8 files, so everything lands in a work folder packed into
+# $OUT/gpu_suite.tgz after every stage, next to $OUT/summary.txt and $OUT/bench.md (every bench
+# table of the call, one after the other).
+#
+# The default plan, in priority order (later stages get what is left): setup, tests/170,
+# sanitize/45, then the headline benchmarks of issue 17: dense causal / dense / 10% block
+# attention at L 4K and 16K (D 128, bf16, fwd and fwd+bwd, vs SDPA's backends and compiled
+# FlexAttention), decode at 32K and 128K caches, Lightning at 16K vs flash-linear-attention,
+# PowerAttention and the other patterns at 32K and 128K, HiP at 32K, the engine's varlen / padding
+# / paged-decode cases (--quick) and the statistics at 8K.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 PY=${PY:-python3}
-BUDGET=${BUDGET:-540}
+BUDGET=${BUDGET:-560}
 WORK=$(mktemp -d /tmp/gpu_suite.XXXX)
 mkdir -p "$OUT"
 START=$SECONDS
 export PYTHONUNBUFFERED=1 PY
+export SPARSEATTN_CUDA_ARCHS=${SPARSEATTN_CUDA_ARCHS:-90a} TOOLS=${TOOLS:-memcheck}
 
 log() { echo "$*" | tee -a "$WORK/summary.txt"; }
 
@@ -43,10 +59,11 @@ trap 'pack; echo "== packed under $OUT: $(ls "$OUT" | tr "\n" " ")"' EXIT
 
 left() { echo $(( BUDGET - (SECONDS - START) - 25 )); }
 
-stage() {  # name, command...
-  local name=$1; shift
+stage() {  # name, cap in seconds (0: none), command...
+  local name=$1 cap=$2; shift 2
   local t0=$SECONDS limit
   limit=$(left)
+  if [ "$cap" -gt 0 ] && [ "$cap" -lt "$limit" ]; then limit=$cap; fi
   if [ "$limit" -lt 30 ]; then log "== $name: skipped, budget spent"; return 0; fi
   log "== $name (limit ${limit}s)"
   # timeout signals the whole process group: pytest's workers and the bench get the SIGINT too.
@@ -56,7 +73,7 @@ stage() {  # name, command...
   { grep -E '^(FAILED|ERROR) ' "$WORK/$name.log" | head -40; tail -n "${TAIL:-6}" "$WORK/$name.log"; } \
     | sed 's/^/   /' | tee -a "$WORK/summary.txt"
   pack
-  return 0
+  return $rc
 }
 
 setup() {
@@ -71,11 +88,15 @@ setup() {
   $PY -c "import sparseattn as sa, sparseattn._C; print('sparseattn', sa.__version__, 'cuda:', sa.cuda_unavailable_reason() or 'ok')"
 }
 
+GPU_TESTS=${GPU_TESTS:-"tests/cuda tests/ops tests/layout tests/patterns tests/visual tests/triton_kernels/test_launch.py tests/triton_kernels/test_work_accounting.py tests/test_torch_compile.py tests/test_dispatch.py tests/test_fuzz.py"}
+export GPU_TESTS
+
 tests() {
   local extra=()
-  $PY -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=300)
+  $PY -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=120)
   # shellcheck disable=SC2086
-  $PY -m pytest -q -rfE -n "${WORKERS:-8}" -p no:cacheprovider --durations=20 "${extra[@]}" tests ${PYTEST_ARGS:-}
+  $PY -m pytest -q -rfE -n "${WORKERS:-14}" -p no:cacheprovider --durations=15 "${extra[@]}" $GPU_TESTS \
+    -k "not cpu_path and not gate" ${PYTEST_ARGS:-}
 }
 
 bench() {  # stage name, "SUITE[@ARG@ARG...]" ("" = every suite); results in $WORK/<name>/ and <name>.md
@@ -91,16 +112,22 @@ bench() {  # stage name, "SUITE[@ARG@ARG...]" ("" = every suite); results in $WO
 export -f setup tests bench
 export WORK
 
-log "gpu_suite: $(date -u +%FT%TZ) stages: ${*:-setup tests sanitize bench}"
-stage setup setup
+PLAN="tests/170 sanitize/45 bench:attention@--lengths=4096,16384@--head-dims=128/150 bench:decode@--quick@--lengths=32768,131072/60 bench:lightning@--lengths=16384/40 bench:patterns@--lengths=32768,131072/60 bench:hip@--lengths=32768/45 bench:engine@--quick/45 bench:stats@--lengths=8192/30"
+log "gpu_suite: $(date -u +%FT%TZ) stages: ${*:-$PLAN}"
+stage setup 150 setup
+setup_rc=$?
 [ -f "$WORK/env.txt" ] && sed 's/^/   /' "$WORK/env.txt" | tee -a "$WORK/summary.txt"
-for s in ${*:-tests sanitize bench}; do
+[ "$setup_rc" -eq 0 ] || { log "== setup failed: nothing else runs"; exit 1; }
+for word in ${*:-$PLAN}; do
+  s=$word cap=0
+  if [[ $word =~ ^(.*)/([0-9]+)$ ]]; then s=${BASH_REMATCH[1]} cap=${BASH_REMATCH[2]}; fi
   case $s in
     setup) ;;
-    tests) stage tests tests ;;
-    sanitize) stage sanitize env OUT="$WORK" PY="$PY" benchmarks/sanitize.sh ;;
-    bench) stage bench bench bench "" ;;
-    bench:*) n=bench-${s#bench:}; n=${n//[^A-Za-z0-9_.-]/_}; stage "$n" bench "$n" "${s#bench:}" ;;
+    tests) stage tests "$cap" tests ;;
+    sanitize) stage sanitize "$cap" env OUT="$WORK" PY="$PY" benchmarks/sanitize.sh ;;
+    bench) stage bench "$cap" bench bench "" ;;
+    bench:*) n=bench-${s#bench:}; n=${n//[^A-Za-z0-9_.-]/_}; stage "$n" "$cap" bench "$n" "${s#bench:}" ;;
     *) log "unknown stage: $s"; exit 2 ;;
   esac
 done
+exit 0

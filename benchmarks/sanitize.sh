@@ -5,7 +5,7 @@
 #   TOOLS=memcheck benchmarks/sanitize.sh
 #   OUT=dir benchmarks/sanitize.sh     # where the log goes (default benchmarks/results/)
 #
-# memcheck runs every GPU test of tests/test_cuda_extension.py; racecheck (much slower) runs a
+# memcheck runs every GPU test of tests/cuda/test_cuda_extension.py; racecheck (much slower) runs a
 # representative subset. PyTorch's caching allocator is turned off so memcheck sees every
 # allocation's real bounds. Exit status: non-zero when any tool reports an error.
 set -uo pipefail
@@ -36,7 +36,7 @@ run() {  # tool, pytest -k expression
   out=$(mktemp)
   echo "== ${tool} (-k '${expr}')" | tee -a "$log"
   compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
-    "${PY:-python3}" -m pytest -q -p no:cacheprovider tests/test_cuda_extension.py -k "$expr" > "$out" 2>&1
+    "${PY:-python3}" -m pytest -q -p no:cacheprovider tests/cuda/test_cuda_extension.py -k "$expr" > "$out" 2>&1
   local rc=$?
   tail -40 "$out" | tee -a "$log"
   rm -f "$out"

@@ -7,6 +7,7 @@ moving the same bytes, measured in the same run). Anchors: torch SDPA (each back
 FlexAttention decode with the same block mask. Inputs are allocated when a case first runs, in
 the shared input cache (:data:`.harness.INPUTS`): the dense and the sparse row of one size share
 the K/V cache, and it is freed when the next size starts (a 256K x 16 cache is 16 GB).
+``--lengths`` sets the cache lengths (no 1M row then).
 """
 from __future__ import annotations
 
@@ -37,9 +38,11 @@ def decode_suite(device: str, quick: bool, args=None) -> Iterable[Case]:
         dtype, batches, caches, hq, hkv, d = torch.float32, [1, 2], [1024, 4096], 4, 2, 64
         if quick:
             batches, caches = [1], [1024]
+    if getattr(args, "lengths", None):  # --lengths sets the cache lengths (and drops the 1M row)
+        caches = list(args.lengths)
     flex = flex_attention_fn(device)
     seen_bytes = set()
-    for L in caches + ([1 << 20] if device == "cuda" and not quick else []):
+    for L in caches + ([1 << 20] if device == "cuda" and not quick and not getattr(args, "lengths", None) else []):
         for B in batches:
             if L == 1 << 20 and B > 1:
                 continue
