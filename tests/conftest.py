@@ -21,6 +21,32 @@ os.environ["SPARSEATTN_NAN_FILL"] = "1"
 os.environ.setdefault("SPARSEATTN_AUTOTUNE", "0")
 
 
+CAPTURE_ENV = "SPARSEATTN_CAPTURE_LAUNCHES"   # tests/triton_kernels/test_gpu_specializations.py
+_CAPTURE = []
+
+
+def pytest_sessionstart(session):
+    """With SPARSEATTN_CAPTURE_LAUNCHES=FILE (interpreter only): record what the GPU's JIT would
+    compile for every kernel launch of the session (interpreter_shim.capture_launches)."""
+    if os.environ.get(CAPTURE_ENV) and os.environ.get("TRITON_INTERPRET") == "1":
+        _CAPTURE.append(interpreter_shim.capture_launches().__enter__())
+
+
+def pytest_runtest_setup(item):
+    if _CAPTURE:
+        _CAPTURE[0].case = item.nodeid
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _CAPTURE:
+        import pickle
+
+        capture = _CAPTURE.pop()
+        capture.__exit__(None, None, None)
+        with open(os.environ[CAPTURE_ENV], "wb") as f:
+            pickle.dump(capture.records, f)
+
+
 def pytest_collection_modifyitems(config, items):
     """The compile gate (the longest tests) runs first, so that it overlaps the rest under
     pytest-xdist instead of trailing it; tests marked ``gpu`` skip, visibly, where torch sees no

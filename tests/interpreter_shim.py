@@ -71,3 +71,51 @@ def install() -> None:
 
     builder.create_dot = create_dot
     builder.cast_impl = cast_impl
+
+
+class capture_launches:
+    """Context manager recording, for every kernel launch inside it, what Triton's JIT would
+    compile for a GPU from the same arguments (signature, constexprs, attributes, options; one
+    record per distinct specialization), for ``sparseattn.triton_kernels.gate --captured``.
+    ``case`` labels the records of the next launches."""
+
+    def __init__(self):
+        self.records, self.case, self._seen = [], "", set()
+
+    def __enter__(self):
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime import interpreter, jit
+
+        backend = make_backend(GPUTarget("cuda", 90, 32))
+        self._interpreter = interpreter
+        self._original = original = interpreter.InterpretedFunction.run
+        outer = self
+
+        def encode(value):
+            if isinstance(value, interpreter.InterpretedFunction):
+                return ("__jit__", value.fn.__module__, value.fn.__name__)
+            return value
+
+        def run(fn_self, *args, grid, warmup, **kwargs):
+            jitted = jit.JITFunction(fn_self.fn)
+            binder = jit.create_function_from_signature(jitted.signature, jitted.params, backend)
+            bound, specialization, options = binder(*args, **kwargs)
+            options, signature, constexprs, attrs = jitted._pack_args(backend, kwargs, bound, specialization,
+                                                                      options)
+            constexprs = {k: encode(v) for k, v in constexprs.items()}
+            key = (fn_self.fn.__module__, fn_self.fn.__name__, repr(signature), repr(constexprs), repr(attrs))
+            if key not in outer._seen:
+                outer._seen.add(key)
+                outer.records.append(dict(module=fn_self.fn.__module__, kernel=fn_self.fn.__name__,
+                                          signature=signature, constexprs=constexprs, attrs=attrs,
+                                          options=options.__dict__, case=outer.case))
+            return original(fn_self, *args, grid=grid, warmup=warmup, **kwargs)
+
+        interpreter.InterpretedFunction.run = run
+        return self
+
+    def __exit__(self, *exc):
+        self._interpreter.InterpretedFunction.run = self._original
+        return False
+

@@ -27,7 +27,7 @@ from .common import (GATE_DTYPES, GATE_HEAD_DIMS, Tuner, attention_tile_fits, bl
                      tile_and_plane, tile_log, view, view_type)
 from ..ops.common import ScoreOptions
 from .walk import (RuleFlags, layout_row, lists_of, lists_type, lse2_split, no_hook, paged_rows, rule_flags, rules_at,
-                   rules_of, rules_type, walk)
+                   rules_of, rules_type, runtime_rules, walk)
 
 LOG2E = 1.4426950408889634
 
@@ -192,6 +192,7 @@ def _sparse_attention_bwd_dkdv_kernel(
     k = load_rows(plane(K, b, hk), offs_n, Lk, True, HEAD_DIM, BLOCK_D)
     v = load_rows(plane(V, b, hk), offs_n, Lk, True, HEAD_DV, BLOCK_DV)
     carry = (tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32))
+    rules = runtime_rules(rules)  # before the loop that calls rules_at (see runtime_rules)
     for g in range(GROUP):
         h = hk * GROUP + g
         ctx = (v, plane(DO, b, h), LSE + (b * H + h) * Lq, DELTA + (b * H + h) * Lq, Lq)

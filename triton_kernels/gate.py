@@ -121,6 +121,42 @@ def run(cc: int, modules=None, shard: int = 0, num_shards: int = 1, report: bool
     return out
 
 
+def compile_captured(path: str, cc: int) -> dict:
+    """Compile launches captured from real calls (``tests/interpreter_shim.capture_launches``): each
+    record holds the signature, constexprs and attributes that Triton's JIT derives from the actual
+    arguments (a stride of 1 becomes a constexpr, 16-divisible ints and pointers get attributes),
+    which the specs' hand-written signatures do not reproduce. A constexpr that names a jitted
+    function is stored as ("__jit__", module, name) and resolved here."""
+    import importlib
+    import pickle
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def resolve(value):
+        if isinstance(value, tuple) and len(value) == 3 and value[0] == "__jit__":
+            return getattr(importlib.import_module(value[1]), value[2])
+        return value
+
+    with open(path, "rb") as f:
+        records = pickle.load(f)
+    failures = []
+    for rec in records:
+        kernel = getattr(importlib.import_module(rec["module"]), rec["kernel"])
+        constexprs = {k: resolve(v) for k, v in rec["constexprs"].items()}
+        try:
+            triton.compile(ASTSource(kernel, rec["signature"], constexprs, rec["attrs"]),
+                           target=GPUTarget("cuda", cc, 32), options=rec["options"])
+        except Exception as e:  # noqa: BLE001 - every compiler error is a gate failure
+            cause = e
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            failures.append({"kernel": rec["kernel"], "case": rec["case"], "error": f"{e}"[-1500:],
+                             "cause": repr(cause)[:500]})
+    return {"compiled": len(records) - len(failures), "failures": failures}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cc", type=int, required=True, choices=sorted(SMEM_LIMIT))
@@ -129,7 +165,13 @@ def main(argv=None) -> int:
     ap.add_argument("--num-shards", type=int, default=1)
     ap.add_argument("--resources", action="store_true",
                     help="print ptxas's registers / spills / MMA kind of every spec (a table before the JSON)")
+    ap.add_argument("--captured", metavar="FILE",
+                    help="compile the launches captured in FILE instead of the specs (compile_captured)")
     args = ap.parse_args(argv)
+    if args.captured:
+        res = compile_captured(args.captured, args.cc)
+        print(json.dumps(res))
+        return 1 if res["failures"] else 0
     res = run(args.cc, args.module, args.shard, args.num_shards, report=args.resources)
     for r in res.get("resources", []):
         print(" ".join(f"{k}={v}" for k, v in r.items()))

@@ -34,7 +34,8 @@ from .._alloc import empty, on_device
 from ..ops.common import ScoreOptions
 from .common import (GATE_DTYPES, GATE_HEAD_DIMS, block_d_of, load_rows, plane, program_tile,
                      save_tile_log, tile_log, view, view_type)
-from .walk import RuleFlags, layout_row, lists_of, lists_type, lse2, rule_flags, rules_at, rules_of, rules_type, walk
+from .walk import (RuleFlags, layout_row, lists_of, lists_type, lse2, rule_flags, rules_at, rules_of, rules_type,
+                   runtime_rules, walk)
 
 LOG2E = 1.4426950408889634
 # Tiles of the statistics walks: small enough for the interpreter and for any layout block >= 32.
@@ -95,6 +96,7 @@ def _attention_stats_columns_kernel(
     b, hp, _, blk, offs_n = program_tile(Lk, H // HEADS_PER_PROGRAM, 1, BLOCK_N, LAYOUT_BK)
     csum = tl.zeros([BLOCK_N], dtype=tl.float32)
     cmax_total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    rules = runtime_rules(rules)  # before the loop that calls rules_at (see runtime_rules)
     for g in range(HEADS_PER_PROGRAM):
         h = hp * HEADS_PER_PROGRAM + g
         k = load_rows(plane(K, b, h // GROUP), offs_n, Lk, True, HEAD_DIM, BLOCK_D)

@@ -320,6 +320,28 @@ def paged_rows(rules, offs, ok):
 
 
 @triton.jit
+def _runtime_view(t, zero):
+    return View(t.ptr, t.sb + zero, t.sh + zero, t.sr + zero, t.sc + zero)
+
+
+@triton.jit
+def runtime_rules(rules):
+    """``rules`` with every View's strides as run-time values. A kernel that calls
+    :func:`rules_at` inside a loop must call this before the loop: Triton 3.6's compiler reads a
+    constexpr two tuples deep (a stride of 1, which the JIT specializes, e.g. the key mask's
+    column stride) as None inside a loop body ("cannot convert None ... to tensor"). Found by
+    the first GPU run; the interpreter never compiles, and the compile gate's signatures hold no
+    constexpr strides (tests/triton_kernels/test_gpu_specializations.py compiles the JIT's own)."""
+    z = tl.program_id(0) * 0
+    return Rules(rules.Lq, rules.Lk, rules.causal_off, rules.window, rules.sinks, rules.qk_scale, rules.softcap,
+                 _runtime_view(rules.mask, z), _runtime_view(rules.bias, z), rules.bits, _runtime_view(rules.key_mask, z),
+                 _runtime_view(rules.key_bias, z), _runtime_view(rules.alibi, z), _runtime_view(rules.q_pos, z),
+                 _runtime_view(rules.k_pos, z), _runtime_view(rules.q_seg, z), _runtime_view(rules.k_seg, z),
+                 _runtime_view(rules.pages, z), rules.page_size, _runtime_view(rules.key_group, z),
+                 _runtime_view(rules.group_bias, z))
+
+
+@triton.jit
 def rules_at(rules, b, h):
     """The Rules of the (b, h) plane (masks, biases, slopes and positions as Planes)."""
     return Rules(rules.Lq, rules.Lk, rules.causal_off, rules.window, rules.sinks, rules.qk_scale, rules.softcap,

@@ -41,8 +41,8 @@ def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, base: torch.Te
     same-precision implementation makes). Raises AssertionError with the numbers."""
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     assert not torch.isnan(out).any(), f"{name}: NaN in output"
-    ref = ref.double()
+    ref = ref.double().to(out.device)   # an oracle may have run on another device (the CPU)
     err = (out.double() - ref).abs().max().item() if out.numel() else 0.0
-    base_err = (base.double() - ref).abs().nan_to_num(0.0).max().item() if out.numel() else 0.0
+    base_err = (base.double().to(out.device) - ref).abs().nan_to_num(0.0).max().item() if out.numel() else 0.0
     tol = TOLERANCE_FACTOR * base_err + TOLERANCE_FLOOR[out.dtype]
     assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g} (baseline error {base_err:.3g})"

@@ -31,17 +31,17 @@ def routing_attention(q: torch.Tensor, k: Optional[torch.Tensor], v: torch.Tenso
     kn = qn if share_qk else F.layer_norm(k.to(dtype), (k.shape[-1],), eps=LN_EPS)
     B, H, L, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    out = torch.zeros(B, H, L, v.shape[-1], dtype=dtype)
-    count = torch.zeros(B, H, L, dtype=dtype)
+    out = torch.zeros(B, H, L, v.shape[-1], dtype=dtype, device=q.device)
+    count = torch.zeros(B, H, L, dtype=dtype, device=q.device)
     for b in range(B):
         for h in range(H):
             for c in range(q_clusters.shape[2]):
-                qi, ki = q_clusters[b, h, c].long().cpu(), k_clusters[b, h, c].long().cpu()
+                qi, ki = q_clusters[b, h, c].long().to(q.device), k_clusters[b, h, c].long().to(q.device)
                 s = (qn[b, h, qi] @ kn[b, h, ki].T) * scale
                 if causal:
                     s = s.masked_fill(ki[None, :] > qi[:, None], float("-inf"))
                 seen = torch.isfinite(s).any(-1, keepdim=True)
                 p = torch.softmax(torch.where(seen, s, 0.0), -1) * seen
                 out[b, h].index_add_(0, qi, p @ v[b, h, ki])
-                count[b, h].index_add_(0, qi, torch.ones(len(qi), dtype=dtype))
+                count[b, h].index_add_(0, qi, torch.ones(len(qi), dtype=dtype, device=q.device))
     return torch.where(count[..., None] > 0, out / (count[..., None] + count_eps), 0.0)
