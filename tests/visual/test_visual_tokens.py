@@ -85,7 +85,7 @@ def test_damro_outliers():
     _close(scores, ref)
     assert idx.shape == (B, 10) and idx.dtype == torch.int64
     _assert_topk(idx, ref, 10)
-    s = ref.gather(1, idx.cpu())
+    s = ref.gather(1, idx.to(ref.device))
     assert torch.all(s[:, :-1] >= s[:, 1:] - 1e-6)                   # descending score, as topk
     # one merged head with scale 1/sqrt(C): not the per-head softmax of the same projections
     per_head = naive.cls_importance(qm.view(B, N, 8, 16).transpose(1, 2), km.view(B, N, 8, 16).transpose(1, 2))
@@ -253,14 +253,14 @@ def test_massive_activation_sinks(dtype):
     assert torch.equal(sa.visual.massive_activation_sinks(h[0], 700), one)
     low = sa.visual.massive_activation_sinks(h, torch.tensor(dims), tau=5.0).cpu()       # dims as a tensor
     clear = (ratio - 5.0).abs() > 1e-3 * 5.0
-    assert torch.equal(low[clear], (ratio > 5.0)[clear])
+    assert torch.equal(low[clear.cpu()], (ratio > 5.0)[clear].cpu())
 
 
 # ----------------------------------------------------------------------------- errors
 def test_errors():
     q, k = randn(1, 4, 10, 16), randn(1, 2, 10, 16)
     with pytest.raises(TypeError, match="q"):
-        sa.visual.cls_importance(q.numpy(), k)
+        sa.visual.cls_importance(q.cpu().numpy(), k)
     with pytest.raises(ValueError, match="k"):
         sa.visual.cls_importance(q, randn(1, 3, 10, 16))
     with pytest.raises(ValueError, match="k"):

@@ -51,22 +51,24 @@ def _oracle(q, k, v, do, scale, mask=None, dtype=torch.float64):
     return (out, lse, *torch.autograd.grad(out, leaves, do.to(dtype)))
 
 
-def _softmax_parts(q, k, v, do, scale):
-    """Float64 scores, P, |dP - Delta| and the row LSE of dense attention."""
+def _softmax_parts(q, k, v, do, scale, mask=None):
+    """Float64 scores, P, |dP - Delta| and the row LSE of dense attention (or over ``mask``)."""
     q, k, v, do = (t.double() for t in (q, k, v, do))
     s = q @ k.transpose(-1, -2) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask.to(s.device), float("-inf"))
     lse = torch.logsumexp(s, -1, keepdim=True)
     p = torch.exp(s - lse)
     dp = do @ v.transpose(-1, -2)
     return s, p, (dp - (do * (p @ v)).sum(-1, keepdim=True)).abs(), lse
 
 
-def _bound_terms(q, k, v, do, scale, backend):
+def _bound_terms(q, k, v, do, scale, backend, mask=None):
     """README's terms beyond the oracle rule, per element (u: fp32's unit roundoff):
     dQ_i: |scale| u sum_j P_ij (C_LSE |lse_i| |dP_ij - Delta_i| + C_DELTA |dO_i|.|v_j|) |k_j|_inf,
     dK_j: the same summed over i, with |q_i|_inf; dV_j: C_LSE u sum_i P_ij |lse_i| |dO_i|_inf
     (|dO_i|.|v_j| = sum_d |dO_id| |v_jd|)."""
-    _, p, a, lse = _softmax_parts(q, k, v, do, scale)
+    _, p, a, lse = _softmax_parts(q, k, v, do, scale, mask)
     u = UNIT_ROUNDOFF[torch.float32]
     dov = do.double().abs() @ v.double().abs().transpose(-1, -2)                   # |dO_i|.|v_j|
     w = p * (C_LSE[backend] * lse.abs() * a + C_DELTA[backend] * dov)
@@ -246,8 +248,11 @@ def test_rows_and_keys_that_see_nothing(backend, dtype, route):
 
 @pytest.mark.parametrize("scale", [1e4, -1e4])
 def test_hip_backward_at_huge_logits(scale):
-    """HiP's backward shares the preprocess (delta from the same dot as dP) and the float64 LSE:
-    at q = k = v and |scale| 1e4 its gradient is as exact as torch's math (it was off by 0.1-0.2)."""
+    """HiP's backward shares the preprocess (delta from a dot like dP's) and the float64 LSE: at
+    q = k = v and |scale| 1e4 its gradient is as exact as torch's math in the interpreter (it was off
+    by 0.1-0.2). On the GPU the two dots round differently (H200, 2026-11-30: 3.1 on a gradient of
+    ~2300 at -1e4, the rounding of many saturated rows summed into one key's dK): there the README's
+    bound over HiP's attended keys (dQ + dK + dV terms: q, k and v are one tensor)."""
     hip = sa.HiP(mask_k=16, block_size_q=16, block_stride_q=1, block_size_k=2, window=24, sinks=2)
     x = randn(1, 2, 80, 32, dtype=torch.float32)
     q = x.clone().requires_grad_()
@@ -257,4 +262,11 @@ def test_hip_backward_at_huge_logits(scale):
     qd = x.double().requires_grad_()
     gd, = torch.autograd.grad((sa.reference.hip_attention(qd, qd, qd, hip, mask, scale=scale) * dout.double()).sum(),
                               qd)
-    assert (g.double() - gd).abs().max().item() <= 1e-5 * gd.abs().max().item()
+    if INTERPRET:
+        assert (g.double() - gd).abs().max().item() <= 1e-5 * gd.abs().max().item()
+        return
+    from sparseattn.ops.hip import naive
+
+    seen = naive.attended(sa.HiPMask(mask.indices.cpu(), mask.counts.cpu(), hip, (80, 80)), hip, 80, 80)
+    terms = _bound_terms(x, x, x, dout, scale, "triton", mask=seen)
+    _assert_within("grad", g, gd, gd, extra=(terms["dq"] + terms["dk"] + terms["dv"]).cpu())

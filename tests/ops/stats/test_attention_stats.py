@@ -102,14 +102,14 @@ def test_bad_input():
     with pytest.raises(ValueError, match="head_reduce"):
         sa.attention_stats(q, k, head_reduce="max")
     with pytest.raises(ValueError, match="lse"):
-        sa.attention_stats(q, k, lse=torch.zeros(1, 2, 71))
+        sa.attention_stats(q, k, lse=torch.zeros(1, 2, 71, device=q.device))
     with pytest.raises(TypeError, match="lse"):
-        sa.attention_stats(q, k, lse=torch.zeros(1, 2, 70, dtype=torch.float64))
+        sa.attention_stats(q, k, lse=torch.zeros(1, 2, 70, dtype=torch.float64, device=q.device))
     with pytest.raises(ValueError, match="query_weights"):
-        sa.attention_stats(q, k, query_weights=torch.ones(1, 69))
+        sa.attention_stats(q, k, query_weights=torch.ones(1, 69, device=q.device))
     with pytest.raises(TypeError, match="key_groups"):
-        sa.attention_stats(q, k, key_groups=torch.zeros(1, 90))
+        sa.attention_stats(q, k, key_groups=torch.zeros(1, 90, device=q.device))
     with pytest.raises(ValueError, match="num_groups"):
-        sa.attention_stats(q, k, key_groups=torch.zeros(1, 90, dtype=torch.int64), num_groups=0)
+        sa.attention_stats(q, k, key_groups=torch.zeros(1, 90, dtype=torch.int64, device=q.device), num_groups=0)
     with pytest.raises(ValueError, match="is_causal"):
         sa.attention_stats(q, k, sa.SlidingWindow(16), is_causal=True)
