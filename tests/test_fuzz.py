@@ -22,6 +22,20 @@ def test_random_cases_match_the_oracle(seed):
     assert err is None, f"{err}\nreproduce: python -m sparseattn.fuzz --case '{json.dumps(case)}'"
 
 
+@settings(derandomize=True, max_examples=300, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2 ** 31 - 1))
+def test_random_cases_on_the_cpu_path(seed, monkeypatch):
+    """The same draws through the PyTorch CPU path (and torch's own SDPA where the drop-in defers
+    to it), which the interpreter never runs: on a GPU machine the fuzzer's CPU tensors take it.
+    Its first run found three bugs (non-unit head-dim strides read wrongly by torch's fused CPU op,
+    an empty bitmask table, and 3-D inputs given to torch as 4-D)."""
+    monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")
+    case = fuzz.draw_case(random.Random(seed ^ 0x5EED), max_len=160)
+    err = fuzz.run_case(case)
+    assert err is None, f"{err}\nreproduce: SPARSEATTN_CPU_PATH=1 python -m sparseattn.fuzz --case '{json.dumps(case)}'"
+
+
 def test_fuzzer_catches_a_planted_bug(monkeypatch):
     real = sa.sparse_attention
     monkeypatch.setattr(sa, "sparse_attention", lambda *a, **k: real(*a, **k) * 1.05)
@@ -69,9 +83,19 @@ FOUND = [
     # the same, found again later in the run (GQA, no softcap)
     dict(B=1, Hkv=1, group=2, Lq=265, Lk=1, D=40, dtype="fp32", strides="contiguous", pattern="element_mask",
          seed=611644237, options=["alibi"]),
+    # found on the H200 (2026-11-30), where the fuzzer's CPU tensors take the PyTorch CPU path:
+    # IndexError in the CPU path's bitmask lookup when the layout has partial tiles (Lk 1 < block
+    # 16) but no tile bitmask (an empty bits tensor, every id -1). Fixed in unpack_bits.
+    dict(B=2, Hkv=1, group=1, Lq=93, Lk=1, D=8, dtype="fp16", strides="contiguous", pattern="block_mask",
+         seed=507669373, block=16, density=0.9),
 ]
 
 
+@pytest.mark.parametrize("path", ["kernel", "cpu_path"])
 @pytest.mark.parametrize("case", FOUND, ids=lambda c: f'{c["pattern"]}-{c["seed"]}')
-def test_found_cases_stay_fixed(case):
+def test_found_cases_stay_fixed(case, path, monkeypatch):
+    """Each found case on both paths: the kernels (CUDA, or the interpreter on a CPU) and the
+    PyTorch CPU path (what the fuzzer's CPU tensors take where there is no interpreter)."""
+    if path == "cpu_path":
+        monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")
     assert fuzz.run_case(case) is None

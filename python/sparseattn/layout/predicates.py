@@ -95,7 +95,7 @@ def unpack_bits(words: Optional[torch.Tensor], ids: torch.Tensor, row_in: torch.
                 col_in: torch.Tensor) -> torch.Tensor:
     """Bit (row_in, col_in) of tile bitmask ``ids`` (broadcasting; id -1 = no bitmask = True).
     Words are int32 ``[n, BLOCK_Q, ceil(BLOCK_K / 32)]``, bit k of word w = column 32 w + k."""
-    if words is None:
+    if words is None or words.shape[0] == 0:     # no tile carries a bitmask: every id is -1
         return torch.ones(torch.broadcast_shapes(ids.shape, row_in.shape, col_in.shape), dtype=torch.bool,
                           device=ids.device)
     w = words[ids.clamp(min=0).long(), row_in.long(), (col_in // 32).long()]

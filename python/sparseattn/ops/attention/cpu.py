@@ -97,12 +97,21 @@ def _scores(Q, K, mask, scale, softcap, causal=False):
     return (s if mask is None else s + mask), dcap
 
 
+def _unit_last_stride(*ts):
+    """The tensors with a last-dim stride of 1 (a copy where not): torch's fused CPU attention
+    assumes it (its public SDPA makes sure first; we call the op itself) and otherwise reads the
+    wrong elements. Found by fuzzing the CPU path: inputs sliced along the head dim gave errors of
+    0.5-3 that changed from run to run."""
+    return tuple(t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in ts)
+
+
 def _attend_impl(Q, K, V, mask, scale, softcap, causal=False):
     """Attention of one chunk: Q [X, R, M, D], K and V [X, R, S, D], float mask [X|1, R, M|1, S]
     or None (``causal``: key j visible to row i iff j <= i, the fused op's own rule, only with
     M == S and no mask). Returns (O [X, R, M, D], lse [X, R, M]); a row that sees no key gives 0
     and -inf."""
     if softcap is None and _fused_ok():
+        Q, K, V = _unit_last_stride(Q, K, V)
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(Q, K, V, is_causal=causal,
                                                                             attn_mask=mask, scale=scale)
         if mask is not None:  # the fused op gives 0 and lse 0 on a row that sees nothing
@@ -122,6 +131,7 @@ def _attend_bwd(dO, Q, K, V, O, lse, mask, scale, softcap, dlse, causal=False):
     """(dQ, dK, dV) of one chunk from the whole output O and LSE of its rows (+inf on rows that
     see no key, so their probabilities are 0); ``dlse`` [X, R, M] or None."""
     if softcap is None and dlse is None and _fused_ok():
+        dO, Q, K, V, O = _unit_last_stride(dO, Q, K, V, O)
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dO, Q, K, V, O, lse, 0.0, causal, attn_mask=mask, scale=scale)
     s, dcap = _scores(Q, K, mask, scale, softcap, causal)
@@ -378,6 +388,9 @@ def _fwd(q, k, v, lists, mask, bias, bits, scale, layout_bq, layout_bk, causal_o
          key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg, key_group, group_bias):
     B, H, lq, _ = q.shape
     Dv = v.shape[3]
+    if q.numel() == 0 or k.shape[2] == 0:   # no rows (a varlen batch of empty queries), or no keys
+        return (torch.zeros(B, H, lq, Dv, dtype=q.dtype, device=q.device),
+                torch.full((B, H, lq), _NEG_INF, dtype=torch.float32, device=q.device))
     layout = _layout(lists, mask, bits, layout_bq, layout_bk, lq, k.shape[2], causal_offset, window, sinks, key_mask,
                      q_pos, k_pos, q_seg, k_seg)
     plan = _Plan(q, k, v, layout, bias, (key_bias, alibi, softcap, key_group, group_bias))
@@ -432,6 +445,8 @@ def _bwd(do, dlse, q, k, v, out, lse, lists, mask, bias, bits, scale, layout_bq,
          sinks, key_mask, key_bias, alibi, q_pos, k_pos, softcap, q_seg, k_seg, key_group, group_bias):
     B, H, lq, D = q.shape
     lk, Dv = k.shape[2], v.shape[3]
+    if q.numel() == 0 or lk == 0:           # as the forward: nothing attended, zero gradients
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     layout = _layout(lists, mask, bits, layout_bq, layout_bk, lq, lk, causal_offset, window, sinks, key_mask, q_pos,
                      k_pos, q_seg, k_seg)
     plan = _Plan(q, k, v, layout, bias, (key_bias, alibi, softcap, key_group, group_bias))

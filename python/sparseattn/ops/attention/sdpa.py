@@ -151,20 +151,30 @@ def _with_alibi(attn_mask, is_causal: bool, slopes: torch.Tensor, B, Hq, Lq, Lk,
 
 
 def _torch_sdpa(query, key, value, attn_mask, mask4, dropout_p, is_causal, scale, enable_gqa, reason: str,
-                options: ScoreOptions):
+                options: ScoreOptions, original=None):
     """torch's own function (the fallbacks, and CPU tensors outside the Triton interpreter, where
     torch's CPU kernels beat sparseattn's gather path on all SDPA can express), with rows that
     see no key set to 0 as on every other path (torch's value there depends on its backend).
-    ALiBi becomes a float mask; a softcap has no torch equivalent (ValueError)."""
+    ALiBi becomes a float mask; a softcap has no torch equivalent (ValueError). ``original``: the
+    caller's tensors of another rank (or batch dims that broadcast), given to torch as they came:
+    torch chooses its CPU kernel by rank (a 3-D fp16 call's dV was 10x closer to float64 than the
+    same call as 4-D: found by fuzzing), so the drop-in calls it exactly as the caller would."""
     if options.softcap is not None:
         raise ValueError(f"softcap: not available on torch's fallback path, which these inputs take ({reason})")
     if options.alibi is not None:
         B, Hq, Lq, Lk = *query.shape[:3], key.shape[2]
         attn_mask = _with_alibi(mask4, is_causal, options.alibi, B, Hq, Lq, Lk, query.dtype)
-        mask4, is_causal = attn_mask, False
+        mask4, is_causal, original = attn_mask, False, None
     _dispatch.set_backend("torch", reason)
-    out = TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                     enable_gqa=enable_gqa)
+    if original is not None and (original[3] is None or _causal_bias(original[3], query.shape[2], key.shape[2])
+                                 is None):
+        q0, k0, v0, m0 = original
+        out = TORCH_SDPA(q0, k0, v0, attn_mask=m0, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                         enable_gqa=enable_gqa)
+        out = out.reshape(*query.shape[:3], out.shape[-1])
+    else:
+        out = TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                         scale=scale, enable_gqa=enable_gqa)
     if mask4 is not None:
         empty = ~mask4.any(-1) if mask4.dtype == torch.bool else torch.isneginf(mask4).all(-1)
         out = out.masked_fill(empty[..., None], 0)
@@ -217,6 +227,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         >>> q = k = v = torch.randn(2, 8, 128, 64)
         >>> out = sa.scaled_dot_product_attention(q, k, v, is_causal=True)
     """
+    original = (query, key, value, attn_mask)
     query4, key, value, lead = _to_4d(query, key, value)
     if lead is not None:
         if isinstance(attn_mask, torch.Tensor) and _causal_bias(attn_mask, query4.shape[2], key.shape[2]) is None:
@@ -226,9 +237,17 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                 raise ValueError(f"attn_mask: expected a shape broadcastable to {list(target)}, got "
                                  f"{list(attn_mask.shape)}")
             attn_mask = attn_mask.expand(target).reshape(-1, *query4.shape[1:3], key.shape[2])
-        out = scaled_dot_product_attention(query4, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                           softcap=softcap, alibi_slopes=alibi_slopes)
+        out = _sdpa_4d(query4, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, softcap,
+                       alibi_slopes, original=original)
         return out.reshape(*lead, *out.shape[2:])
+    return _sdpa_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, softcap, alibi_slopes)
+
+
+def _sdpa_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, softcap, alibi_slopes,
+             original=None):
+    """:func:`scaled_dot_product_attention` on 4-D inputs of one batch size. ``original``: the
+    caller's own (query, key, value, attn_mask) when they were not, which torch's fallback gets
+    as they came (torch picks its backend, and with it its rounding, by rank)."""
     B, Hq, _, Lq, Lk, D = check_inputs(query, key, value, gqa=enable_gqa, names=("query", "key", "value"),
                                         same_value_dim=False)
     causal = "top_left" if is_causal else None
@@ -256,7 +275,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         reason = _dispatch.cpu_reason(query) + "; torch's CPU kernels beat the CPU gather path on what SDPA expresses"
     if reason is not None:
         return _torch_sdpa(query, key, value, attn_mask, mask4 if attn_mask is not None else None, dropout_p,
-                           is_causal, scale, enable_gqa, reason, options)
+                           is_causal, scale, enable_gqa, reason, options, original)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     bias = None
     per_key = attn_mask is not None and causal is None and mask4.shape[2] == 1 and mask4.shape[3] == Lk
