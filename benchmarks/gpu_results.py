@@ -42,7 +42,10 @@ def _tests(log: str):
 
 
 def _run(folder: str, commit: str):
-    read = lambda name: open(os.path.join(folder, name)).read() if os.path.exists(os.path.join(folder, name)) else ""  # noqa: E731
+    def read(name):
+        path = os.path.join(folder, name)
+        return open(path).read() if os.path.exists(path) else ""
+
     run = dict(folder=os.path.basename(folder.rstrip("/")), commit=commit, env=read("env.txt").strip(),
                stages=_stages(read("summary.txt")))
     if read("tests.log"):

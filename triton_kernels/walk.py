@@ -334,8 +334,9 @@ def runtime_rules(rules):
     constexpr strides (tests/triton_kernels/test_gpu_specializations.py compiles the JIT's own)."""
     z = tl.program_id(0) * 0
     return Rules(rules.Lq, rules.Lk, rules.causal_off, rules.window, rules.sinks, rules.qk_scale, rules.softcap,
-                 _runtime_view(rules.mask, z), _runtime_view(rules.bias, z), rules.bits, _runtime_view(rules.key_mask, z),
-                 _runtime_view(rules.key_bias, z), _runtime_view(rules.alibi, z), _runtime_view(rules.q_pos, z),
+                 _runtime_view(rules.mask, z), _runtime_view(rules.bias, z), rules.bits,
+                 _runtime_view(rules.key_mask, z), _runtime_view(rules.key_bias, z), _runtime_view(rules.alibi, z),
+                 _runtime_view(rules.q_pos, z),
                  _runtime_view(rules.k_pos, z), _runtime_view(rules.q_seg, z), _runtime_view(rules.k_seg, z),
                  _runtime_view(rules.pages, z), rules.page_size, _runtime_view(rules.key_group, z),
                  _runtime_view(rules.group_bias, z))

@@ -33,7 +33,7 @@ def attention_stats(q, k, layout, *, scale: Optional[float] = None, query_weight
     if key_groups is not None:
         G = int(key_groups.max()) + 1 if num_groups is None else num_groups
         kg = key_groups if key_groups.dim() == 3 else key_groups[:, None]
-        onehot = (kg.long()[..., None] == torch.arange(G, device=kg.device)).to(dtype)                    # [B, H|1, Lk, G]
+        onehot = (kg.long()[..., None] == torch.arange(G, device=kg.device)).to(dtype)  # [B, H|1, Lk, G]
         out["group_mass"] = torch.einsum("bhqk,bhkg->bhqg", p, onehot.expand(B, H, lk, G))
     bq, bk = layout.block_size
     nq, nk = -(-lq // bq), -(-lk // bk)
