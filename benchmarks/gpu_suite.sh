@@ -18,6 +18,9 @@
 #             PYTEST_ARGS adds to it. Interrupted at its limit, it still reports what ran.
 #   sanitize  benchmarks/sanitize.sh (TOOLS, default here memcheck): compute-sanitizer over the
 #             CUDA extension's GPU tests (decode kernels and the layout builder).
+#   fuzz      python -m sparseattn.fuzz --device cuda (FUZZ_DEVICE; the CUDA kernels against the oracle)
+#             for the stage's limit less 20 s, seed FUZZ_SEED (default: random, printed); a
+#             failure prints a shrunk reproducer (--case '<json>', which carries the device).
 #   bench     python -m sparseattn.bench $BENCH_ARGS, every suite. bench:SUITE runs one suite, and
 #             bench:SUITE@ARG@ARG passes it options, e.g. bench:attention@--head-dims=128@--quick;
 #             each word is its own process and its own table.
@@ -39,7 +42,7 @@
 # in 55 s. So: setup, the benchmarks not yet measured (Lightning at 16K vs
 # flash-linear-attention, PowerAttention and the other patterns at 32K, HiP at 32K, the engine's
 # varlen / padding / paged decode, the statistics at 8K), then the tests for what is left, then
-# memcheck.
+# memcheck, then the fuzzer on CUDA tensors with what is left.
 
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -71,7 +74,7 @@ stage() {  # name, cap in seconds (0: none), command...
   if [ "$limit" -lt 30 ]; then log "== $name: skipped, budget spent"; return 0; fi
   log "== $name (limit ${limit}s)"
   # timeout signals the whole process group: pytest's workers and the bench get the SIGINT too.
-  timeout --signal=INT --kill-after=15 "$limit" bash -c '"$@"' _ "$@" > "$WORK/$name.log" 2>&1
+  LIMIT=$limit timeout --signal=INT --kill-after=15 "$limit" bash -c '"$@"' _ "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
   log "== $name: rc=$rc in $((SECONDS - t0))s$([ $rc -eq 124 ] && echo ' (interrupted at its limit)')"
   { grep -E '^(FAILED|ERROR) ' "$WORK/$name.log" | head -40; tail -n "${TAIL:-6}" "$WORK/$name.log"; } \
@@ -113,10 +116,14 @@ bench() {  # stage name, "SUITE[@ARG@ARG...]" ("" = every suite); results in $WO
   for f in "$WORK/$name"/*.md; do [ -f "$f" ] && cp "$f" "$WORK/$name.md"; done
   return $rc
 }
-export -f setup tests bench
+fuzz() {  # the fuzzer on CUDA tensors (the kernels) for the stage's limit less a margin
+  $PY -m sparseattn.fuzz --device "${FUZZ_DEVICE:-cuda}" --seed "${FUZZ_SEED:-$RANDOM}" \
+    --minutes "$(awk -v s="$LIMIT" 'BEGIN { printf "%.2f", (s - 20) / 60 }')"
+}
+export -f setup tests bench fuzz
 export WORK
 
-PLAN="bench:lightning@--lengths=16384/100 bench:patterns@--lengths=32768/90 bench:hip@--lengths=32768/70 bench:engine@--quick/60 bench:stats@--lengths=8192/40 tests/120 sanitize/45"
+PLAN="bench:lightning@--lengths=16384/100 bench:patterns@--lengths=32768/90 bench:hip@--lengths=32768/70 bench:engine@--quick/60 bench:stats@--lengths=8192/40 tests/120 sanitize/45 fuzz/60"
 log "gpu_suite: $(date -u +%FT%TZ) stages: ${*:-$PLAN}"
 stage setup 150 setup
 setup_rc=$?
@@ -129,6 +136,7 @@ for word in ${*:-$PLAN}; do
     setup) ;;
     tests) stage tests "$cap" tests ;;
     sanitize) stage sanitize "$cap" env OUT="$WORK" PY="$PY" benchmarks/sanitize.sh ;;
+    fuzz) stage fuzz "$cap" fuzz ;;
     bench) stage bench "$cap" bench bench "" ;;
     bench:*) n=bench-${s#bench:}; n=${n//[^A-Za-z0-9_.-]/_}; stage "$n" "$cap" bench "$n" "${s#bench:}" ;;
     *) log "unknown stage: $s"; exit 2 ;;

@@ -6,18 +6,22 @@ import json
 import random
 
 import pytest
+import torch
+from torch.nn.attention.bias import CausalBias
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparseattn as sa
 from sparseattn import fuzz
+from utils import DEVICE
 
 
 @settings(derandomize=True, max_examples=40, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2 ** 31 - 1))
 def test_random_cases_match_the_oracle(seed):
-    case = fuzz.draw_case(random.Random(seed), max_len=160)
+    """The kernels: on CUDA where there is a GPU (``device`` of the case), else through the interpreter."""
+    case = dict(fuzz.draw_case(random.Random(seed), max_len=160), device=DEVICE)
     err = fuzz.run_case(case)
     assert err is None, f"{err}\nreproduce: python -m sparseattn.fuzz --case '{json.dumps(case)}'"
 
@@ -98,4 +102,62 @@ def test_found_cases_stay_fixed(case, path, monkeypatch):
     PyTorch CPU path (what the fuzzer's CPU tensors take where there is no interpreter)."""
     if path == "cpu_path":
         monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")
+    else:
+        case = dict(case, device=DEVICE)
     assert fuzz.run_case(case) is None
+
+
+class _BlockSparseOnMeta:
+    """Stands in for sa.BlockSparse on the meta device (its layouts need data): records where
+    the fuzzer put the block mask, or which device it asked the mask_mod to be evaluated on."""
+    devices = []
+
+    def __init__(self, block_mask, block_size):
+        self.devices.append(block_mask.device)
+
+    @classmethod
+    def from_mask_mod(cls, mask_mod, B, H, Lq, Lk, block_size, device=None):
+        cls.devices.append(torch.device(device or "cpu"))
+        return cls.__new__(cls)
+
+    def dense_mask(self, Lq, Lk):
+        return torch.ones(1, 1, Lq, Lk, dtype=torch.bool, device="meta")
+
+
+@pytest.mark.parametrize("pattern", fuzz.PATTERNS)
+def test_every_tensor_of_a_case_is_on_its_device(pattern, monkeypatch):
+    """``device`` reaches every tensor a case builds (inputs, masks, score options, varlen offsets,
+    the oracle's masks), drawn the same as on the CPU, with the drawn strides: checked on the meta
+    device, where a tensor left on the CPU shows without a GPU. The ops are stubbed (meta tensors
+    cannot run them); the fuzzer's other tests run the real ops."""
+    rng = random.Random(7)
+    case = next(c for c in iter(lambda: fuzz.draw_case(rng, 64), None) if c["pattern"] == pattern)
+    seen = []
+
+    def spy(*a, **k):   # torch's CausalBias (lower_right_sdpa's mask) is metadata, valid on any device
+        seen.extend(t for t in [*a, *k.values()] if isinstance(t, torch.Tensor) and not isinstance(t, CausalBias))
+        return torch.empty(0, device="meta")
+    for name in ("sparse_attention", "scaled_dot_product_attention", "varlen_attention", "hip_mask", "hip_attention"):
+        monkeypatch.setattr(sa, name, spy)
+    for name in ("attention", "varlen_attention"):
+        monkeypatch.setattr(sa.reference, name, spy)
+    monkeypatch.setattr(sa, "BlockSparse", _BlockSparseOnMeta)
+    for strides in fuzz.STRIDES:
+        c = dict(case, strides=strides, dtype="fp16", B=2, softcap=5.0,
+                 options=list(fuzz.OPTIONS if pattern in fuzz.LAYOUT_PATTERNS else fuzz.SDPA_OPTIONS))
+        if pattern == "varlen":
+            c = dict(c, B=1, Lq=sum(a for a, _ in c["lens"]), Lk=sum(b for _, b in c["lens"]))
+        cpu, meta = fuzz._inputs(c), fuzz._inputs(dict(c, device="meta"))
+        for a, b in zip(cpu, meta):
+            assert (b.device.type, b.dtype, b.shape, b.stride()) == ("meta", a.dtype, a.shape, a.stride())
+        assert meta[0].stride(-1) == (2 if strides == "sliced" else 1)
+        assert (meta[1].stride(0) == 0) == (strides == "expanded" and c["B"] > 1)
+        _BlockSparseOnMeta.devices.clear()
+        op, ref = fuzz._op_and_oracle(dict(c, device="meta"), *meta)
+        assert all(d.type == "meta" for d in _BlockSparseOnMeta.devices)
+        # (HiP's oracle reads the mask the op made)
+        for run in (lambda: op(*meta), lambda: pattern == "hip" or ref(*meta, torch.float64)):
+            seen.clear()
+            if run() is True:
+                continue
+            assert seen and all(t.device.type == "meta" for t in seen), [t.device for t in seen]

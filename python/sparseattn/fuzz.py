@@ -10,8 +10,11 @@ for a failure prints the case, shrunk to a smaller one that still fails, as a on
 reproducer (``python -m sparseattn.fuzz --case '<json>'``). The tests run a bounded,
 deterministic sample of the same cases (``tests/test_fuzz.py``).
 
-A case is a plain dict (JSON), so a failure found anywhere can be replayed anywhere. Without a
-GPU run it with ``TRITON_INTERPRET=1`` to fuzz the Triton kernels through the interpreter.
+A case is a plain dict (JSON), so a failure found anywhere can be replayed anywhere. Its
+tensors are drawn on the CPU (the same numbers on every machine) and moved to the case's
+``device`` (``--device``, default ``cpu``): ``--device cuda`` fuzzes the CUDA kernels on a GPU.
+CPU tensors run the PyTorch CPU path, or with ``TRITON_INTERPRET=1`` the Triton kernels through
+the interpreter.
 """
 from __future__ import annotations
 
@@ -73,24 +76,27 @@ def draw_case(rng: random.Random, max_len: int = 300) -> Dict:
     return case
 
 
+def _device(case: Dict) -> torch.device:
+    return torch.device(case.get("device", "cpu"))
+
+
 def _inputs(case: Dict):
     g = torch.Generator().manual_seed(case["seed"])
+    dev = _device(case)
     dtype = DTYPES[case["dtype"]]
     B, Hkv, Lq, Lk, D = case["B"], case["Hkv"], case["Lq"], case["Lk"], case["D"]
     Hq = Hkv * case["group"]
 
-    def make(h, L):
+    def make(h, L):     # drawn contiguous on the CPU, moved, then given the case's strides
         shape = (B, h, L, D)
         kind = case["strides"]
         if kind == "transposed":      # [B, L, H, D] storage, as transformers' projections give
-            t = torch.randn(B, L, h, D, generator=g).transpose(1, 2)
-        elif kind == "sliced":        # every other element of a wider head dim
-            t = torch.randn(B, h, L, 2 * D, generator=g)[..., ::2]
-        elif kind == "expanded" and B > 1:   # one batch read with stride 0
-            t = torch.randn(1, h, L, D, generator=g).expand(shape)
-        else:
-            t = torch.randn(shape, generator=g)
-        return t.to(dtype)
+            return torch.randn(B, L, h, D, generator=g).to(dev, dtype).transpose(1, 2)
+        if kind == "sliced":          # every other element of a wider head dim
+            return torch.randn(B, h, L, 2 * D, generator=g).to(dev, dtype)[..., ::2]
+        if kind == "expanded" and B > 1:     # one batch read with stride 0
+            return torch.randn(1, h, L, D, generator=g).to(dev, dtype).expand(shape)
+        return torch.randn(shape, generator=g).to(dev, dtype)
     return make(Hq, Lq), make(Hkv, Lk), make(Hkv, Lk)
 
 
@@ -103,7 +109,7 @@ def _pattern(case: Dict, Hq: int):
     """(pattern for sparse_attention, None) or (None, SDPA kwargs) for the drop-in."""
     import sparseattn as sa
 
-    p, Lq, Lk = case["pattern"], case["Lq"], case["Lk"]
+    p, Lq, Lk, dev = case["pattern"], case["Lq"], case["Lk"], _device(case)
     g = torch.Generator().manual_seed(case["seed"] + 1)
     if p == "block_mask":
         bs = case["block"]
@@ -111,9 +117,9 @@ def _pattern(case: Dict, Hq: int):
             bm = torch.rand(1, Hq, math.ceil(Lq / bs), math.ceil(Lk / bs), generator=g) < case["density"]
         else:
             bm = torch.rand(1, Hq, math.ceil(Lk / bs), math.ceil(Lk / bs), generator=g) < case["density"]
-        return sa.BlockSparse(bm, bs), None
+        return sa.BlockSparse(bm.to(dev), bs), None
     if p == "mask_mod":
-        doc_q, doc_k = _doc_ids(max(Lq, Lk), case["seed"]), _doc_ids(max(Lq, Lk), case["seed"])
+        doc_q = doc_k = _doc_ids(max(Lq, Lk), case["seed"]).to(dev)
         rules, window, off = case["rules"], case["window"], Lk - Lq
 
         def mask_mod(b, h, q_idx, kv_idx):
@@ -128,7 +134,7 @@ def _pattern(case: Dict, Hq: int):
             if "prefix" in rules:
                 keep = keep | (kv_idx < 8)
             return keep
-        return sa.BlockSparse.from_mask_mod(mask_mod, None, None, Lq, Lk, case["block"]), None
+        return sa.BlockSparse.from_mask_mod(mask_mod, None, None, Lq, Lk, case["block"], device=dev), None
     if p == "sliding_window":
         return sa.SlidingWindow(case["window"], sinks=case["sinks"]), None
     if p == "power":
@@ -138,14 +144,14 @@ def _pattern(case: Dict, Hq: int):
         return sa.PerHead([heads[h % 2] for h in range(Hq)]), None
     B = case["B"]
     if p == "element_mask":
-        return None, {"attn_mask": torch.rand(B, 1, Lq, Lk, generator=g) < 0.6}
+        return None, {"attn_mask": (torch.rand(B, 1, Lq, Lk, generator=g) < 0.6).to(dev)}
     if p == "float_bias":
-        return None, {"attn_mask": torch.randn(1, Hq, Lq, Lk, generator=g)}
+        return None, {"attn_mask": torch.randn(1, Hq, Lq, Lk, generator=g).to(dev)}
     if p == "padding_sdpa":     # Hugging Face's padding mask: the key padding route
-        return None, {"attn_mask": (torch.rand(B, 1, 1, Lk, generator=g) < 0.7)}
+        return None, {"attn_mask": (torch.rand(B, 1, 1, Lk, generator=g) < 0.7).to(dev)}
     if p == "key_bias_sdpa":    # a per-key float mask: the key bias route
         bias = torch.randn(rng_choice(g, (1, B)), rng_choice(g, (1, Hq)), 1, Lk, generator=g)
-        return None, {"attn_mask": bias.masked_fill(torch.rand(bias.shape, generator=g) < 0.2, float("-inf"))}
+        return None, {"attn_mask": bias.masked_fill(torch.rand(bias.shape, generator=g) < 0.2, float("-inf")).to(dev)}
     if p == "lower_right_sdpa":
         from torch.nn.attention.bias import causal_lower_right
         return None, {"attn_mask": causal_lower_right(Lq, Lk)}
@@ -171,7 +177,7 @@ def _options(case: Dict, B: int, Hq: int, Lk: int) -> Dict:
         elif name == "alibi":
             shape = (Hq,) if case["pattern"] == "varlen" else rng_choice(g, ((Hq,), (B, Hq)))  # varlen: [Hq]
             opts["alibi_slopes"] = torch.rand(shape, generator=g) * 0.5
-    return opts
+    return {k: v.to(_device(case)) if isinstance(v, torch.Tensor) else v for k, v in opts.items()}
 
 
 def _varlen(case: Dict, q, k, v, opts):
@@ -179,8 +185,7 @@ def _varlen(case: Dict, q, k, v, opts):
     import sparseattn as sa
 
     lens = case["lens"]
-    cu_q = torch.tensor([0] + [a for a, _ in lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    cu_k = torch.tensor([0] + [b for _, b in lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cu_q, cu_k = (torch.tensor([0] + [n[i] for n in lens]).cumsum(0).to(_device(case), torch.int32) for i in (0, 1))
     kw = dict(causal=case["causal"], window=case["window"], sinks=case["sinks"], **opts)
 
     def op(q, k, v):
@@ -222,7 +227,7 @@ def _op_and_oracle(case: Dict, q, k, v):
         return _hip(case)
     pattern, sdpa_kw = _pattern(case, Hq)
     if pattern is not None:
-        mask = pattern.dense_mask(Lq, Lk) if hasattr(pattern, "dense_mask") else None
+        mask = pattern.dense_mask(Lq, Lk).to(q.device) if hasattr(pattern, "dense_mask") else None
 
         def op(q, k, v):
             return sa.sparse_attention(q, k, v, pattern, **opts)
@@ -233,7 +238,7 @@ def _op_and_oracle(case: Dict, q, k, v):
     attn_mask, is_causal = sdpa_kw.get("attn_mask"), sdpa_kw.get("is_causal", False)
     ref_mask = attn_mask
     if p == "lower_right_sdpa":
-        ref_mask = torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq)
+        ref_mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
 
     def call(sdpa, q, k, v):
         if p == "rank3_sdpa":       # [H, L, D]: torch's SDPA takes any rank >= 2
@@ -277,7 +282,7 @@ def run_case(case: Dict) -> Optional[str]:
         out = op(q, k, v)
         ran_torch = sa.last_backend() == "torch" and hasattr(op, "torch_op")
         g = torch.Generator().manual_seed(case["seed"] + 2)
-        dout = torch.randn(out.shape, generator=g).to(out.dtype)
+        dout = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
         grads = torch.autograd.grad((out.float() * dout.float()).sum(), leaves, allow_unused=True)
     except Exception as e:  # noqa: BLE001 - any crash of a valid case is a finding
         return f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -328,9 +333,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-len", type=int, default=300)
     ap.add_argument("--case", help="replay one case (JSON, as printed for a failure)")
+    ap.add_argument("--device", help="where the cases' tensors live (default: cpu, or the replayed case's)")
     args = ap.parse_args(argv)
+    if args.device:
+        torch.empty(0, device=args.device)   # an unusable device: torch's own error, before any case
     if args.case:
         case = json.loads(args.case)
+        if args.device:
+            case["device"] = args.device
         err = run_case(case)
         print("ok" if err is None else f"FAIL: {err}")
         return 0 if err is None else 1
@@ -339,6 +349,8 @@ def main(argv=None) -> int:
     n = failures = 0
     while time.time() < end:
         case = draw_case(rng, args.max_len)
+        if args.device and torch.device(args.device).type != "cpu":
+            case["device"] = args.device
         n += 1
         err = run_case(case)
         if err is not None:
@@ -347,7 +359,7 @@ def main(argv=None) -> int:
             print(f"FAIL ({err})\n  reproduce: python -m sparseattn.fuzz --case '{json.dumps(small)}'", flush=True)
         if n % 250 == 0:
             print(f"... {n} cases, {failures} failures", flush=True)
-    print(f"{n} cases, {failures} failures (seed {args.seed}, {args.minutes} min)")
+    print(f"{n} cases, {failures} failures (seed {args.seed}, {args.minutes} min, device {args.device or 'cpu'})")
     return 1 if failures else 0
 
 
