@@ -18,6 +18,9 @@
 #             PYTEST_ARGS adds to it. Interrupted at its limit, it still reports what ran.
 #   sanitize  benchmarks/sanitize.sh (TOOLS, default here memcheck): compute-sanitizer over the
 #             CUDA extension's GPU tests (decode kernels and the layout builder).
+#   profile   benchmarks/profile_cases.py: wall time, host-device syncs (with the Python line) and
+#             torch.profiler tables + traces of the cases NOTES.md calls host-bound (decode with a
+#             layout at B 1, block-sparse fwd+bwd at 4K), in profile/ of the tarball.
 #   fuzz      python -m sparseattn.fuzz --device cuda (FUZZ_DEVICE; the CUDA kernels against the oracle)
 #             for the stage's limit less 20 s, seed FUZZ_SEED (default: random, printed); a
 #             failure prints a shrunk reproducer (--case '<json>', which carries the device).
@@ -42,7 +45,9 @@
 # in 55 s. So: setup, the benchmarks not yet measured (Lightning at 16K vs
 # flash-linear-attention, PowerAttention and the other patterns at 32K, HiP at 32K, the engine's
 # varlen / padding / paged decode, the statistics at 8K), then the tests for what is left, then
-# memcheck, then the fuzzer on CUDA tensors with what is left.
+# the profiles of NOTES.md's host-bound cases, memcheck, then the fuzzer on CUDA tensors with
+# what is left (at BUDGET 555 the last three run only if earlier stages finish before their caps:
+# name the stages to run them first).
 
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -123,7 +128,7 @@ fuzz() {  # the fuzzer on CUDA tensors (the kernels) for the stage's limit less 
 export -f setup tests bench fuzz
 export WORK
 
-PLAN="bench:lightning@--lengths=16384/100 bench:patterns@--lengths=32768/90 bench:hip@--lengths=32768/70 bench:engine@--quick/60 bench:stats@--lengths=8192/40 tests/120 sanitize/45 fuzz/60"
+PLAN="bench:lightning@--lengths=16384/100 bench:patterns@--lengths=32768/90 bench:hip@--lengths=32768/70 bench:engine@--quick/60 bench:stats@--lengths=8192/40 tests/120 profile/45 sanitize/45 fuzz/60"
 log "gpu_suite: $(date -u +%FT%TZ) stages: ${*:-$PLAN}"
 stage setup 150 setup
 setup_rc=$?
@@ -137,6 +142,7 @@ for word in ${*:-$PLAN}; do
     tests) stage tests "$cap" tests ;;
     sanitize) stage sanitize "$cap" env OUT="$WORK" PY="$PY" benchmarks/sanitize.sh ;;
     fuzz) stage fuzz "$cap" fuzz ;;
+    profile) stage profile "$cap" $PY benchmarks/profile_cases.py --out "$WORK/profile" ;;
     bench) stage bench "$cap" bench bench "" ;;
     bench:*) n=bench-${s#bench:}; n=${n//[^A-Za-z0-9_.-]/_}; stage "$n" "$cap" bench "$n" "${s#bench:}" ;;
     *) log "unknown stage: $s"; exit 2 ;;
