@@ -233,3 +233,42 @@ def test_reference_takes_pattern_objects(name):
     mask = torch.zeros(Hq, Lq, Lmax, dtype=torch.bool)
     mask[..., :n] = rows & torch.ones(Lq, n, dtype=torch.bool).tril(n - Lq)
     assert torch.equal(reference.decode_mask(Lq, Lmax, lens, p, B)[1].expand(Hq, Lq, Lmax), mask)
+
+
+def test_block_sets_are_built_once_per_layout_and_lengths(monkeypatch):
+    """A decode loop reusing one layout builds its block sets once per (B, heads, lengths) where
+    the lengths need no device read: no cache_seqlens (every length Lmax, on any device) or CPU
+    lengths; each cached result is the one the layout and lengths give (fresh lengths: a new entry)."""
+    from sparseattn.ops.decode import op as dop
+    built = []
+    real = dop._block_sets
+    monkeypatch.setattr(dop, "_block_sets", lambda *a: built.append(a[-1].tolist()) or real(*a))
+    q, k, v = _inputs(2, 4, 2, 1, 200, 16, torch.float32)
+    layout = _random_layout(2, 4, 1, 200, 32, True, True)
+    lens = torch.tensor([200, 77], dtype=torch.int32)
+    for _ in range(3):
+        for cache_seqlens in (None, lens):
+            out, lse = sa.decode_attention(q, k, v, layout, cache_seqlens=cache_seqlens, return_lse=True)
+            _check("cached block sets", q, k, v, layout, cache_seqlens, out, lse)
+    assert built == [[200, 200], [200, 77]]
+    sa.decode_attention(q, k, v, layout, cache_seqlens=torch.tensor([5, 77], dtype=torch.int32))
+    assert built[-1] == [5, 77] and len(built) == 3
+
+
+def test_block_sets_cached_on_the_cuda_backend_without_lengths(monkeypatch):
+    """The CUDA decode backend's call (stubbed here: no GPU) reuses the block sets when there are
+    no cache_seqlens (the layout decode case the first GPU run measured as host-bound); before,
+    only the CPU path cached them."""
+    from sparseattn.ops.decode import op as dop
+    built, launched = [], []
+    real = dop._block_sets
+    monkeypatch.setattr(dop, "_block_sets", lambda *a: built.append(1) or real(*a))
+    monkeypatch.setattr(dop, "decode_backend", lambda q: "cuda")
+    monkeypatch.setattr(dop, "decode_attention_cuda", lambda q, k, v, seqlens, blk_num, blk_idx, *a: launched.append(
+        (blk_num, blk_idx)) or (torch.zeros_like(q), torch.zeros(q.shape[:3])))
+    q, k, v = _inputs(1, 4, 2, 1, 256, 64, torch.float16)
+    layout = _random_layout(1, 4, 1, 256, 64, False, False)
+    for _ in range(3):
+        sa.decode_attention(q, k, v, layout)
+    assert len(built) == 1 and len(launched) == 3
+    assert all(n is launched[0][0] and i is launched[0][1] for n, i in launched)

@@ -175,12 +175,18 @@ def _block_sets(layout: BlockLayout, B: int, Hq: int, Hkv: int, seqlens: Tensor)
     return blk_num, blk_idx, (attended if hl > 1 else None)
 
 
-def _block_sets_cpu(layout: BlockLayout, B: int, Hq: int, Hkv: int, seqlens: Tensor):
-    """:func:`_block_sets` of CPU tensors, kept on the layout (layouts are immutable) per
-    (B, Hq, Hkv, lengths), a few entries: a decode loop that reuses one layout pays the ~0.3 ms of
-    small tensor ops once, not per step (on CPU the lengths cost no device sync to read)."""
+def _cached_block_sets(layout: BlockLayout, B: int, Hq: int, Hkv: int, seqlens: Tensor,
+                       cache_seqlens: Optional[Tensor]):
+    """:func:`_block_sets`, kept on the layout (layouts are immutable) per (B, Hq, Hkv, device,
+    lengths), a few entries, where the lengths are known without a device sync: all Lmax (no
+    ``cache_seqlens``, on any device) or CPU lengths (read for free). A decode loop that reuses one
+    layout then pays its ~30 small tensor ops (~0.3 ms on CPU; as many launches on CUDA) once, not
+    per step. CUDA lengths are never read back (no sync, capture-safe), nor under torch.compile:
+    rebuilt per call there."""
+    if torch.compiler.is_compiling() or (cache_seqlens is not None and seqlens.is_cuda):
+        return _block_sets(layout, B, Hq, Hkv, seqlens)
     cache = layout.__dict__.setdefault("_decode_block_sets", {})
-    key = (B, Hq, Hkv, tuple(seqlens.tolist()))
+    key = (B, Hq, Hkv, seqlens.device, None if cache_seqlens is None else tuple(seqlens.tolist()))
     if key not in cache:
         if len(cache) >= 8:
             cache.clear()
@@ -457,8 +463,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, layout_or_patt
     block_k = 64
     if layout is not None:
         block_k = layout.block_size[1]
-        blk_num, blk_idx, head_mask = (_block_sets_cpu if backend == "cpu" else _block_sets)(layout, B, Hq, Hkv,
-                                                                                            seqlens)
+        blk_num, blk_idx, head_mask = _cached_block_sets(layout, B, Hq, Hkv, seqlens, cache_seqlens)
         if exact == "layout":  # CPU: the listed blocks, and the layout's in-block kinds as a mask
             elem = layout.to_dense_mask()
     if backend == "cuda":
