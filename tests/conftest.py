@@ -67,5 +67,6 @@ def backend(request, monkeypatch):
     if request.param == "cpu_path":
         monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")
         return "cpu", "cpu"
+    monkeypatch.delenv("SPARSEATTN_CPU_PATH", raising=False)   # the kernels, even where a run forces the CPU path
     from utils import DEVICE
     return DEVICE, "triton"

@@ -236,6 +236,7 @@ def test_decode_public_triton_flow_pattern_ragged_options(monkeypatch, pattern, 
         pytest.skip("sparse_attention / paged_sparse_attention do not take the options yet")
     from sparseattn.ops.decode import op
     monkeypatch.setattr(op, "decode_backend", lambda q: "triton")
+    monkeypatch.delenv("SPARSEATTN_CPU_PATH", raising=False)   # the Triton flow, even where a run forces the CPU path
     B, Hq, Hkv, Lq, Lmax, D, ps = 3, 4, 2, 3, 128, 16, 32
     k, v, table, kc, vc = _paged(B, Hkv, Lmax, D, torch.float32, ps)
     q = torch.randn(B, Hq, Lq, D)
