@@ -95,7 +95,11 @@ def profile(name, fn, device, iters, out_dir):
     table = prof.key_averages()
     lines += ["", f"== by self CPU time ({iters} calls)", table.table(sort_by="self_cpu_time_total", row_limit=30)]
     if device == "cuda":
-        lines += [f"== by device time ({iters} calls)", table.table(sort_by="self_device_time_total", row_limit=20)]
+        try:
+            by_device = table.table(sort_by="self_device_time_total", row_limit=20)
+        except (KeyError, AttributeError, ValueError):   # older torch: the CUDA-named column
+            by_device = table.table(sort_by="self_cuda_time_total", row_limit=20)
+        lines += [f"== by device time ({iters} calls)", by_device]
     trace = os.path.join(out_dir, f"{name}.trace.json")
     prof.export_chrome_trace(trace)
     with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
