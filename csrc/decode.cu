@@ -71,12 +71,15 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-template <typename T, int D>
+// MR: query rows of a CTA, the power of two >= G * Lq up to kDecodeRowsPerCta (launch): the
+// unrolled P V loop issues MR predicated FMAs per key, so a fixed 16 wasted 3/4 of them at
+// G * Lq = 4 (GQA 4:1, one new token) and 15/16 at MHA decode.
+template <typename T, int D, int MR>
 __global__ void __launch_bounds__(D) decode_split_kernel(const DecodeParams p) {
   constexpr int NT = D;                 // threads; thread d owns output column d
   constexpr int NW = NT / 32;
   constexpr int TILE = kDecodeTile;
-  constexpr int MR = kDecodeRowsPerCta;
+  static_assert(MR >= 1 && MR <= kDecodeRowsPerCta && (MR & (MR - 1)) == 0, "MR: a power of two <= 16");
   constexpr int DW = D / 2;             // 32-bit words per row
   constexpr int KW = DW + 1;            // padded K row stride (odd): column reads conflict-free
   constexpr int VEC = 8;                // elements per 16-byte load
@@ -295,9 +298,24 @@ __global__ void __launch_bounds__(D) decode_combine_kernel(const DecodeParams p)
 
 template <typename T, int D>
 void launch(const DecodeParams& p, cudaStream_t stream) {
-  const int chunks = (p.Hq / p.Hkv * p.Lq + kDecodeRowsPerCta - 1) / kDecodeRowsPerCta;
+  // Rows per CTA: the power of two >= G * Lq, at most kDecodeRowsPerCta. The row chunks (grid y)
+  // are the same as with kDecodeRowsPerCta rows for every G * Lq (one chunk up to 16 rows), so
+  // decode_num_splits and check() count them with it.
+  static_assert(kDecodeRowsPerCta == 16, "the dispatch below stops at 16 rows");
+  const int group_rows = p.Hq / p.Hkv * p.Lq;
+  const int chunks = (group_rows + kDecodeRowsPerCta - 1) / kDecodeRowsPerCta;
   const dim3 grid(p.B, p.Hkv * chunks, p.num_splits);
-  decode_split_kernel<T, D><<<grid, D, 0, stream>>>(p);
+  if (group_rows <= 1) {
+    decode_split_kernel<T, D, 1><<<grid, D, 0, stream>>>(p);
+  } else if (group_rows <= 2) {
+    decode_split_kernel<T, D, 2><<<grid, D, 0, stream>>>(p);
+  } else if (group_rows <= 4) {
+    decode_split_kernel<T, D, 4><<<grid, D, 0, stream>>>(p);
+  } else if (group_rows <= 8) {
+    decode_split_kernel<T, D, 8><<<grid, D, 0, stream>>>(p);
+  } else {
+    decode_split_kernel<T, D, kDecodeRowsPerCta><<<grid, D, 0, stream>>>(p);
+  }
   SA_CHECK_LAUNCH("decode_split_kernel launch");
   const int64_t rows = (int64_t)p.B * p.Hq * p.Lq;
   decode_combine_kernel<T, D><<<(unsigned)rows, D, 0, stream>>>(p);

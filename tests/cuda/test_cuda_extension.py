@@ -271,8 +271,10 @@ def _lens(B, Lmax, Lq):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("Lq", [1, 3, 16])
-@pytest.mark.parametrize("heads", [(8, 8), (32, 8), (16, 1)])
+@pytest.mark.parametrize("heads", [(8, 8), (32, 8), (16, 1), (8, 4)])
 def test_gpu_decode_dense_matches_oracle(dtype, D, Lq, heads):
+    """Group rows G x Lq of 1, 2, 3, 4, 6, 12, 16, 32, 48, 64, 256: every rows-per-CTA variant of
+    the split kernel (1, 2, 4, 8, 16) and several row chunks."""
     Hq, Hkv = heads
     B, Lmax = 3, 777
     q, k, v = _inputs(B, Hq, Hkv, Lq, Lmax, D, dtype)
