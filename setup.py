@@ -142,6 +142,8 @@ setup(
         "sparseattn": "python/sparseattn",
         "sparseattn.triton_kernels": "triton_kernels",
     },
+    # the CPU kernel's source, compiled on first use (python/sparseattn/ops/attention/cpu_kernel.py)
+    package_data={"sparseattn.ops.attention": ["cpu_kernel.cpp"]},
     ext_modules=[CMakeExtension("sparseattn._C")] if want_cuda() else [],
     cmdclass={"build_ext": CMakeBuild},
 )

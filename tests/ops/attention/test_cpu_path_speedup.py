@@ -2,8 +2,8 @@
 float64 oracle: every way a layout's lists map onto q / k / v (per batch, per head, broadcast,
 GQA), padded rows and keys, Dv != D, diagonal tiles run as the fused op's causal rule, tile
 bitmasks, strided views and gathers, many chunks per group, the matmul fallback, and the thread
-policy (restored thread count, results independent of it). No timing here: the speed is in the
-bench's CPU table."""
+policy (restored thread count, results independent of it); each with the C++ kernel and with the
+gather path. No timing here: the speed is in the bench's CPU table."""
 import math
 
 import pytest
@@ -11,12 +11,18 @@ import torch
 
 import sparseattn as sa
 from checks import attention_inputs, check_attention
-from sparseattn.ops.attention import cpu
+from sparseattn.ops.attention import cpu, cpu_kernel
 
 
-@pytest.fixture(autouse=True)
-def _cpu_path(monkeypatch):
+@pytest.fixture(autouse=True, params=["kernel", "gather"])
+def _cpu_path(monkeypatch, request):
+    """Every test twice: with the C++ kernel (cpu_kernel.cpp, the default where it builds) and with
+    the gather path (torch's fused CPU attention on gathered blocks)."""
     monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")
+    monkeypatch.setenv("SPARSEATTN_CPU_KERNEL", "1" if request.param == "kernel" else "0")
+    if request.param == "kernel" and cpu_kernel.ops() is None:
+        pytest.skip(f"the CPU kernel did not build here: {cpu_kernel.unavailable_reason()}")
+    return request.param
 
 
 def _layout(shape, Lq, Lk, bs, density=0.6, **kw):
@@ -107,7 +113,8 @@ def test_views_chunks_and_gathers_agree(monkeypatch):
 
 
 def test_matmul_fallback_equals_fused(monkeypatch):
-    """A torch without the fused op (or a softcap) runs the same groups through matmuls."""
+    """A torch without the fused op (or a softcap) runs the same groups through matmuls (compared
+    with the kernel, and with the fused op on gathered blocks)."""
     torch.manual_seed(4)
     q, k, v = attention_inputs(2, 4, 2, 200, 260, 32, torch.float32, "cpu")
     lay = _layout((2, 1), 200, 260, 64, causal="bottom_right", window=90)
@@ -118,8 +125,53 @@ def test_matmul_fallback_equals_fused(monkeypatch):
 
     fused = run()
     monkeypatch.setitem(cpu._PROBED, "fused", False)
+    monkeypatch.setenv("SPARSEATTN_CPU_KERNEL", "0")
     for a, b in zip(fused, run()):
         assert torch.allclose(a, b, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(dtype):
+    """fp16 / bf16 inputs compute in fp32 (converted once per call), GQA, non-contiguous inputs."""
+    torch.manual_seed(7)
+    q, k, v = attention_inputs(1, 4, 2, 150, 190, 32, dtype, "cpu", non_contiguous=True)
+    check_attention(q, k, v, _layout((1, 4), 150, 190, 32, causal="bottom_right", window=70), "cpu")
+
+
+def test_kernel_is_built_and_used(_cpu_path, monkeypatch):
+    """Where a C++ compiler exists the kernel builds (a failed build would silently leave only the
+    gather path tested), and sparse_attention's CPU path calls it forward and backward."""
+    if _cpu_path == "gather":
+        assert cpu_kernel.ops() is None and cpu_kernel.unavailable_reason() == "SPARSEATTN_CPU_KERNEL=0"
+        return
+    assert cpu_kernel.unavailable_reason() is None
+    ops, calls = cpu_kernel.ops(), []
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(ops, name)
+
+    monkeypatch.setattr(cpu_kernel, "ops", lambda: Spy())
+    q, k, v = attention_inputs(1, 2, 2, 128, 128, 16, torch.float32, "cpu")
+    out = sa.sparse_attention(q, k, v, _layout((1, 2), 128, 128, 32, causal="top_left"))
+    out.sum().backward()
+    assert "fwd" in calls and "bwd" in calls
+
+
+def test_kernel_rejects_bad_lists(_cpu_path):
+    """The kernel checks every listed block and entry before reading: an error, no stray read."""
+    if _cpu_path == "gather":
+        return
+    ops = cpu_kernel.ops()
+    q, k, v, out = torch.randn(1, 3, 16, 8), torch.randn(1, 4, 16, 8), torch.randn(1, 4, 16, 8), torch.empty(1, 3, 16, 8)
+    lse = torch.empty(1, 3, 16)
+    ent, cnt = torch.tensor([0, 2]), torch.tensor([1, 1])
+    for blocks, e in ((torch.tensor([[1], [4]]), ent), (torch.tensor([[1], [-1]]), ent),
+                      (torch.tensor([[1], [2]]), torch.tensor([0, 3]))):
+        with pytest.raises(RuntimeError, match="out of range"):
+            ops.fwd(q, k, v, e, cnt, blocks, None, False, 1.0, False, out, lse)
+    ops.fwd(q, k, v, ent, cnt, torch.tensor([[1], [3]]), None, False, 1.0, False, out, lse)   # in range: runs
 
 
 @pytest.mark.parametrize("layout", [False, True])

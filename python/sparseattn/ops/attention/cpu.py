@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from ..._alloc import empty
 from ...layout import BlockLayout, unpack_bits
 from ...layout.predicates import alibi_bias, softcap_scores
+from . import cpu_kernel
 
 # Elements of the gathered keys / values and the mask or scores of one chunk (~64 MB of fp32).
 _CHUNK_ELEMS = 1 << 24
@@ -81,6 +82,12 @@ def _fused_ok() -> bool:
         except (AttributeError, RuntimeError, TypeError):
             _PROBED["fused"] = False
     return _PROBED["fused"]
+
+
+def _kernel(plan: "_Plan"):
+    """The C++ kernel's ops (:mod:`.cpu_kernel`) where they apply (float32 compute, no softcap: it
+    is not additive), else None: the gather path."""
+    return None if plan.softcap is not None or plan.ct != torch.float32 else cpu_kernel.ops()
 
 
 # ----------------------------------------------------------------------------- one chunk of a group
@@ -423,8 +430,15 @@ def _fwd(q, k, v, lists, mask, bias, bits, scale, layout_bq, layout_bk, causal_o
     if none.numel():
         ox.index_fill_(1, none, 0.0)
         lx.index_fill_(1, none, _NEG_INF)
+    kern = _kernel(plan)
+    if kern is not None:
+        qx, kx, vx = _unit_last_stride(qx, kx, vx)
     for kind in _KINDS:
         for ent, blocks, ids in plan.groups(kind):
+            if kern is not None:   # reads the blocks in place, merges into ox / lx itself
+                kern.fwd(qx, kx, vx, ent, torch.full_like(ent, blocks.shape[1]), plan.base[ent, None] + blocks,
+                         plan.mask(ent, blocks, ids, kind), kind == "diagonal", scale, kind != "full", ox, lx)
+                continue
             kk, vv, _ = _gather(kx, vx, blocks, plan.base[ent])
             o, l = attend(_select(qx, ent), kk, vv, plan.mask(ent, blocks, ids, kind), scale, softcap,
                            kind == "diagonal")
@@ -471,9 +485,18 @@ def _bwd(do, dlse, q, k, v, out, lse, lists, mask, bias, bits, scale, layout_bq,
     if dlse is not None and bool(dlse.any()):
         dlx = plan.to_x(dlse[..., None])[..., 0]
     kx, vx = plan.keys(k), plan.keys(v)
+    kern = _kernel(plan)
+    if kern is not None:
+        qx, kx, vx, dox, outx = _unit_last_stride(qx, kx, vx, dox, outx)
     dqx, dkx, dvx = torch.zeros_like(qx), torch.zeros_like(kx), torch.zeros_like(vx)
     for kind in _KINDS:
         for ent, blocks, ids in plan.groups(kind):
+            if kern is not None:   # reads the blocks in place, adds into dqx / dkx / dvx itself
+                base = plan.base[ent]
+                kern.bwd(dox, qx, kx, vx, outx, lx, dlx, ent, torch.full_like(ent, blocks.shape[1]),
+                         base[:, None] + blocks, base // plan.nk, plan.mask(ent, blocks, ids, kind), kind == "diagonal",
+                         scale, dqx, dkx, dvx)
+                continue
             kk, vv, rows = _gather(kx, vx, blocks, plan.base[ent])
             sel = (lambda t: None if t is None else _select(t, ent))  # noqa: E731
             dq, dk, dv = _attend_bwd(sel(dox), sel(qx), kk, vv, sel(outx), sel(lx), plan.mask(ent, blocks, ids, kind),
