@@ -164,8 +164,8 @@ def test_kernel_rejects_bad_lists(_cpu_path):
     if _cpu_path == "gather":
         return
     ops = cpu_kernel.ops()
-    q, k, v, out = torch.randn(1, 3, 16, 8), torch.randn(1, 4, 16, 8), torch.randn(1, 4, 16, 8), torch.empty(1, 3, 16, 8)
-    lse = torch.empty(1, 3, 16)
+    q, k, v = torch.randn(1, 3, 16, 8), torch.randn(1, 4, 16, 8), torch.randn(1, 4, 16, 8)
+    out, lse = torch.empty(1, 3, 16, 8), torch.empty(1, 3, 16)
     ent, cnt = torch.tensor([0, 2]), torch.tensor([1, 1])
     for blocks, e in ((torch.tensor([[1], [4]]), ent), (torch.tensor([[1], [-1]]), ent),
                       (torch.tensor([[1], [2]]), torch.tensor([0, 3]))):

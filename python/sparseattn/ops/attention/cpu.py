@@ -112,6 +112,12 @@ def _unit_last_stride(*ts):
     return tuple(t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in ts)
 
 
+def _gemm_ready(*ts):
+    """The tensors as BLAS reads them in the C++ kernel (a copy where not): a unit last stride and
+    a row stride of at least the row's length."""
+    return tuple(t if t.stride(-1) == 1 and t.stride(-2) >= t.shape[-1] else t.contiguous() for t in ts)
+
+
 def _attend_impl(Q, K, V, mask, scale, softcap, causal=False):
     """Attention of one chunk: Q [X, R, M, D], K and V [X, R, S, D], float mask [X|1, R, M|1, S]
     or None (``causal``: key j visible to row i iff j <= i, the fused op's own rule, only with
@@ -354,6 +360,26 @@ class _Plan:
                 e = ent[r0:r0 + rows]
                 yield e, idx[e, :c], None if ids is None else ids[e, :c]
 
+    def masked(self, kind: str) -> bool:
+        """Whether tiles of this kind get a float mask (:meth:`mask` is not None)."""
+        return kind == "partial" or (kind == "full" and any(
+            t is not None for t in (self.alibi, self.key_bias, self.bias, self.group_bias)))
+
+    def calls(self, kind: str):
+        """What the C++ kernel runs per call for one kind: (entries [R], counts [R], block ids
+        [R, W], bit ids or None). Kinds without a mask in one call of every entry that lists such
+        tiles (the kernel takes a count per entry); masked kinds per group (:meth:`groups`: the
+        mask of a group is one tensor, its memory bounded by the chunks)."""
+        if self.masked(kind):
+            for ent, blocks, ids in self.groups(kind):
+                yield ent, torch.full_like(ent, blocks.shape[1]), blocks, ids
+            return
+        num, idx, _ = self.lists(kind)
+        ent = (num > 0).nonzero()[:, 0]
+        if ent.numel():
+            w = int(num.max())
+            yield ent, num[ent], idx[ent, :w], None
+
     def mask(self, ent, blocks, bit_ids, kind: str) -> Optional[torch.Tensor]:
         """Float mask [X|1, R, M|1, S] of a chunk: the additive score options, and -inf where the
         in-block rules drop a pair (partial tiles); None for full tiles without options and for
@@ -431,14 +457,14 @@ def _fwd(q, k, v, lists, mask, bias, bits, scale, layout_bq, layout_bk, causal_o
         ox.index_fill_(1, none, 0.0)
         lx.index_fill_(1, none, _NEG_INF)
     kern = _kernel(plan)
-    if kern is not None:
-        qx, kx, vx = _unit_last_stride(qx, kx, vx)
-    for kind in _KINDS:
+    if kern is not None:   # reads the blocks in place, merges into ox / lx itself
+        qx, kx, vx = _gemm_ready(qx, kx, vx)
+        for kind in _KINDS:
+            for ent, counts, blocks, ids in plan.calls(kind):
+                kern.fwd(qx, kx, vx, ent, counts, plan.base[ent, None] + blocks, plan.mask(ent, blocks, ids, kind),
+                         kind == "diagonal", scale, kind != "full", ox, lx)   # "full" first: writes
+    for kind in _KINDS if kern is None else ():
         for ent, blocks, ids in plan.groups(kind):
-            if kern is not None:   # reads the blocks in place, merges into ox / lx itself
-                kern.fwd(qx, kx, vx, ent, torch.full_like(ent, blocks.shape[1]), plan.base[ent, None] + blocks,
-                         plan.mask(ent, blocks, ids, kind), kind == "diagonal", scale, kind != "full", ox, lx)
-                continue
             kk, vv, _ = _gather(kx, vx, blocks, plan.base[ent])
             o, l = attend(_select(qx, ent), kk, vv, plan.mask(ent, blocks, ids, kind), scale, softcap,
                            kind == "diagonal")
@@ -487,16 +513,16 @@ def _bwd(do, dlse, q, k, v, out, lse, lists, mask, bias, bits, scale, layout_bq,
     kx, vx = plan.keys(k), plan.keys(v)
     kern = _kernel(plan)
     if kern is not None:
-        qx, kx, vx, dox, outx = _unit_last_stride(qx, kx, vx, dox, outx)
-    dqx, dkx, dvx = torch.zeros_like(qx), torch.zeros_like(kx), torch.zeros_like(vx)
-    for kind in _KINDS:
-        for ent, blocks, ids in plan.groups(kind):
-            if kern is not None:   # reads the blocks in place, adds into dqx / dkx / dvx itself
+        qx, kx, vx, dox, outx = _gemm_ready(qx, kx, vx, dox, outx)
+    dqx, dkx, dvx = (torch.zeros(t.shape, dtype=t.dtype) for t in (qx, kx, vx))
+    if kern is not None:   # reads the blocks in place, adds into dqx / dkx / dvx itself
+        for kind in _KINDS:
+            for ent, counts, blocks, ids in plan.calls(kind):
                 base = plan.base[ent]
-                kern.bwd(dox, qx, kx, vx, outx, lx, dlx, ent, torch.full_like(ent, blocks.shape[1]),
-                         base[:, None] + blocks, base // plan.nk, plan.mask(ent, blocks, ids, kind), kind == "diagonal",
-                         scale, dqx, dkx, dvx)
-                continue
+                kern.bwd(dox, qx, kx, vx, outx, lx, dlx, ent, counts, base[:, None] + blocks, base // plan.nk,
+                         plan.mask(ent, blocks, ids, kind), kind == "diagonal", scale, dqx, dkx, dvx)
+    for kind in _KINDS if kern is None else ():
+        for ent, blocks, ids in plan.groups(kind):
             kk, vv, rows = _gather(kx, vx, blocks, plan.base[ent])
             sel = (lambda t: None if t is None else _select(t, ent))  # noqa: E731
             dq, dk, dv = _attend_bwd(sel(dox), sel(qx), kk, vv, sel(outx), sel(lx), plan.mask(ent, blocks, ids, kind),

@@ -1,5 +1,6 @@
-// The CPU kernel of sparse attention: listed key blocks read in place (no gather), the scores of
-// one (query block, key block) tile at a time, online softmax, BLAS for the two products of a tile.
+// The CPU kernel of sparse attention: listed key blocks read in place (no gather into tensors),
+// an entry's blocks in chunks of up to 512 keys (packed into a thread-local panel), online softmax,
+// BLAS for the products of a chunk; the backward recomputes the probabilities from the saved LSE.
 // Built on first use by cpu_kernel.py (torch.utils.cpp_extension, the machine's C++ compiler);
 // without it the CPU path gathers the blocks and calls torch's fused CPU attention (cpu.py).
 //
@@ -62,22 +63,18 @@ inline float fast_exp(float x) {
   return x > hi ? std::numeric_limits<float>::infinity() : y;
 }
 
-template <typename T>
-constexpr T neg_inf() {
-  return -std::numeric_limits<T>::infinity();
-}
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Everything a tile loop needs of one call (pointers and element strides).
-template <typename T>
 struct Args {
-  const T *q, *k, *v, *mask;
+  const float *q, *k, *v, *mask;
   int64_t qs0, qs1, qs2, ks0, ks1, ks2, vs0, vs1, vs2;
   int64_t ms0, ms1, ms2, ms3;  // mask strides (0 where it broadcasts)
   const int64_t *ent, *counts, *blocks;
   int64_t bs0, bs1;
   int M, BK, Dq, Dv;
   bool causal;
-  T scale;
+  float scale;
 };
 
 // Key blocks per chunk of one entry's list: the scores and the two products of a chunk run as
@@ -87,27 +84,25 @@ struct Args {
 inline int chunk_blocks(int BK) { return std::max(1, 512 / BK); }
 
 // Copies the blocks [t0, t1) of entry r's list into `panel` [n * BK][C] (C of src's last dim).
-template <typename T>
-void pack(const Args<T>& a, const T* src, int64_t s1, int64_t s2, int C, int64_t r, int64_t t0, int64_t t1,
-          T* panel) {
+void pack(const Args& a, const float* src, int64_t s1, int64_t s2, int C, int64_t r, int64_t t0, int64_t t1,
+          float* panel) {
   for (int64_t t = t0; t < t1; ++t) {
-    const T* b = src + a.blocks[r * a.bs0 + t] * s1;
-    T* d = panel + (t - t0) * a.BK * C;
-    for (int j = 0; j < a.BK; ++j) std::memcpy(d + (int64_t)j * C, b + j * s2, sizeof(T) * C);
+    const float* b = src + a.blocks[r * a.bs0 + t] * s1;
+    float* d = panel + (t - t0) * a.BK * C;
+    for (int j = 0; j < a.BK; ++j) std::memcpy(d + (int64_t)j * C, b + j * s2, sizeof(float) * C);
   }
 }
 
 // Scores of blocks [t0, t1) of call entry r, plane x, into S [M][n * BK]: scale * Q K^T (K the
 // packed panel [n * BK][Dq]), plus the mask, with the causal rule per block.
-template <typename T>
-void scores(const Args<T>& a, int64_t x, int64_t r, int64_t t0, int64_t t1, const T* Q, const T* Kp, T* S) {
+void scores(const Args& a, int64_t x, int64_t r, int64_t t0, int64_t t1, const float* Q, const float* Kp, float* S) {
   const int W = (int)(t1 - t0) * a.BK;
-  gemm('T', 'N', W, a.M, a.Dq, a.scale, Kp, a.Dq, Q, (int)a.qs2, T(0), S, W);
+  gemm('T', 'N', W, a.M, a.Dq, a.scale, Kp, a.Dq, Q, (int)a.qs2, 0.0f, S, W);
   if (a.mask) {
-    const T* mp = a.mask + x * a.ms0 + r * a.ms1 + t0 * a.BK * a.ms3;
+    const float* mp = a.mask + x * a.ms0 + r * a.ms1 + t0 * a.BK * a.ms3;
     for (int i = 0; i < a.M; ++i) {
-      const T* mr = mp + i * a.ms2;
-      T* s = S + (int64_t)i * W;
+      const float* mr = mp + i * a.ms2;
+      float* s = S + (int64_t)i * W;
       if (a.ms3 == 1) {
 #pragma omp simd
         for (int j = 0; j < W; ++j) s[j] += mr[j];
@@ -119,44 +114,55 @@ void scores(const Args<T>& a, int64_t x, int64_t r, int64_t t0, int64_t t1, cons
   if (a.causal) {
     for (int i = 0; i < a.M; ++i)
       for (int64_t t = 0; t < t1 - t0; ++t)
-        for (int j = i + 1; j < a.BK; ++j) S[(int64_t)i * W + t * a.BK + j] = neg_inf<T>();
+        for (int j = i + 1; j < a.BK; ++j) S[(int64_t)i * W + t * a.BK + j] = kNegInf;
   }
 }
 
-template <typename T>
 void check_strides(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.stride(-1) == 1 || t.size(-1) == 1, "sparseattn cpu kernel: ", name, " needs a unit last stride");
-  TORCH_CHECK(t.scalar_type() == c10::CppTypeToScalarType<T>::value, "sparseattn cpu kernel: ", name,
-              " has dtype ", t.scalar_type());
+  TORCH_CHECK(t.stride(-2) >= t.size(-1) || t.size(-2) == 1, "sparseattn cpu kernel: ", name,
+              " needs a row stride of at least its row length (BLAS)");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "sparseattn cpu kernel: ", name, " has dtype ", t.scalar_type(),
+              ", expected float32");
 }
 
-template <typename T>
-Args<T> make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& ent,
+// Tensors the kernel writes or reads beside q, k and v cover the same rows (no stray access).
+void check_like(const at::Tensor& t, const at::Tensor& ref, int dims, const char* name) {
+  TORCH_CHECK(t.dim() >= dims, "sparseattn cpu kernel: ", name, " has ", t.dim(), " dims");
+  for (int d = 0; d < dims; ++d)
+    TORCH_CHECK(t.size(d) == ref.size(d), "sparseattn cpu kernel: ", name, " size ", t.sizes(), " vs ", ref.sizes());
+}
+
+Args make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& ent,
                   const at::Tensor& counts, const at::Tensor& blocks, const c10::optional<at::Tensor>& mask,
                   bool causal, double scale, int64_t Dv) {
-  check_strides<T>(q, "q");
-  check_strides<T>(k, "k");
-  check_strides<T>(v, "v");
+  check_strides(q, "q");
+  check_strides(k, "k");
+  check_strides(v, "v");
   TORCH_CHECK(ent.scalar_type() == at::kLong && counts.scalar_type() == at::kLong && blocks.scalar_type() == at::kLong,
               "sparseattn cpu kernel: ent, counts and blocks must be int64");
   TORCH_CHECK(ent.is_contiguous() && counts.is_contiguous() && blocks.stride(1) == 1,
               "sparseattn cpu kernel: ent and counts contiguous, blocks with a unit last stride");
-  Args<T> a;
-  a.q = q.data_ptr<T>();
-  a.k = k.data_ptr<T>();
-  a.v = v.data_ptr<T>();
+  Args a;
+  a.q = q.data_ptr<float>();
+  a.k = k.data_ptr<float>();
+  a.v = v.data_ptr<float>();
   a.qs0 = q.stride(0), a.qs1 = q.stride(1), a.qs2 = q.stride(2);
   a.ks0 = k.stride(0), a.ks1 = k.stride(1), a.ks2 = k.stride(2);
   a.vs0 = v.stride(0), a.vs1 = v.stride(1), a.vs2 = v.stride(2);
   a.M = (int)q.size(2), a.BK = (int)k.size(2), a.Dq = (int)q.size(3), a.Dv = (int)Dv;
   TORCH_CHECK(v.size(3) >= Dv && k.size(3) >= q.size(3), "sparseattn cpu kernel: head dims");
+  check_like(k, q, 1, "k");
+  check_like(v, k, 3, "v");
   a.mask = nullptr;
   a.ms0 = a.ms1 = a.ms2 = a.ms3 = 0;
   if (mask.has_value()) {
     const at::Tensor& m = *mask;
     TORCH_CHECK(m.dim() == 4 && m.scalar_type() == q.scalar_type(), "sparseattn cpu kernel: mask [X|1, R, M|1, S]");
-    TORCH_CHECK(m.size(3) >= blocks.size(1) * k.size(2), "sparseattn cpu kernel: mask narrower than the lists");
-    a.mask = m.data_ptr<T>();
+    TORCH_CHECK(m.size(3) >= blocks.size(1) * k.size(2) && m.size(1) == ent.size(0) &&
+                    (m.size(0) == 1 || m.size(0) == q.size(0)) && (m.size(2) == 1 || m.size(2) == q.size(2)),
+                "sparseattn cpu kernel: mask ", m.sizes(), " does not cover [X|1, R, M|1, W * BLOCK_K]");
+    a.mask = m.data_ptr<float>();
     a.ms0 = m.size(0) == 1 ? 0 : m.stride(0);
     a.ms1 = m.stride(1);
     a.ms2 = m.size(2) == 1 ? 0 : m.stride(2);
@@ -167,7 +173,7 @@ Args<T> make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   a.blocks = blocks.data_ptr<int64_t>();
   a.bs0 = blocks.stride(0), a.bs1 = blocks.stride(1);
   a.causal = causal;
-  a.scale = (T)scale;
+  a.scale = (float)scale;
   const int64_t N = k.size(1);
   const int64_t R = ent.size(0);
   TORCH_CHECK(counts.size(0) == R && blocks.size(0) == R, "sparseattn cpu kernel: ent, counts, blocks disagree");
@@ -183,53 +189,56 @@ Args<T> make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 }
 
 // ----------------------------------------------------------------------------- forward
-template <typename T>
-void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& ent,
-              const at::Tensor& counts, const at::Tensor& blocks, const c10::optional<at::Tensor>& mask, bool causal,
-              double scale, bool accumulate, at::Tensor& out, at::Tensor& lse) {
-  check_strides<T>(out, "out");
-  TORCH_CHECK(lse.scalar_type() == q.scalar_type(), "sparseattn cpu kernel: lse dtype");
-  const Args<T> a = make_args<T>(q, k, v, ent, counts, blocks, mask, causal, scale, out.size(3));
+void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& ent, const at::Tensor& counts,
+         const at::Tensor& blocks, const c10::optional<at::Tensor>& mask, bool causal, double scale, bool accumulate,
+         at::Tensor out, at::Tensor lse) {
+  check_strides(out, "out");
+  check_like(out, q, 3, "out");
+  check_like(lse, q, 3, "lse");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "sparseattn cpu kernel: lse dtype");
+  const Args a = make_args(q, k, v, ent, counts, blocks, mask, causal, scale, out.size(3));
   const int64_t X = q.size(0), R = ent.size(0);
-  T* op = out.data_ptr<T>();
-  T* lp = lse.data_ptr<T>();
+  float* op = out.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
   const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
   const int64_t ls0 = lse.stride(0), ls1 = lse.stride(1), ls2 = lse.stride(2);
   const int M = a.M, BK = a.BK, Dv = a.Dv;
   at::parallel_for(0, X * R, 1, [&](int64_t begin, int64_t end) {
     const int CB = chunk_blocks(BK);
-    std::vector<T> S((size_t)M * CB * BK), acc((size_t)M * Dv), mx(M), l(M);
-    std::vector<T> Kp((size_t)CB * BK * a.Dq), Vp((size_t)CB * BK * Dv);
+    std::vector<float> S((size_t)M * CB * BK), acc((size_t)M * Dv), mx(M), l(M);
+    std::vector<float> Kp((size_t)CB * BK * a.Dq), Vp((size_t)CB * BK * Dv);
     for (int64_t job = begin; job < end; ++job) {
       const int64_t x = job / R, r = job % R, e = a.ent[r];
-      T* o = op + x * os0 + e * os1;
-      T* ls = lp + x * ls0 + e * ls1;
-      for (int i = 0; i < M; ++i) {  // the state: the rows' earlier parts, or nothing
-        T m0 = accumulate ? ls[i * ls2] : neg_inf<T>();
-        mx[i] = m0;
-        l[i] = m0 == neg_inf<T>() ? T(0) : T(1);
-        for (int d = 0; d < Dv; ++d) acc[(size_t)i * Dv + d] = l[i] == T(0) ? T(0) : o[i * os2 + d];
+      float* o = op + x * os0 + e * os1;
+      float* ls = lp + x * ls0 + e * ls1;
+      for (int i = 0; i < M; ++i) {  // the state: the rows' earlier parts (normalised: l = 1), or nothing
+        mx[i] = accumulate ? ls[i * ls2] : kNegInf;
+        l[i] = mx[i] == kNegInf ? 0.0f : 1.0f;
+        if (l[i] == 0.0f)
+          std::memset(acc.data() + (size_t)i * Dv, 0, sizeof(float) * Dv);
+        else
+          std::memcpy(acc.data() + (size_t)i * Dv, o + i * os2, sizeof(float) * Dv);
       }
-      const T* Q = a.q + x * a.qs0 + e * a.qs1;
+      const float* Q = a.q + x * a.qs0 + e * a.qs1;
       for (int64_t t0 = 0; t0 < a.counts[r]; t0 += CB) {
         const int64_t t1 = std::min<int64_t>(a.counts[r], t0 + CB);
         const int W = (int)(t1 - t0) * BK;
-        pack<T>(a, a.k + x * a.ks0, a.ks1, a.ks2, a.Dq, r, t0, t1, Kp.data());
-        pack<T>(a, a.v + x * a.vs0, a.vs1, a.vs2, Dv, r, t0, t1, Vp.data());
-        scores<T>(a, x, r, t0, t1, Q, Kp.data(), S.data());
+        pack(a, a.k + x * a.ks0, a.ks1, a.ks2, a.Dq, r, t0, t1, Kp.data());
+        pack(a, a.v + x * a.vs0, a.vs1, a.vs2, Dv, r, t0, t1, Vp.data());
+        scores(a, x, r, t0, t1, Q, Kp.data(), S.data());
         for (int i = 0; i < M; ++i) {
-          T* s = S.data() + (size_t)i * W;
-          T rmax = neg_inf<T>();
+          float* s = S.data() + (size_t)i * W;
+          float rmax = kNegInf;
 #pragma omp simd reduction(max : rmax)
           for (int j = 0; j < W; ++j) rmax = s[j] > rmax ? s[j] : rmax;
-          const T mnew = std::max(mx[i], rmax);
-          if (mnew == neg_inf<T>()) {  // nothing visible yet: the row stays empty
+          const float mnew = std::max(mx[i], rmax);
+          if (mnew == kNegInf) {  // nothing visible yet: the row stays empty
 #pragma omp simd
-            for (int j = 0; j < W; ++j) s[j] = T(0);
+            for (int j = 0; j < W; ++j) s[j] = 0.0f;
             continue;
           }
-          const T corr = fast_exp(mx[i] - mnew);
-          T sum = T(0);
+          const float corr = fast_exp(mx[i] - mnew);
+          float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
           for (int j = 0; j < W; ++j) {
             s[j] = fast_exp(s[j] - mnew);
@@ -237,45 +246,45 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
           }
           l[i] = l[i] * corr + sum;
           mx[i] = mnew;
-          T* ar = acc.data() + (size_t)i * Dv;
+          float* ar = acc.data() + (size_t)i * Dv;
 #pragma omp simd
           for (int d = 0; d < Dv; ++d) ar[d] *= corr;
         }
         // acc^T [Dv x M] += V^T [Dv x W] P^T [W x M]
-        gemm('N', 'N', Dv, M, W, T(1), Vp.data(), Dv, S.data(), W, T(1), acc.data(), Dv);
+        gemm('N', 'N', Dv, M, W, 1.0f, Vp.data(), Dv, S.data(), W, 1.0f, acc.data(), Dv);
       }
       for (int i = 0; i < M; ++i) {
-        const bool seen = l[i] > T(0);
-        const T inv = seen ? T(1) / l[i] : T(0);
+        const bool seen = l[i] > 0.0f;
+        const float inv = seen ? 1.0f / l[i] : 0.0f;
         for (int d = 0; d < Dv; ++d) o[i * os2 + d] = acc[(size_t)i * Dv + d] * inv;
-        ls[i * ls2] = seen ? mx[i] + std::log(l[i]) : neg_inf<T>();
+        ls[i * ls2] = seen ? mx[i] + std::log(l[i]) : kNegInf;
       }
     }
   });
-}
-
-void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& ent, const at::Tensor& counts,
-         const at::Tensor& blocks, const c10::optional<at::Tensor>& mask, bool causal, double scale, bool accumulate,
-         at::Tensor out, at::Tensor lse) {
-  fwd_impl<float>(q, k, v, ent, counts, blocks, mask, causal, scale, accumulate, out, lse);
 }
 
 // ----------------------------------------------------------------------------- backward
 // dq (entries' rows), dk and dv (key blocks) accumulate in place. Work is split by (plane x, key
 // plane of the entry): entries of different key planes never share a key block, so no two
 // threads write the same dk / dv rows.
-template <typename T>
-void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-              const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& dlse,
-              const at::Tensor& ent, const at::Tensor& counts, const at::Tensor& blocks, const at::Tensor& kplane,
-              const c10::optional<at::Tensor>& mask, bool causal, double scale, at::Tensor& dq, at::Tensor& dk,
-              at::Tensor& dv) {
-  check_strides<T>(dout, "dout");
-  check_strides<T>(out, "out");
-  check_strides<T>(dq, "dq");
-  check_strides<T>(dk, "dk");
-  check_strides<T>(dv, "dv");
-  const Args<T> a = make_args<T>(q, k, v, ent, counts, blocks, mask, causal, scale, dout.size(3));
+void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+         const at::Tensor& lse, const c10::optional<at::Tensor>& dlse, const at::Tensor& ent, const at::Tensor& counts,
+         const at::Tensor& blocks, const at::Tensor& kplane, const c10::optional<at::Tensor>& mask, bool causal,
+         double scale, at::Tensor dq, at::Tensor dk, at::Tensor dv) {
+  check_strides(dout, "dout");
+  check_strides(out, "out");
+  check_strides(dq, "dq");
+  check_strides(dk, "dk");
+  check_strides(dv, "dv");
+  check_like(dout, q, 3, "dout");
+  check_like(out, q, 3, "out");
+  check_like(lse, q, 3, "lse");
+  check_like(dq, q, 4, "dq");
+  check_like(dk, k, 4, "dk");
+  check_like(dv, v, 3, "dv");
+  TORCH_CHECK(out.size(3) >= dout.size(3) && dv.size(3) >= dout.size(3), "sparseattn cpu kernel: value dims");
+  if (dlse.has_value()) check_like(*dlse, q, 3, "dlse");
+  const Args a = make_args(q, k, v, ent, counts, blocks, mask, causal, scale, dout.size(3));
   TORCH_CHECK(kplane.scalar_type() == at::kLong && kplane.is_contiguous() && kplane.size(0) == ent.size(0),
               "sparseattn cpu kernel: kplane");
   const int64_t X = q.size(0), R = ent.size(0);
@@ -286,35 +295,33 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   std::sort(planes.begin(), planes.end());
   planes.erase(std::unique(planes.begin(), planes.end()), planes.end());
   const int64_t P = (int64_t)planes.size();
+  auto plane_of = [&](int64_t r) { return std::lower_bound(planes.begin(), planes.end(), kp[r]) - planes.begin(); };
   std::vector<int64_t> start(P + 1, 0), order(R);
-  for (int64_t r = 0; r < R; ++r)
-    ++start[std::lower_bound(planes.begin(), planes.end(), kp[r]) - planes.begin() + 1];
+  for (int64_t r = 0; r < R; ++r) ++start[plane_of(r) + 1];
   for (int64_t p = 0; p < P; ++p) start[p + 1] += start[p];
-  {
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t r = 0; r < R; ++r) order[fill[std::lower_bound(planes.begin(), planes.end(), kp[r]) - planes.begin()]++] = r;
-  }
-  const T* dop = dout.data_ptr<T>();
-  const T* outp = out.data_ptr<T>();
-  const T* lp = lse.data_ptr<T>();
-  const T* dlp = dlse.has_value() ? dlse->data_ptr<T>() : nullptr;
-  T* dqp = dq.data_ptr<T>();
-  T* dkp = dk.data_ptr<T>();
-  T* dvp = dv.data_ptr<T>();
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t r = 0; r < R; ++r) order[fill[plane_of(r)]++] = r;
+  const float* dop = dout.data_ptr<float>();
+  const float* outp = out.data_ptr<float>();
+  const float* lp = lse.data_ptr<float>();
+  const float* dlp = dlse.has_value() ? dlse->data_ptr<float>() : nullptr;
+  float* dqp = dq.data_ptr<float>();
+  float* dkp = dk.data_ptr<float>();
+  float* dvp = dv.data_ptr<float>();
   at::parallel_for(0, X * P, 1, [&](int64_t begin, int64_t end) {
     const int CB = chunk_blocks(BK);
-    std::vector<T> S((size_t)M * CB * BK), dP((size_t)M * CB * BK), delta(M), rl(M);
-    std::vector<T> Kp((size_t)CB * BK * Dq), Vp((size_t)CB * BK * Dv);
+    std::vector<float> S((size_t)M * CB * BK), dP((size_t)M * CB * BK), delta(M), rl(M);
+    std::vector<float> Kp((size_t)CB * BK * Dq), Vp((size_t)CB * BK * Dv);
     for (int64_t job = begin; job < end; ++job) {
       const int64_t x = job / P, p = job % P;
       for (int64_t oi = start[p]; oi < start[p + 1]; ++oi) {
         const int64_t r = order[oi], e = a.ent[r];
-        const T* Q = a.q + x * a.qs0 + e * a.qs1;
-        const T* dO = dop + x * dout.stride(0) + e * dout.stride(1);
-        const T* O = outp + x * out.stride(0) + e * out.stride(1);
-        T* dQ = dqp + x * dq.stride(0) + e * dq.stride(1);
+        const float* Q = a.q + x * a.qs0 + e * a.qs1;
+        const float* dO = dop + x * dout.stride(0) + e * dout.stride(1);
+        const float* O = outp + x * out.stride(0) + e * out.stride(1);
+        float* dQ = dqp + x * dq.stride(0) + e * dq.stride(1);
         for (int i = 0; i < M; ++i) {
-          T s = T(0);
+          float s = 0.0f;
           for (int d = 0; d < Dv; ++d) s += dO[i * dout.stride(2) + d] * O[i * out.stride(2) + d];
           const int64_t li = x * lse.stride(0) + e * lse.stride(1) + i * lse.stride(2);
           if (dlp) s -= dlp[x * dlse->stride(0) + e * dlse->stride(1) + i * dlse->stride(2)];
@@ -324,36 +331,36 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
         for (int64_t t0 = 0; t0 < a.counts[r]; t0 += CB) {
           const int64_t t1 = std::min<int64_t>(a.counts[r], t0 + CB);
           const int W = (int)(t1 - t0) * BK;
-          pack<T>(a, a.k + x * a.ks0, a.ks1, a.ks2, Dq, r, t0, t1, Kp.data());
-          pack<T>(a, a.v + x * a.vs0, a.vs1, a.vs2, Dv, r, t0, t1, Vp.data());
-          scores<T>(a, x, r, t0, t1, Q, Kp.data(), S.data());
+          pack(a, a.k + x * a.ks0, a.ks1, a.ks2, Dq, r, t0, t1, Kp.data());
+          pack(a, a.v + x * a.vs0, a.vs1, a.vs2, Dv, r, t0, t1, Vp.data());
+          scores(a, x, r, t0, t1, Q, Kp.data(), S.data());
           // dP [M][W] = dO V^T
-          gemm('T', 'N', W, M, Dv, T(1), Vp.data(), Dv, dO, (int)dout.stride(2), T(0), dP.data(), W);
+          gemm('T', 'N', W, M, Dv, 1.0f, Vp.data(), Dv, dO, (int)dout.stride(2), 0.0f, dP.data(), W);
           for (int i = 0; i < M; ++i) {
-            T* s = S.data() + (size_t)i * W;
-            T* g = dP.data() + (size_t)i * W;
-            const T li = rl[i], di = delta[i];
+            float* s = S.data() + (size_t)i * W;
+            float* g = dP.data() + (size_t)i * W;
+            const float li = rl[i], di = delta[i];
 #pragma omp simd
             for (int j = 0; j < W; ++j) {
-              const T pij = fast_exp(s[j] - li);  // lse +inf (a row that sees nothing): 0
+              const float pij = fast_exp(s[j] - li);  // lse +inf (a row that sees nothing): 0
               s[j] = pij;
               g[j] = pij * (g[j] - di);
             }
           }
           // dQ^T [Dq x M] += scale * K^T [Dq x W] dS^T [W x M]
-          gemm('N', 'N', Dq, M, W, a.scale, Kp.data(), Dq, dP.data(), W, T(1), dQ, (int)dq.stride(2));
+          gemm('N', 'N', Dq, M, W, a.scale, Kp.data(), Dq, dP.data(), W, 1.0f, dQ, (int)dq.stride(2));
           // dK^T [Dq x W] = scale * Q^T [Dq x M] dS [M x W]; dV^T [Dv x W] = dO^T [Dv x M] P [M x W]
-          gemm('N', 'T', Dq, W, M, a.scale, Q, (int)a.qs2, dP.data(), W, T(0), Kp.data(), Dq);
-          gemm('N', 'T', Dv, W, M, T(1), dO, (int)dout.stride(2), S.data(), W, T(0), Vp.data(), Dv);
+          gemm('N', 'T', Dq, W, M, a.scale, Q, (int)a.qs2, dP.data(), W, 0.0f, Kp.data(), Dq);
+          gemm('N', 'T', Dv, W, M, 1.0f, dO, (int)dout.stride(2), S.data(), W, 0.0f, Vp.data(), Dv);
           for (int64_t t = t0; t < t1; ++t) {  // added into the blocks' rows of dk and dv
             const int64_t kb = a.blocks[r * a.bs0 + t];
-            T* gk = dkp + x * dk.stride(0) + kb * dk.stride(1);
-            T* gv = dvp + x * dv.stride(0) + kb * dv.stride(1);
-            const T* pk = Kp.data() + (t - t0) * BK * Dq;
-            const T* pv = Vp.data() + (t - t0) * BK * Dv;
+            float* gk = dkp + x * dk.stride(0) + kb * dk.stride(1);
+            float* gv = dvp + x * dv.stride(0) + kb * dv.stride(1);
+            const float* pk = Kp.data() + (t - t0) * BK * Dq;
+            const float* pv = Vp.data() + (t - t0) * BK * Dv;
             for (int j = 0; j < BK; ++j) {
-              T* rk = gk + j * dk.stride(2);
-              T* rv = gv + j * dv.stride(2);
+              float* rk = gk + j * dk.stride(2);
+              float* rv = gv + j * dv.stride(2);
 #pragma omp simd
               for (int d = 0; d < Dq; ++d) rk[d] += pk[(int64_t)j * Dq + d];
 #pragma omp simd
@@ -364,13 +371,6 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
       }
     }
   });
-}
-
-void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-         const at::Tensor& lse, const c10::optional<at::Tensor>& dlse, const at::Tensor& ent, const at::Tensor& counts,
-         const at::Tensor& blocks, const at::Tensor& kplane, const c10::optional<at::Tensor>& mask, bool causal,
-         double scale, at::Tensor dq, at::Tensor dk, at::Tensor dv) {
-  bwd_impl<float>(dout, q, k, v, out, lse, dlse, ent, counts, blocks, kplane, mask, causal, scale, dq, dk, dv);
 }
 
 bool available() { return sgemm_ != nullptr; }
