@@ -274,13 +274,28 @@ def test_sync_free_lists_are_grid_wide_and_equivalent():
     assert torch.equal(lay.to_dense_mask(), wide.to_dense_mask())
 
 
-def test_cpu_path_gathers_only_up_to_the_longest_row(monkeypatch):
-    """Grid-wide (sync_free) lists must not turn the CPU path's gather into dense work."""
-    from sparseattn.ops.attention import cpu
+@pytest.mark.parametrize("route", ["kernel", "gather"])
+def test_cpu_path_gathers_only_up_to_the_longest_row(monkeypatch, route):
+    """Grid-wide (sync_free) lists must not turn the CPU path's work dense: the gather path gathers,
+    and the C++ kernel is handed, only up to the longest row of each kind."""
+    from sparseattn.ops.attention import cpu, cpu_kernel
 
     monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")
-    widths, gather = [], cpu._gather
-    monkeypatch.setattr(cpu, "_gather", lambda k, v, tok, group: widths.append(tok.shape[-1]) or gather(k, v, tok, group))
+    monkeypatch.setenv("SPARSEATTN_CPU_KERNEL", "1" if route == "kernel" else "0")
+    widths, gather, ops = [], cpu._gather, cpu_kernel.ops()
+    if route == "kernel":
+        if ops is None:
+            pytest.skip(f"the CPU kernel did not build here: {cpu_kernel.unavailable_reason()}")
+
+        class Spy:   # fwd(q, k, v, ent, counts, blocks, ...): the blocks' width in keys
+            def fwd(self, *args):
+                widths.append(args[5].shape[1] * 64)
+                return ops.fwd(*args)
+
+        monkeypatch.setattr(cpu_kernel, "ops", lambda: Spy())
+    else:
+        monkeypatch.setattr(cpu, "_gather", lambda k, v, tok, group: widths.append(tok.shape[-1]) or
+                            gather(k, v, tok, group))
     bm = torch.zeros(1, 1, 4, 16, dtype=torch.bool)
     bm[..., 3] = True  # one (full) key block per query block, of 16
     lay = sa.BlockLayout.from_block_mask(bm, 64, (256, 1024), sync_free=True)
