@@ -1,4 +1,4 @@
-"""The PyTorch CPU path of sparse attention (CPU tensors when the Triton interpreter is off).
+"""The CPU path of sparse attention (CPU tensors when the Triton interpreter is off).
 
 Same arguments as the Triton launchers. Memory is O(listed blocks of a chunk), never O(Lq * Lk)
 for a sparse layout, and no Python loop runs over blocks. How it runs:
@@ -10,6 +10,13 @@ for a sparse layout, and no Python loop runs over blocks. How it runs:
   block; times the query heads of a KV head where the lists broadcast over heads, so GQA heads
   that share their keys run as one taller block). K and V are viewed as blocks
   ``[X, P * nK, BLOCK_K, D]``; these views copy nothing when no padding or reordering is needed.
+* The C++ kernel (:mod:`.cpu_kernel`, ``cpu_kernel.cpp``), where it is built and applies (float32
+  compute, no softcap): each kind below runs as one kernel call of every entry listing such tiles
+  (a count per entry), or one call per group where a kind has a float mask (:meth:`_Plan.calls`).
+  The kernel reads the listed blocks of ``[X, P * nK, BLOCK_K, D]`` in place, writes the "full"
+  rows and merges the other kinds into them by their running max and sum (no :func:`merge`), and
+  in the backward adds into dQ, dK and dV itself. What follows is the gather path, which runs
+  otherwise.
 * Kinds and groups. An entry's listed tiles are of three kinds (:meth:`_Plan.lists`): full tiles,
   partial tiles that are exactly the causal triangle ("diagonal": the fused op's own causal rule,
   no mask), and other partial tiles. Entries listing the same number of tiles of a kind form a

@@ -1,6 +1,7 @@
-// The CPU kernel of sparse attention: listed key blocks read in place (no gather into tensors),
-// an entry's blocks in chunks of up to 512 keys (packed into a thread-local panel), online softmax,
-// BLAS for the products of a chunk; the backward recomputes the probabilities from the saved LSE.
+// The CPU kernel of sparse attention: listed key blocks read where they are (no gather into
+// tensors), an entry's blocks in chunks of up to 512 keys (copied into a thread-local panel unless
+// they follow each other in memory), online softmax, BLAS for the products of a chunk; the backward
+// recomputes the probabilities from the saved LSE.
 // Built on first use by cpu_kernel.py (torch.utils.cpp_extension, the machine's C++ compiler);
 // without it the CPU path gathers the blocks and calls torch's fused CPU attention (cpu.py).
 //
@@ -19,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -77,27 +79,46 @@ struct Args {
   float scale;
 };
 
+// Threads a call uses: one parallel region of at most one thread per job, in which each thread
+// takes the next job (an atomic counter) when done with one. Jobs differ in size (an entry's count
+// of blocks), and at::parallel_for alone splits a range into equal contiguous parts.
+inline int64_t threads_for(int64_t jobs) {
+  return std::max<int64_t>(1, std::min<int64_t>(jobs, at::get_num_threads()));
+}
+
 // Key blocks per chunk of one entry's list: the scores and the two products of a chunk run as
 // one GEMM each over up to 512 keys (as torch's fused CPU attention does), on the chunk's K and V
 // blocks copied into a thread-local panel that stays in cache (a 128-key block on its own made
 // GEMMs too small to run near speed: about half of the fused op's rate per pair).
 inline int chunk_blocks(int BK) { return std::max(1, 512 / BK); }
 
-// Copies the blocks [t0, t1) of entry r's list into `panel` [n * BK][C] (C of src's last dim).
-void pack(const Args& a, const float* src, int64_t s1, int64_t s2, int C, int64_t r, int64_t t0, int64_t t1,
-          float* panel) {
-  for (int64_t t = t0; t < t1; ++t) {
-    const float* b = src + a.blocks[r * a.bs0 + t] * s1;
-    float* d = panel + (t - t0) * a.BK * C;
-    for (int j = 0; j < a.BK; ++j) std::memcpy(d + (int64_t)j * C, b + j * s2, sizeof(float) * C);
+// The blocks [t0, t1) of entry r's list as one panel [n * BK] x C with row stride `ld`: the source
+// rows themselves when the blocks follow each other in memory (one block; windows, causal rows),
+// else copied into `scratch` (ld = C).
+const float* panel(const Args& a, const float* src, int64_t s1, int64_t s2, int C, int64_t r, int64_t t0, int64_t t1,
+                   float* scratch, int& ld) {
+  const int64_t* b = a.blocks + r * a.bs0;
+  bool consecutive = s1 == a.BK * s2;
+  for (int64_t t = t0 + 1; consecutive && t < t1; ++t) consecutive = b[t] == b[t - 1] + 1;
+  if (consecutive) {
+    ld = (int)s2;
+    return src + b[t0] * s1;
   }
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* row = src + b[t] * s1;
+    float* d = scratch + (t - t0) * a.BK * C;
+    for (int j = 0; j < a.BK; ++j) std::memcpy(d + (int64_t)j * C, row + j * s2, sizeof(float) * C);
+  }
+  ld = C;
+  return scratch;
 }
 
 // Scores of blocks [t0, t1) of call entry r, plane x, into S [M][n * BK]: scale * Q K^T (K the
-// packed panel [n * BK][Dq]), plus the mask, with the causal rule per block.
-void scores(const Args& a, int64_t x, int64_t r, int64_t t0, int64_t t1, const float* Q, const float* Kp, float* S) {
+// panel [n * BK] x Dq, row stride ldk), plus the mask, with the causal rule per block.
+void scores(const Args& a, int64_t x, int64_t r, int64_t t0, int64_t t1, const float* Q, const float* K, int ldk,
+            float* S) {
   const int W = (int)(t1 - t0) * a.BK;
-  gemm('T', 'N', W, a.M, a.Dq, a.scale, Kp, a.Dq, Q, (int)a.qs2, 0.0f, S, W);
+  gemm('T', 'N', W, a.M, a.Dq, a.scale, K, ldk, Q, (int)a.qs2, 0.0f, S, W);
   if (a.mask) {
     const float* mp = a.mask + x * a.ms0 + r * a.ms1 + t0 * a.BK * a.ms3;
     for (int i = 0; i < a.M; ++i) {
@@ -203,11 +224,12 @@ void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
   const int64_t ls0 = lse.stride(0), ls1 = lse.stride(1), ls2 = lse.stride(2);
   const int M = a.M, BK = a.BK, Dv = a.Dv;
-  at::parallel_for(0, X * R, 1, [&](int64_t begin, int64_t end) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads_for(X * R), 1, [&](int64_t, int64_t) {
     const int CB = chunk_blocks(BK);
     std::vector<float> S((size_t)M * CB * BK), acc((size_t)M * Dv), mx(M), l(M);
     std::vector<float> Kp((size_t)CB * BK * a.Dq), Vp((size_t)CB * BK * Dv);
-    for (int64_t job = begin; job < end; ++job) {
+    for (int64_t job = next++; job < X * R; job = next++) {
       const int64_t x = job / R, r = job % R, e = a.ent[r];
       float* o = op + x * os0 + e * os1;
       float* ls = lp + x * ls0 + e * ls1;
@@ -223,9 +245,10 @@ void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
       for (int64_t t0 = 0; t0 < a.counts[r]; t0 += CB) {
         const int64_t t1 = std::min<int64_t>(a.counts[r], t0 + CB);
         const int W = (int)(t1 - t0) * BK;
-        pack(a, a.k + x * a.ks0, a.ks1, a.ks2, a.Dq, r, t0, t1, Kp.data());
-        pack(a, a.v + x * a.vs0, a.vs1, a.vs2, Dv, r, t0, t1, Vp.data());
-        scores(a, x, r, t0, t1, Q, Kp.data(), S.data());
+        int ldk, ldv;
+        const float* K = panel(a, a.k + x * a.ks0, a.ks1, a.ks2, a.Dq, r, t0, t1, Kp.data(), ldk);
+        const float* V = panel(a, a.v + x * a.vs0, a.vs1, a.vs2, Dv, r, t0, t1, Vp.data(), ldv);
+        scores(a, x, r, t0, t1, Q, K, ldk, S.data());
         for (int i = 0; i < M; ++i) {
           float* s = S.data() + (size_t)i * W;
           float rmax = kNegInf;
@@ -251,7 +274,7 @@ void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
           for (int d = 0; d < Dv; ++d) ar[d] *= corr;
         }
         // acc^T [Dv x M] += V^T [Dv x W] P^T [W x M]
-        gemm('N', 'N', Dv, M, W, 1.0f, Vp.data(), Dv, S.data(), W, 1.0f, acc.data(), Dv);
+        gemm('N', 'N', Dv, M, W, 1.0f, V, ldv, S.data(), W, 1.0f, acc.data(), Dv);
       }
       for (int i = 0; i < M; ++i) {
         const bool seen = l[i] > 0.0f;
@@ -308,11 +331,12 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
   float* dqp = dq.data_ptr<float>();
   float* dkp = dk.data_ptr<float>();
   float* dvp = dv.data_ptr<float>();
-  at::parallel_for(0, X * P, 1, [&](int64_t begin, int64_t end) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads_for(X * P), 1, [&](int64_t, int64_t) {
     const int CB = chunk_blocks(BK);
     std::vector<float> S((size_t)M * CB * BK), dP((size_t)M * CB * BK), delta(M), rl(M);
     std::vector<float> Kp((size_t)CB * BK * Dq), Vp((size_t)CB * BK * Dv);
-    for (int64_t job = begin; job < end; ++job) {
+    for (int64_t job = next++; job < X * P; job = next++) {
       const int64_t x = job / P, p = job % P;
       for (int64_t oi = start[p]; oi < start[p + 1]; ++oi) {
         const int64_t r = order[oi], e = a.ent[r];
@@ -331,11 +355,12 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
         for (int64_t t0 = 0; t0 < a.counts[r]; t0 += CB) {
           const int64_t t1 = std::min<int64_t>(a.counts[r], t0 + CB);
           const int W = (int)(t1 - t0) * BK;
-          pack(a, a.k + x * a.ks0, a.ks1, a.ks2, Dq, r, t0, t1, Kp.data());
-          pack(a, a.v + x * a.vs0, a.vs1, a.vs2, Dv, r, t0, t1, Vp.data());
-          scores(a, x, r, t0, t1, Q, Kp.data(), S.data());
+          int ldk, ldv;
+          const float* K = panel(a, a.k + x * a.ks0, a.ks1, a.ks2, Dq, r, t0, t1, Kp.data(), ldk);
+          const float* V = panel(a, a.v + x * a.vs0, a.vs1, a.vs2, Dv, r, t0, t1, Vp.data(), ldv);
+          scores(a, x, r, t0, t1, Q, K, ldk, S.data());
           // dP [M][W] = dO V^T
-          gemm('T', 'N', W, M, Dv, 1.0f, Vp.data(), Dv, dO, (int)dout.stride(2), 0.0f, dP.data(), W);
+          gemm('T', 'N', W, M, Dv, 1.0f, V, ldv, dO, (int)dout.stride(2), 0.0f, dP.data(), W);
           for (int i = 0; i < M; ++i) {
             float* s = S.data() + (size_t)i * W;
             float* g = dP.data() + (size_t)i * W;
@@ -348,8 +373,9 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
             }
           }
           // dQ^T [Dq x M] += scale * K^T [Dq x W] dS^T [W x M]
-          gemm('N', 'N', Dq, M, W, a.scale, Kp.data(), Dq, dP.data(), W, 1.0f, dQ, (int)dq.stride(2));
+          gemm('N', 'N', Dq, M, W, a.scale, K, ldk, dP.data(), W, 1.0f, dQ, (int)dq.stride(2));
           // dK^T [Dq x W] = scale * Q^T [Dq x M] dS [M x W]; dV^T [Dv x W] = dO^T [Dv x M] P [M x W]
+          // (into the scratch panels: K and V above are read for the last time)
           gemm('N', 'T', Dq, W, M, a.scale, Q, (int)a.qs2, dP.data(), W, 0.0f, Kp.data(), Dq);
           gemm('N', 'T', Dv, W, M, 1.0f, dO, (int)dout.stride(2), S.data(), W, 0.0f, Vp.data(), Dv);
           for (int64_t t = t0; t < t1; ++t) {  // added into the blocks' rows of dk and dv
