@@ -130,6 +130,21 @@ def test_matmul_fallback_equals_fused(monkeypatch):
         assert torch.allclose(a, b, atol=2e-6)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_one_kv_plane_backward_any_thread_count(threads):
+    """B=1 with one KV head: the kernel's backward has one (batch, KV head) job, so with 2+ threads it
+    splits by query block, each thread adding dK/dV into its own copy (summed at the end); with one
+    thread, not. Both against the oracle (use_lse: gradients through the LSE too)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(8)
+        q, k, v = attention_inputs(1, 4, 1, 200, 230, 32, torch.float32, "cpu")
+        check_attention(q, k, v, _layout((1, 4), 200, 230, 64, causal="bottom_right", window=150), "cpu")
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs(dtype):
     """fp16 / bf16 inputs compute in fp32 (converted once per call), GQA, non-contiguous inputs."""

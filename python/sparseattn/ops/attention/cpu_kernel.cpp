@@ -289,7 +289,7 @@ void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
 // ----------------------------------------------------------------------------- backward
 // dq (entries' rows), dk and dv (key blocks) accumulate in place. Work is split by (plane x, key
 // plane of the entry): entries of different key planes never share a key block, so no two
-// threads write the same dk / dv rows.
+// threads write the same dk / dv rows (with too few such jobs, by entry; see `split` below).
 void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
          const at::Tensor& lse, const c10::optional<at::Tensor>& dlse, const at::Tensor& ent, const at::Tensor& counts,
          const at::Tensor& blocks, const at::Tensor& kplane, const c10::optional<at::Tensor>& mask, bool causal,
@@ -329,16 +329,29 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
   const float* lp = lse.data_ptr<float>();
   const float* dlp = dlse.has_value() ? dlse->data_ptr<float>() : nullptr;
   float* dqp = dq.data_ptr<float>();
-  float* dkp = dk.data_ptr<float>();
-  float* dvp = dv.data_ptr<float>();
+  // Fewer (plane, key plane) jobs than threads (one batch and one KV head, say): split by entry
+  // instead, each thread adding dk / dv into its own zeroed copy (slot), summed into dk / dv at the
+  // end; only while the copies take at most 256 MB.
+  const int64_t copy_bytes = (dk.numel() + dv.numel()) * (int64_t)sizeof(float);
+  const bool split = X * P < at::get_num_threads() && R > P &&
+                     threads_for(X * R) * copy_bytes <= (int64_t(256) << 20);
+  const int64_t jobs = split ? X * R : X * P, slots = threads_for(jobs);
+  at::Tensor gk = split ? at::zeros({slots, dk.size(0), dk.size(1), dk.size(2), dk.size(3)}, dk.options()) : dk;
+  at::Tensor gv = split ? at::zeros({slots, dv.size(0), dv.size(1), dv.size(2), dv.size(3)}, dv.options()) : dv;
+  const int o = split ? 1 : 0;  // gk / gv dims of (x, block, row)
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads_for(X * P), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, slots, 1, [&](int64_t slot, int64_t) {
+    float* dkp = gk.data_ptr<float>() + (split ? slot * gk.stride(0) : 0);
+    float* dvp = gv.data_ptr<float>() + (split ? slot * gv.stride(0) : 0);
+    const int64_t k0 = gk.stride(o), k1 = gk.stride(o + 1), k2 = gk.stride(o + 2);
+    const int64_t v0 = gv.stride(o), v1 = gv.stride(o + 1), v2 = gv.stride(o + 2);
     const int CB = chunk_blocks(BK);
     std::vector<float> S((size_t)M * CB * BK), dP((size_t)M * CB * BK), delta(M), rl(M);
     std::vector<float> Kp((size_t)CB * BK * Dq), Vp((size_t)CB * BK * Dv);
-    for (int64_t job = next++; job < X * P; job = next++) {
-      const int64_t x = job / P, p = job % P;
-      for (int64_t oi = start[p]; oi < start[p + 1]; ++oi) {
+    for (int64_t job = next++; job < jobs; job = next++) {
+      const int64_t x = split ? job / R : job / P, p = job % P;
+      const int64_t lo = split ? job % R : start[p], hi = split ? lo + 1 : start[p + 1];
+      for (int64_t oi = lo; oi < hi; ++oi) {
         const int64_t r = order[oi], e = a.ent[r];
         const float* Q = a.q + x * a.qs0 + e * a.qs1;
         const float* dO = dop + x * dout.stride(0) + e * dout.stride(1);
@@ -380,13 +393,13 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
           gemm('N', 'T', Dv, W, M, 1.0f, dO, (int)dout.stride(2), S.data(), W, 0.0f, Vp.data(), Dv);
           for (int64_t t = t0; t < t1; ++t) {  // added into the blocks' rows of dk and dv
             const int64_t kb = a.blocks[r * a.bs0 + t];
-            float* gk = dkp + x * dk.stride(0) + kb * dk.stride(1);
-            float* gv = dvp + x * dv.stride(0) + kb * dv.stride(1);
+            float* bk = dkp + x * k0 + kb * k1;
+            float* bv = dvp + x * v0 + kb * v1;
             const float* pk = Kp.data() + (t - t0) * BK * Dq;
             const float* pv = Vp.data() + (t - t0) * BK * Dv;
             for (int j = 0; j < BK; ++j) {
-              float* rk = gk + j * dk.stride(2);
-              float* rv = gv + j * dv.stride(2);
+              float* rk = bk + j * k2;
+              float* rv = bv + j * v2;
 #pragma omp simd
               for (int d = 0; d < Dq; ++d) rk[d] += pk[(int64_t)j * Dq + d];
 #pragma omp simd
@@ -397,6 +410,10 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
       }
     }
   });
+  if (split) {
+    dk.add_(gk.sum(0));
+    dv.add_(gv.sum(0));
+  }
 }
 
 bool available() { return sgemm_ != nullptr; }
