@@ -284,7 +284,7 @@ def test_cpu_path_gathers_only_up_to_the_longest_row(monkeypatch, route):
     monkeypatch.setenv("SPARSEATTN_CPU_KERNEL", "1" if route == "kernel" else "0")
     widths, gather, ops = [], cpu._gather, cpu_kernel.ops()
     if route == "kernel":
-        if ops is None:
+        if ops is None:   # test_cpu_path_speedup.py fails where a compiler exists and the build did not
             pytest.skip(f"the CPU kernel did not build here: {cpu_kernel.unavailable_reason()}")
 
         class Spy:   # fwd(q, k, v, ent, counts, blocks, ...): the blocks' width in keys

@@ -143,7 +143,8 @@ def test_saturated_rows_cpu_kernel(monkeypatch, scale):
     from sparseattn.ops.attention import cpu_kernel
 
     monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")
-    if cpu_kernel.ops() is None:
+    monkeypatch.delenv("SPARSEATTN_CPU_KERNEL", raising=False)
+    if cpu_kernel.ops() is None:   # test_cpu_path_speedup.py fails where a compiler exists and the build did not
         pytest.skip(f"the CPU kernel did not build here: {cpu_kernel.unavailable_reason()}")
     x, do = randn(B, H, L, D, device="cpu"), randn(B, H, L, D, device="cpu")
     got = _check_huge_logits(x, x, x, do, scale, "cpu", "cpu")

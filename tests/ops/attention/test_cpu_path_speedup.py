@@ -5,6 +5,8 @@ bitmasks, strided views and gathers, many chunks per group, the matmul fallback,
 policy (restored thread count, results independent of it); each with the C++ kernel and with the
 gather path. No timing here: the speed is in the bench's CPU table."""
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -21,8 +23,17 @@ def _cpu_path(monkeypatch, request):
     monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")
     monkeypatch.setenv("SPARSEATTN_CPU_KERNEL", "1" if request.param == "kernel" else "0")
     if request.param == "kernel" and cpu_kernel.ops() is None:
-        pytest.skip(f"the CPU kernel did not build here: {cpu_kernel.unavailable_reason()}")
+        _kernel_missing()
     return request.param
+
+
+def _kernel_missing():
+    """Skip where there is no C++ compiler; where there is one, a failed build is a failure (else
+    every kernel test would skip and only the gather path would be tested)."""
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        pytest.skip(f"no C++ compiler ({cxx}) to build the CPU kernel: {cpu_kernel.unavailable_reason()}")
+    pytest.fail(f"the CPU kernel did not build although {cxx} exists: {cpu_kernel.unavailable_reason()}")
 
 
 def _layout(shape, Lq, Lk, bs, density=0.6, **kw):
@@ -154,8 +165,8 @@ def test_half_precision_inputs(dtype):
 
 
 def test_kernel_is_built_and_used(_cpu_path, monkeypatch):
-    """Where a C++ compiler exists the kernel builds (a failed build would silently leave only the
-    gather path tested), and sparse_attention's CPU path calls it forward and backward."""
+    """The kernel is built (the fixture fails the test where a C++ compiler exists and the build did
+    not work), and sparse_attention's CPU path calls it forward and backward."""
     if _cpu_path == "gather":
         assert cpu_kernel.ops() is None and cpu_kernel.unavailable_reason() == "SPARSEATTN_CPU_KERNEL=0"
         return
