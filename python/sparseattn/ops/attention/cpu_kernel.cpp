@@ -73,7 +73,7 @@ struct Args {
   int64_t qs0, qs1, qs2, ks0, ks1, ks2, vs0, vs1, vs2;
   int64_t ms0, ms1, ms2, ms3;  // mask strides (0 where it broadcasts)
   const int64_t *ent, *counts, *blocks;
-  int64_t bs0, bs1;
+  int64_t bs0;  // blocks' row stride (unit last stride, checked)
   int M, BK, Dq, Dv;
   bool causal;
   float scale;
@@ -155,15 +155,19 @@ void check_like(const at::Tensor& t, const at::Tensor& ref, int dims, const char
 }
 
 Args make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& ent,
-                  const at::Tensor& counts, const at::Tensor& blocks, const c10::optional<at::Tensor>& mask,
-                  bool causal, double scale, int64_t Dv) {
+               const at::Tensor& counts, const at::Tensor& blocks, const c10::optional<at::Tensor>& mask, bool causal,
+               double scale, int64_t Dv) {
   check_strides(q, "q");
   check_strides(k, "k");
   check_strides(v, "v");
   TORCH_CHECK(ent.scalar_type() == at::kLong && counts.scalar_type() == at::kLong && blocks.scalar_type() == at::kLong,
               "sparseattn cpu kernel: ent, counts and blocks must be int64");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && ent.dim() == 1 && counts.dim() == 1 &&
+                  blocks.dim() == 2,
+              "sparseattn cpu kernel: q, k, v [X, *, rows, C], ent and counts [R], blocks [R, W]");
   TORCH_CHECK(ent.is_contiguous() && counts.is_contiguous() && blocks.stride(1) == 1,
               "sparseattn cpu kernel: ent and counts contiguous, blocks with a unit last stride");
+  TORCH_CHECK(!causal || q.size(2) == k.size(2), "sparseattn cpu kernel: the causal rule needs square tiles");
   Args a;
   a.q = q.data_ptr<float>();
   a.k = k.data_ptr<float>();
@@ -192,7 +196,7 @@ Args make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   a.ent = ent.data_ptr<int64_t>();
   a.counts = counts.data_ptr<int64_t>();
   a.blocks = blocks.data_ptr<int64_t>();
-  a.bs0 = blocks.stride(0), a.bs1 = blocks.stride(1);
+  a.bs0 = blocks.stride(0);
   a.causal = causal;
   a.scale = (float)scale;
   const int64_t N = k.size(1);
