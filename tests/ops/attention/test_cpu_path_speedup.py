@@ -156,6 +156,27 @@ def test_one_kv_plane_backward_any_thread_count(threads):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("softcap", [0.7, 30.0])
+def test_softcap(softcap):
+    """Softcap (not additive): in the kernel (tanh after the scores, its derivative in the backward)
+    and on the gather path (matmuls); output, LSE and gradients against the oracle."""
+    torch.manual_seed(9)
+    q, k, v = (torch.randn(1, 4, n, 32, requires_grad=True) for n in (150, 190, 190))
+    q.data *= 3   # scores of up to ~30: both branches of the kernel's tanh
+    lay = _layout((1, 4), 150, 190, 32, causal="bottom_right")
+    out, lse = sa.sparse_attention(q, k, v, lay, softcap=softcap, return_lse=True)
+    ref, rl = sa.reference.attention(q.double(), k.double(), v.double(), mask=lay.to_dense_mask(), softcap=softcap,
+                                     return_lse=True)
+    assert torch.allclose(out.double(), ref, atol=2e-5)
+    fin = torch.isfinite(rl)
+    assert torch.equal(torch.isfinite(lse), fin) and torch.allclose(lse[fin].double(), rl[fin], atol=2e-5)
+    do = torch.randn_like(out)
+    got = torch.autograd.grad((out * do).sum() + lse.nan_to_num(neginf=0).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * do.double()).sum() + rl.nan_to_num(neginf=0).sum(), (q, k, v))
+    for g, w in zip(got, want):
+        assert torch.allclose(g.double(), w.double(), atol=1e-4, rtol=1e-4), (g.double() - w.double()).abs().max()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs(dtype):
     """fp16 / bf16 inputs compute in fp32 (converted once per call), GQA, non-contiguous inputs."""
@@ -196,8 +217,8 @@ def test_kernel_rejects_bad_lists(_cpu_path):
     for blocks, e in ((torch.tensor([[1], [4]]), ent), (torch.tensor([[1], [-1]]), ent),
                       (torch.tensor([[1], [2]]), torch.tensor([0, 3]))):
         with pytest.raises(RuntimeError, match="out of range"):
-            ops.fwd(q, k, v, e, cnt, blocks, None, False, 1.0, False, out, lse)
-    ops.fwd(q, k, v, ent, cnt, torch.tensor([[1], [3]]), None, False, 1.0, False, out, lse)   # in range: runs
+            ops.fwd(q, k, v, e, cnt, blocks, None, False, 1.0, 0.0, False, out, lse)
+    ops.fwd(q, k, v, ent, cnt, torch.tensor([[1], [3]]), None, False, 1.0, 0.0, False, out, lse)   # in range: runs
 
 
 @pytest.mark.parametrize("layout", [False, True])

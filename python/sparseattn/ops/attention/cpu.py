@@ -11,7 +11,7 @@ for a sparse layout, and no Python loop runs over blocks. How it runs:
   that share their keys run as one taller block). K and V are viewed as blocks
   ``[X, P * nK, BLOCK_K, D]``; these views copy nothing when no padding or reordering is needed.
 * The C++ kernel (:mod:`.cpu_kernel`, ``cpu_kernel.cpp``), where it is built and applies (float32
-  compute, no softcap): each kind below runs as one kernel call of every entry listing such tiles
+  compute; softcap in the kernel): each kind below runs as one kernel call of every entry listing such tiles
   (a count per entry), or one call per group where a kind has a float mask (:meth:`_Plan.calls`).
   The kernel reads the listed blocks of ``[X, P * nK, BLOCK_K, D]`` in place, writes the "full"
   rows and merges the other kinds into them by their running max and sum (no :func:`merge`), and
@@ -92,9 +92,9 @@ def _fused_ok() -> bool:
 
 
 def _kernel(plan: "_Plan"):
-    """The C++ kernel's ops (:mod:`.cpu_kernel`) where they apply (float32 compute, no softcap: it
-    is not additive), else None: the gather path."""
-    return None if plan.softcap is not None or plan.ct != torch.float32 else cpu_kernel.ops()
+    """The C++ kernel's ops (:mod:`.cpu_kernel`) where they apply (float32 compute), else None: the
+    gather path."""
+    return None if plan.ct != torch.float32 else cpu_kernel.ops()
 
 
 # ----------------------------------------------------------------------------- one chunk of a group
@@ -469,7 +469,7 @@ def _fwd(q, k, v, lists, mask, bias, bits, scale, layout_bq, layout_bk, causal_o
         for kind in _KINDS:
             for ent, counts, blocks, ids in plan.calls(kind):
                 kern.fwd(qx, kx, vx, ent, counts, plan.base[ent, None] + blocks, plan.mask(ent, blocks, ids, kind),
-                         kind == "diagonal", scale, kind != "full", ox, lx)   # "full" first: writes
+                         kind == "diagonal", scale, softcap or 0.0, kind != "full", ox, lx)   # "full" first: writes
     for kind in _KINDS if kern is None else ():
         for ent, blocks, ids in plan.groups(kind):
             kk, vv, _ = _gather(kx, vx, blocks, plan.base[ent])
@@ -527,7 +527,7 @@ def _bwd(do, dlse, q, k, v, out, lse, lists, mask, bias, bits, scale, layout_bq,
             for ent, counts, blocks, ids in plan.calls(kind):
                 base = plan.base[ent]
                 kern.bwd(dox, qx, kx, vx, outx, lx, dlx, ent, counts, base[:, None] + blocks, base // plan.nk,
-                         plan.mask(ent, blocks, ids, kind), kind == "diagonal", scale, dqx, dkx, dvx)
+                         plan.mask(ent, blocks, ids, kind), kind == "diagonal", scale, softcap or 0.0, dqx, dkx, dvx)
     for kind in _KINDS if kern is None else ():
         for ent, blocks, ids in plan.groups(kind):
             kk, vv, rows = _gather(kx, vx, blocks, plan.base[ent])

@@ -65,6 +65,17 @@ inline float fast_exp(float x) {
   return x > hi ? std::numeric_limits<float>::infinity() : y;
 }
 
+// tanh(y) for float32 that vectorises: Cephes' odd polynomial below |y| = 0.625, else
+// 1 - 2 / (exp(2 |y|) + 1) with y's sign (+-1 once exp overflows); ~2 ulp.
+inline float fast_tanh(float y) {
+  const float a = std::fabs(y), z = y * y;
+  const float small =
+      ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z + 1.33314422036e-1f) * z -
+       3.33332819422e-1f) * z * y + y;
+  const float large = std::copysign(1.0f - 2.0f / (fast_exp(2.0f * a) + 1.0f), y);
+  return a < 0.625f ? small : large;
+}
+
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Everything a tile loop needs of one call (pointers and element strides).
@@ -76,7 +87,7 @@ struct Args {
   int64_t bs0;  // blocks' row stride (unit last stride, checked)
   int M, BK, Dq, Dv;
   bool causal;
-  float scale;
+  float scale, softcap;  // softcap 0: none
 };
 
 // Threads a call uses: one parallel region of at most one thread per job, in which each thread
@@ -114,11 +125,22 @@ const float* panel(const Args& a, const float* src, int64_t s1, int64_t s2, int 
 }
 
 // Scores of blocks [t0, t1) of call entry r, plane x, into S [M][n * BK]: scale * Q K^T (K the
-// panel [n * BK] x Dq, row stride ldk), plus the mask, with the causal rule per block.
+// panel [n * BK] x Dq, row stride ldk), softcapped (c tanh(s / c), Gemma 2; its derivative
+// 1 - tanh^2 into `dcap` [M][n * BK] where given), plus the mask, with the causal rule per block.
 void scores(const Args& a, int64_t x, int64_t r, int64_t t0, int64_t t1, const float* Q, const float* K, int ldk,
-            float* S) {
+            float* S, float* dcap = nullptr) {
   const int W = (int)(t1 - t0) * a.BK;
   gemm('T', 'N', W, a.M, a.Dq, a.scale, K, ldk, Q, (int)a.qs2, 0.0f, S, W);
+  if (a.softcap > 0.0f) {
+    const float c = a.softcap, inv = 1.0f / a.softcap;
+    const int64_t n = (int64_t)a.M * W;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float t = fast_tanh(S[i] * inv);
+      S[i] = c * t;
+      if (dcap) dcap[i] = 1.0f - t * t;
+    }
+  }
   if (a.mask) {
     const float* mp = a.mask + x * a.ms0 + r * a.ms1 + t0 * a.BK * a.ms3;
     for (int i = 0; i < a.M; ++i) {
@@ -156,7 +178,7 @@ void check_like(const at::Tensor& t, const at::Tensor& ref, int dims, const char
 
 Args make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& ent,
                const at::Tensor& counts, const at::Tensor& blocks, const c10::optional<at::Tensor>& mask, bool causal,
-               double scale, int64_t Dv) {
+               double scale, double softcap, int64_t Dv) {
   check_strides(q, "q");
   check_strides(k, "k");
   check_strides(v, "v");
@@ -199,6 +221,8 @@ Args make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   a.bs0 = blocks.stride(0);
   a.causal = causal;
   a.scale = (float)scale;
+  a.softcap = (float)softcap;
+  TORCH_CHECK(softcap >= 0.0, "sparseattn cpu kernel: softcap ", softcap, " (0: none)");
   const int64_t N = k.size(1);
   const int64_t R = ent.size(0);
   TORCH_CHECK(counts.size(0) == R && blocks.size(0) == R, "sparseattn cpu kernel: ent, counts, blocks disagree");
@@ -215,13 +239,13 @@ Args make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
 
 // ----------------------------------------------------------------------------- forward
 void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& ent, const at::Tensor& counts,
-         const at::Tensor& blocks, const c10::optional<at::Tensor>& mask, bool causal, double scale, bool accumulate,
-         at::Tensor out, at::Tensor lse) {
+         const at::Tensor& blocks, const c10::optional<at::Tensor>& mask, bool causal, double scale, double softcap,
+         bool accumulate, at::Tensor out, at::Tensor lse) {
   check_strides(out, "out");
   check_like(out, q, 3, "out");
   check_like(lse, q, 3, "lse");
   TORCH_CHECK(lse.scalar_type() == at::kFloat, "sparseattn cpu kernel: lse dtype");
-  const Args a = make_args(q, k, v, ent, counts, blocks, mask, causal, scale, out.size(3));
+  const Args a = make_args(q, k, v, ent, counts, blocks, mask, causal, scale, softcap, out.size(3));
   const int64_t X = q.size(0), R = ent.size(0);
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
@@ -297,7 +321,7 @@ void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
 void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
          const at::Tensor& lse, const c10::optional<at::Tensor>& dlse, const at::Tensor& ent, const at::Tensor& counts,
          const at::Tensor& blocks, const at::Tensor& kplane, const c10::optional<at::Tensor>& mask, bool causal,
-         double scale, at::Tensor dq, at::Tensor dk, at::Tensor dv) {
+         double scale, double softcap, at::Tensor dq, at::Tensor dk, at::Tensor dv) {
   check_strides(dout, "dout");
   check_strides(out, "out");
   check_strides(dq, "dq");
@@ -311,7 +335,7 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
   check_like(dv, v, 3, "dv");
   TORCH_CHECK(out.size(3) >= dout.size(3) && dv.size(3) >= dout.size(3), "sparseattn cpu kernel: value dims");
   if (dlse.has_value()) check_like(*dlse, q, 3, "dlse");
-  const Args a = make_args(q, k, v, ent, counts, blocks, mask, causal, scale, dout.size(3));
+  const Args a = make_args(q, k, v, ent, counts, blocks, mask, causal, scale, softcap, dout.size(3));
   TORCH_CHECK(kplane.scalar_type() == at::kLong && kplane.is_contiguous() && kplane.size(0) == ent.size(0),
               "sparseattn cpu kernel: kplane");
   const int64_t X = q.size(0), R = ent.size(0);
@@ -351,6 +375,7 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
     const int64_t v0 = gv.stride(o), v1 = gv.stride(o + 1), v2 = gv.stride(o + 2);
     const int CB = chunk_blocks(BK);
     std::vector<float> S((size_t)M * CB * BK), dP((size_t)M * CB * BK), delta(M), rl(M);
+    std::vector<float> dcap(a.softcap > 0.0f ? (size_t)M * CB * BK : 0);
     std::vector<float> Kp((size_t)CB * BK * Dq), Vp((size_t)CB * BK * Dv);
     for (int64_t job = next++; job < jobs; job = next++) {
       const int64_t x = split ? job / R : job / P, p = job % P;
@@ -375,7 +400,7 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
           int ldk, ldv;
           const float* K = panel(a, a.k + x * a.ks0, a.ks1, a.ks2, Dq, r, t0, t1, Kp.data(), ldk);
           const float* V = panel(a, a.v + x * a.vs0, a.vs1, a.vs2, Dv, r, t0, t1, Vp.data(), ldv);
-          scores(a, x, r, t0, t1, Q, K, ldk, S.data());
+          scores(a, x, r, t0, t1, Q, K, ldk, S.data(), dcap.empty() ? nullptr : dcap.data());
           // dP [M][W] = dO V^T
           gemm('T', 'N', W, M, Dv, 1.0f, V, ldv, dO, (int)dout.stride(2), 0.0f, dP.data(), W);
           for (int i = 0; i < M; ++i) {
@@ -388,6 +413,11 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
               s[j] = pij;
               g[j] = pij * (g[j] - di);
             }
+          }
+          if (!dcap.empty()) {  // through the softcap: d(c tanh(s / c)) / ds = 1 - tanh^2
+            const int64_t n = (int64_t)M * W;
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i) dP[i] *= dcap[i];
           }
           // dQ^T [Dq x M] += scale * K^T [Dq x W] dS^T [W x M]
           gemm('N', 'N', Dq, M, W, a.scale, K, ldk, dP.data(), W, 1.0f, dQ, (int)dq.stride(2));
@@ -428,11 +458,11 @@ TORCH_LIBRARY(sparseattn_cpu, m) {
   m.def("available() -> bool", &available);
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor ent, Tensor counts, Tensor blocks, Tensor? mask, bool causal, "
-      "float scale, bool accumulate, Tensor(a!) out, Tensor(b!) lse) -> ()",
+      "float scale, float softcap, bool accumulate, Tensor(a!) out, Tensor(b!) lse) -> ()",
       &fwd);
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, Tensor ent, "
-      "Tensor counts, Tensor blocks, Tensor kplane, Tensor? mask, bool causal, float scale, Tensor(a!) dq, "
-      "Tensor(b!) dk, Tensor(c!) dv) -> ()",
+      "Tensor counts, Tensor blocks, Tensor kplane, Tensor? mask, bool causal, float scale, float softcap, "
+      "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()",
       &bwd);
 }

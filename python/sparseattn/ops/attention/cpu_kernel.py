@@ -1,10 +1,10 @@
 """The CPU kernel of sparse attention (``cpu_kernel.cpp``): built on first use, or the reason it is not.
 
-The CPU path (:mod:`.cpu`) runs each group of listed tiles through this kernel when it is there:
+The CPU path (:mod:`.cpu`) runs each kind of listed tiles through this kernel when it is there:
 it reads the listed key blocks in place and writes (or merges into) the output rows, where the
 gather path copies the blocks and calls torch's fused CPU attention. The kernel is compiled once
-per machine by ``torch.utils.cpp_extension.load`` with the machine's C++ compiler (``-O3
--march=native``; ~1 minute on 2 cores, cached under ``TORCH_EXTENSIONS_DIR``, default
+per machine and torch by ``torch.utils.cpp_extension.load`` with the machine's C++ compiler (``-O3
+-march=native``; ~20 s on 2 cores, cached under ``TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``) and needs ninja (a dependency of the package) and a torch that exports
 the BLAS ``sgemm_`` (torch's x86 wheels do: MKL).
 
