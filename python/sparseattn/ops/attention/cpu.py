@@ -112,17 +112,13 @@ def _scores(Q, K, mask, scale, softcap, causal=False):
 
 
 def _unit_last_stride(*ts):
-    """The tensors with a last-dim stride of 1 (a copy where not): torch's fused CPU attention
-    assumes it (its public SDPA makes sure first; we call the op itself) and otherwise reads the
-    wrong elements. Found by fuzzing the CPU path: inputs sliced along the head dim gave errors of
-    0.5-3 that changed from run to run."""
-    return tuple(t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in ts)
-
-
-def _gemm_ready(*ts):
-    """The tensors as BLAS reads them in the C++ kernel (a copy where not): a unit last stride and
-    a row stride of at least the row's length."""
-    return tuple(t if t.stride(-1) == 1 and t.stride(-2) >= t.shape[-1] else t.contiguous() for t in ts)
+    """The tensors with a last-dim stride of 1 and a row stride of at least the row's length (a copy
+    where not): torch's fused CPU attention assumes the first (its public SDPA makes sure first; we
+    call the op itself) and otherwise reads the wrong elements, and BLAS in the C++ kernel needs
+    both. Found by fuzzing the CPU path: inputs sliced along the head dim gave errors of 0.5-3 that
+    changed from run to run."""
+    return tuple(t if (t.stride(-1) == 1 or t.shape[-1] == 1) and (t.stride(-2) >= t.shape[-1] or t.shape[-2] == 1)
+                 else t.contiguous() for t in ts)
 
 
 def _attend_impl(Q, K, V, mask, scale, softcap, causal=False):
@@ -465,7 +461,7 @@ def _fwd(q, k, v, lists, mask, bias, bits, scale, layout_bq, layout_bk, causal_o
         lx.index_fill_(1, none, _NEG_INF)
     kern = _kernel(plan)
     if kern is not None:   # reads the blocks in place, merges into ox / lx itself
-        qx, kx, vx = _gemm_ready(qx, kx, vx)
+        qx, kx, vx = _unit_last_stride(qx, kx, vx)
         for kind in _KINDS:
             for ent, counts, blocks, ids in plan.calls(kind):
                 kern.fwd(qx, kx, vx, ent, counts, plan.base[ent, None] + blocks, plan.mask(ent, blocks, ids, kind),
@@ -520,7 +516,7 @@ def _bwd(do, dlse, q, k, v, out, lse, lists, mask, bias, bits, scale, layout_bq,
     kx, vx = plan.keys(k), plan.keys(v)
     kern = _kernel(plan)
     if kern is not None:
-        qx, kx, vx, dox, outx = _gemm_ready(qx, kx, vx, dox, outx)
+        qx, kx, vx, dox, outx = _unit_last_stride(qx, kx, vx, dox, outx)
     dqx, dkx, dvx = (torch.zeros(t.shape, dtype=t.dtype) for t in (qx, kx, vx))
     if kern is not None:   # reads the blocks in place, adds into dqx / dkx / dvx itself
         for kind in _KINDS:
