@@ -10,7 +10,6 @@ SPARSEATTN_CPU_PATH        ``0``     ``1``: CPU tensors take the PyTorch CPU pat
                                      Triton interpreter is on (the interpreter is for tests)
 SPARSEATTN_CPU_KERNEL      ``1``     ``0``: the CPU path gathers key blocks and calls torch's fused
                                      CPU attention instead of its C++ kernel (built on first use)
-SPARSEATTN_CPU_KERNEL_VERBOSE ``0``  ``1``: show the C++ kernel's build log
 SPARSEATTN_CONFIG          (unset)   pin one kernel config, ``BLOCK_M=128,BLOCK_N=64,num_warps=8,
                                      num_stages=3``, for reproducible benchmarks
 SPARSEATTN_AUTOTUNE        ``1``     ``0``: no timing, every kernel runs its first fitting config
@@ -35,7 +34,6 @@ from typing import Optional
 DEFAULTS = {
     "SPARSEATTN_CPU_PATH": "0",
     "SPARSEATTN_CPU_KERNEL": "1",
-    "SPARSEATTN_CPU_KERNEL_VERBOSE": "0",
     "SPARSEATTN_CONFIG": "",
     "SPARSEATTN_AUTOTUNE": "1",
     "SPARSEATTN_GPU_LAYOUT": "1",

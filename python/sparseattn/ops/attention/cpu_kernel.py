@@ -43,8 +43,7 @@ def _build():
     from torch.utils import cpp_extension
 
     cpp_extension.load(name="sparseattn_cpu_attention", sources=[_SOURCE], is_python_module=False,
-                       extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
-                       verbose=_config.flag("SPARSEATTN_CPU_KERNEL_VERBOSE"))
+                       extra_cflags=_flags(), extra_ldflags=["-fopenmp"])
     if not torch.ops.sparseattn_cpu.available():
         raise RuntimeError("this torch does not export the BLAS sgemm_ the kernel calls")
 
