@@ -388,11 +388,9 @@ class _Plan:
         in-block rules drop a pair (partial tiles); None for full tiles without options and for
         diagonal tiles (the fused op's causal rule)."""
         lay, ct, bk = self.layout, self.ct, self.bk
+        if not self.masked(kind):
+            return None
         partial = kind == "partial"
-        if kind == "diagonal":
-            return None
-        if not partial and all(t is None for t in (self.alibi, self.key_bias, self.bias, self.group_bias)):
-            return None
         R, c = blocks.shape
         cols = (blocks[:, :, None] * bk + torch.arange(bk)).view(1, 1, R, 1, c * bk)
         rows = (self.r_e[ent] * self.bq).view(1, 1, R, 1, 1) + self.row_in
