@@ -21,6 +21,25 @@ os.environ["SPARSEATTN_NAN_FILL"] = "1"
 os.environ.setdefault("SPARSEATTN_AUTOTUNE", "0")
 
 
+@pytest.fixture(params=["kernel", "gather"])
+def cpu_route(monkeypatch, request):
+    """The CPU paths' two routes, one test each: the C++ kernel (ops/attention/cpu_kernel.cpp, the
+    default where it builds) and the gather path (SPARSEATTN_CPU_KERNEL=0: gathered blocks through
+    torch's fused CPU attention). Where a C++ compiler exists, a failed build fails the kernel
+    route's tests (else they would quietly test the gather path twice); without one they skip."""
+    import shutil
+
+    from sparseattn.ops.attention import cpu_kernel
+
+    monkeypatch.setenv("SPARSEATTN_CPU_KERNEL", "1" if request.param == "kernel" else "0")
+    if request.param == "kernel" and cpu_kernel.ops() is None:
+        cxx = os.environ.get("CXX", "c++")
+        if shutil.which(cxx) is None:
+            pytest.skip(f"no C++ compiler ({cxx}) to build the CPU kernel: {cpu_kernel.unavailable_reason()}")
+        pytest.fail(f"the CPU kernel did not build although {cxx} exists: {cpu_kernel.unavailable_reason()}")
+    return request.param
+
+
 CAPTURE_ENV = "SPARSEATTN_CAPTURE_LAUNCHES"   # tests/triton_kernels/test_gpu_specializations.py
 _CAPTURE = []
 

@@ -39,7 +39,8 @@ def last_backend() -> Optional[str]:
     """Which path ran the last attention call of this thread:
 
     * ``"triton"``: the fused Triton kernels (CUDA, or CPU under the Triton interpreter);
-    * ``"cpu"``: sparseattn's PyTorch CPU path (gathers only the listed key blocks);
+    * ``"cpu"``: sparseattn's CPU path (its C++ CPU kernel reads only the listed key blocks, or
+      without it they are gathered for torch's fused CPU attention);
     * ``"cuda"``: the CUDA extension's decode kernels (``decode_attention``);
     * ``"torch"``: ``torch.nn.functional.scaled_dot_product_attention`` (a documented fallback);
     * ``None``: nothing ran yet in this thread.

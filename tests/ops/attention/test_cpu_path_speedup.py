@@ -5,8 +5,6 @@ bitmasks, strided views and gathers, many chunks per group, the matmul fallback,
 policy (restored thread count, results independent of it); each with the C++ kernel and with the
 gather path. No timing here: the speed is in the bench's CPU table."""
 import math
-import os
-import shutil
 
 import pytest
 import torch
@@ -16,24 +14,11 @@ from checks import attention_inputs, check_attention
 from sparseattn.ops.attention import cpu, cpu_kernel
 
 
-@pytest.fixture(autouse=True, params=["kernel", "gather"])
-def _cpu_path(monkeypatch, request):
-    """Every test twice: with the C++ kernel (cpu_kernel.cpp, the default where it builds) and with
-    the gather path (torch's fused CPU attention on gathered blocks)."""
+@pytest.fixture(autouse=True)
+def _cpu_path(monkeypatch, cpu_route):
+    """Every test twice (conftest's ``cpu_route``): with the C++ kernel and with the gather path."""
     monkeypatch.setenv("SPARSEATTN_CPU_PATH", "1")
-    monkeypatch.setenv("SPARSEATTN_CPU_KERNEL", "1" if request.param == "kernel" else "0")
-    if request.param == "kernel" and cpu_kernel.ops() is None:
-        _kernel_missing()
-    return request.param
-
-
-def _kernel_missing():
-    """Skip where there is no C++ compiler; where there is one, a failed build is a failure (else
-    every kernel test would skip and only the gather path would be tested)."""
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        pytest.skip(f"no C++ compiler ({cxx}) to build the CPU kernel: {cpu_kernel.unavailable_reason()}")
-    pytest.fail(f"the CPU kernel did not build although {cxx} exists: {cpu_kernel.unavailable_reason()}")
+    return cpu_route
 
 
 def _layout(shape, Lq, Lk, bs, density=0.6, **kw):

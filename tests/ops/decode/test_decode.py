@@ -235,10 +235,11 @@ def test_reference_takes_pattern_objects(name):
     assert torch.equal(reference.decode_mask(Lq, Lmax, lens, p, B)[1].expand(Hq, Lq, Lmax), mask)
 
 
-def test_block_sets_are_built_once_per_layout_and_lengths(monkeypatch):
+def test_block_sets_are_built_once_per_layout_and_lengths(monkeypatch, cpu_route):
     """A decode loop reusing one layout builds its block sets once per (B, heads, lengths) where
     the lengths need no device read: no cache_seqlens (every length Lmax, on any device) or CPU
-    lengths; each cached result is the one the layout and lengths give (fresh lengths: a new entry)."""
+    lengths; each cached result is the one the layout and lengths give (fresh lengths: a new entry).
+    The C++ kernel cuts the lists at each length itself: once per layout, whatever the lengths."""
     from sparseattn.ops.decode import op as dop
     built = []
     real = dop._block_sets
@@ -250,9 +251,13 @@ def test_block_sets_are_built_once_per_layout_and_lengths(monkeypatch):
         for cache_seqlens in (None, lens):
             out, lse = sa.decode_attention(q, k, v, layout, cache_seqlens=cache_seqlens, return_lse=True)
             _check("cached block sets", q, k, v, layout, cache_seqlens, out, lse)
-    assert built == [[200, 200], [200, 77]]
-    sa.decode_attention(q, k, v, layout, cache_seqlens=torch.tensor([5, 77], dtype=torch.int32))
-    assert built[-1] == [5, 77] and len(built) == 3
+    fresh = torch.tensor([5, 77], dtype=torch.int32)
+    out, lse = sa.decode_attention(q, k, v, layout, cache_seqlens=fresh, return_lse=True)
+    _check("cached block sets", q, k, v, layout, fresh, out, lse)
+    if cpu_route == "kernel":
+        assert built == [[200, 200]]
+    else:
+        assert built == [[200, 200], [200, 77], [5, 77]]
 
 
 def test_block_sets_cached_on_the_cuda_backend_without_lengths(monkeypatch):

@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -161,6 +162,80 @@ void scores(const Args& a, int64_t x, int64_t r, int64_t t0, int64_t t1, const f
   }
 }
 
+// One chunk of W keys in the online softmax of M rows: the scores S [M][W] become the chunk's
+// unnormalised probabilities exp(s - max) in place, and each row's running max `mx`, sum `l` and
+// accumulator row of `acc` [M][Dv] are rescaled to the new max (the caller then adds P V). A row
+// that has seen no key yet (all -inf) keeps its state and gets zero probabilities.
+void softmax_step(float* S, int M, int W, float* mx, float* l, float* acc, int Dv) {
+  for (int i = 0; i < M; ++i) {
+    float* s = S + (size_t)i * W;
+    float rmax = kNegInf;
+#pragma omp simd reduction(max : rmax)
+    for (int j = 0; j < W; ++j) rmax = s[j] > rmax ? s[j] : rmax;
+    const float mnew = std::max(mx[i], rmax);
+    if (mnew == kNegInf) {
+#pragma omp simd
+      for (int j = 0; j < W; ++j) s[j] = 0.0f;
+      continue;
+    }
+    const float corr = fast_exp(mx[i] - mnew);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < W; ++j) {
+      s[j] = fast_exp(s[j] - mnew);
+      sum += s[j];
+    }
+    l[i] = l[i] * corr + sum;
+    mx[i] = mnew;
+    float* ar = acc + (size_t)i * Dv;
+#pragma omp simd
+    for (int d = 0; d < Dv; ++d) ar[d] *= corr;
+  }
+}
+
+// The rows' results from the online state: out row i = acc_i / l_i (row stride os2), lse_i =
+// mx_i + log l_i (stride ls2); a row that saw no key gives 0 and -inf.
+void finish(const float* acc, const float* mx, const float* l, int M, int Dv, float* o, int64_t os2, float* ls,
+            int64_t ls2) {
+  for (int i = 0; i < M; ++i) {
+    const bool seen = l[i] > 0.0f;
+    const float inv = seen ? 1.0f / l[i] : 0.0f;
+    for (int d = 0; d < Dv; ++d) o[i * os2 + d] = acc[(size_t)i * Dv + d] * inv;
+    ls[i * ls2] = seen ? mx[i] + std::log(l[i]) : kNegInf;
+  }
+}
+
+// Scratch floats of the calling thread, kept between calls: a fresh buffer of 128 KB or more is a
+// new mmap whose pages fault in on every call (~25 us of a 1K-key decode call; the panels are that
+// big). carve({n0, n1, ...}) lays out one uninitialised span per size (64-byte aligned) in the
+// thread's buffer, which only grows; a call carves once per thread, before its jobs.
+struct Span {
+  float* p;
+  int64_t n;
+  float* data() const { return p; }
+  float& operator[](int64_t i) const { return p[i]; }
+  bool empty() const { return n == 0; }
+  float* begin() const { return p; }
+  float* end() const { return p + n; }
+};
+
+template <size_t N>
+std::array<Span, N> carve(const int64_t (&sizes)[N]) {
+  thread_local std::vector<float> buf;
+  auto padded = [](int64_t n) { return (n + 15) / 16 * 16; };
+  int64_t total = 16;
+  for (int64_t n : sizes) total += padded(n);
+  if ((int64_t)buf.size() < total) buf.resize(total);
+  float* p = buf.data();
+  p += (16 - (reinterpret_cast<uintptr_t>(p) / sizeof(float)) % 16) % 16;
+  std::array<Span, N> out;
+  for (size_t i = 0; i < N; ++i) {
+    out[i] = Span{p, sizes[i]};
+    p += padded(sizes[i]);
+  }
+  return out;
+}
+
 void check_strides(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.stride(-1) == 1 || t.size(-1) == 1, "sparseattn cpu kernel: ", name, " needs a unit last stride");
   TORCH_CHECK(t.stride(-2) >= t.size(-1) || t.size(-2) == 1, "sparseattn cpu kernel: ", name,
@@ -255,8 +330,7 @@ void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads_for(X * R), 1, [&](int64_t, int64_t) {
     const int CB = chunk_blocks(BK);
-    std::vector<float> S((size_t)M * CB * BK), acc((size_t)M * Dv), mx(M), l(M);
-    std::vector<float> Kp((size_t)CB * BK * a.Dq), Vp((size_t)CB * BK * Dv);
+    const auto [S, acc, mx, l, Kp, Vp] = carve({M * CB * BK, M * Dv, M, M, CB * BK * a.Dq, CB * BK * Dv});
     for (int64_t job = next++; job < X * R; job = next++) {
       const int64_t x = job / R, r = job % R, e = a.ent[r];
       float* o = op + x * os0 + e * os1;
@@ -277,39 +351,11 @@ void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
         const float* K = panel(a, a.k + x * a.ks0, a.ks1, a.ks2, a.Dq, r, t0, t1, Kp.data(), ldk);
         const float* V = panel(a, a.v + x * a.vs0, a.vs1, a.vs2, Dv, r, t0, t1, Vp.data(), ldv);
         scores(a, x, r, t0, t1, Q, K, ldk, S.data());
-        for (int i = 0; i < M; ++i) {
-          float* s = S.data() + (size_t)i * W;
-          float rmax = kNegInf;
-#pragma omp simd reduction(max : rmax)
-          for (int j = 0; j < W; ++j) rmax = s[j] > rmax ? s[j] : rmax;
-          const float mnew = std::max(mx[i], rmax);
-          if (mnew == kNegInf) {  // nothing visible yet: the row stays empty
-#pragma omp simd
-            for (int j = 0; j < W; ++j) s[j] = 0.0f;
-            continue;
-          }
-          const float corr = fast_exp(mx[i] - mnew);
-          float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-          for (int j = 0; j < W; ++j) {
-            s[j] = fast_exp(s[j] - mnew);
-            sum += s[j];
-          }
-          l[i] = l[i] * corr + sum;
-          mx[i] = mnew;
-          float* ar = acc.data() + (size_t)i * Dv;
-#pragma omp simd
-          for (int d = 0; d < Dv; ++d) ar[d] *= corr;
-        }
+        softmax_step(S.data(), M, W, mx.data(), l.data(), acc.data(), Dv);
         // acc^T [Dv x M] += V^T [Dv x W] P^T [W x M]
         gemm('N', 'N', Dv, M, W, 1.0f, V, ldv, S.data(), W, 1.0f, acc.data(), Dv);
       }
-      for (int i = 0; i < M; ++i) {
-        const bool seen = l[i] > 0.0f;
-        const float inv = seen ? 1.0f / l[i] : 0.0f;
-        for (int d = 0; d < Dv; ++d) o[i * os2 + d] = acc[(size_t)i * Dv + d] * inv;
-        ls[i * ls2] = seen ? mx[i] + std::log(l[i]) : kNegInf;
-      }
+      finish(acc.data(), mx.data(), l.data(), M, Dv, o, os2, ls, ls2);
     }
   });
 }
@@ -374,9 +420,8 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
     const int64_t k0 = gk.stride(o), k1 = gk.stride(o + 1), k2 = gk.stride(o + 2);
     const int64_t v0 = gv.stride(o), v1 = gv.stride(o + 1), v2 = gv.stride(o + 2);
     const int CB = chunk_blocks(BK);
-    std::vector<float> S((size_t)M * CB * BK), dP((size_t)M * CB * BK), delta(M), rl(M);
-    std::vector<float> dcap(a.softcap > 0.0f ? (size_t)M * CB * BK : 0);
-    std::vector<float> Kp((size_t)CB * BK * Dq), Vp((size_t)CB * BK * Dv);
+    const auto [S, dP, delta, rl, dcap, Kp, Vp] = carve(
+        {M * CB * BK, M * CB * BK, M, M, a.softcap > 0.0f ? M * CB * BK : 0, CB * BK * Dq, CB * BK * Dv});
     for (int64_t job = next++; job < jobs; job = next++) {
       const int64_t x = split ? job / R : job / P, p = job % P;
       const int64_t lo = split ? job % R : start[p], hi = split ? lo + 1 : start[p + 1];
@@ -450,6 +495,229 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
   }
 }
 
+// ----------------------------------------------------------------------------- decode
+// Decode (ops/decode): the G * Lq query rows of KV head h of sequence b (q [B, Hkv, M, Dq], row
+// m = g * Lq + i at position n_b - Lq + i, n_b = seqlens[b] clamped to [0, Lmax]) against the
+// keys it reads of the cache k / v [B, Hkv, Lmax, C]: the listed key blocks blk_idx[b, h,
+// :blk_num[b, h]] of block_k keys (any order, no repeats) cut at n_b, or without lists the keys
+// [0, n_b). Rules in the kernel: the length, the bottom-right causal rule among the Lq new rows,
+// softcap; anything else comes as an additive float mask [B|1, Hkv|1, M|1, S] by slot (slot
+// t * block_k + j is key j of list entry t; without lists the key position). Keys are taken in
+// chunks of up to 512 (rows read in place when one run of the cache holds the chunk, else copied
+// into a panel). A (b, h) is one job; with fewer of them than threads each also splits its chunks
+// into parts whose results merge by their LSE (split-KV, as flash-decoding does).
+namespace dec {
+
+struct Run {
+  int64_t lo, hi, slot;  // keys [lo, hi) of the cache, at slots [slot, slot + hi - lo)
+};
+
+// The runs of keys job (b, h) reads, in list order; consecutive blocks merge into one run.
+void runs(std::vector<Run>& out, const int32_t* ids, int64_t ids_stride, int64_t count, int BK, int64_t n) {
+  out.clear();
+  if (!ids) {
+    if (n > 0) out.push_back({0, n, 0});
+    return;
+  }
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t lo = (int64_t)ids[t * ids_stride] * BK, hi = std::min<int64_t>(lo + BK, n);
+    if (lo >= hi) continue;
+    if (!out.empty() && out.back().hi == lo && out.back().slot + (out.back().hi - out.back().lo) == t * BK)
+      out.back().hi = hi;
+    else
+      out.push_back({lo, hi, t * BK});
+  }
+}
+
+}  // namespace dec
+
+void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& seqlens,
+            const c10::optional<at::Tensor>& blk_num, const c10::optional<at::Tensor>& blk_idx, int64_t block_k,
+            int64_t Lq, const c10::optional<at::Tensor>& mask, double scale, double softcap, at::Tensor out,
+            at::Tensor lse) {
+  check_strides(q, "q");
+  check_strides(k, "k");
+  check_strides(v, "v");
+  check_strides(out, "out");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && out.dim() == 4 && lse.dim() == 3,
+              "sparseattn cpu decode: q [B, Hkv, M, D], k and v [B, Hkv, Lmax, D], out [B, Hkv, M, Dv], lse [B, Hkv, M]");
+  check_like(k, q, 2, "k");
+  check_like(v, k, 3, "v");
+  check_like(out, q, 3, "out");
+  check_like(lse, q, 3, "lse");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "sparseattn cpu decode: lse dtype");
+  TORCH_CHECK(k.size(3) >= q.size(3) && v.size(3) >= out.size(3), "sparseattn cpu decode: head dims");
+  TORCH_CHECK(seqlens.scalar_type() == at::kInt && seqlens.dim() == 1 && seqlens.size(0) == q.size(0),
+              "sparseattn cpu decode: seqlens int32 [B]");
+  const int64_t B = q.size(0), H = q.size(1), Lmax = k.size(2);
+  const int M = (int)q.size(2), Dq = (int)q.size(3), Dv = (int)out.size(3);
+  TORCH_CHECK(Lq >= 1 && M % Lq == 0, "sparseattn cpu decode: M = ", M, " rows is not a multiple of Lq = ", Lq);
+  TORCH_CHECK(block_k >= 1, "sparseattn cpu decode: block_k ", block_k);
+  TORCH_CHECK(softcap >= 0.0, "sparseattn cpu decode: softcap ", softcap, " (0: none)");
+  const int BK = (int)block_k;
+  const bool lists = blk_idx.has_value();
+  TORCH_CHECK(lists == blk_num.has_value(), "sparseattn cpu decode: blk_num and blk_idx come together");
+  const int32_t *np = nullptr, *ip = nullptr;
+  int64_t n0 = 0, n1 = 0, i0 = 0, i1 = 0, i2 = 0, W = 0;
+  if (lists) {
+    const at::Tensor &bn = *blk_num, &bi = *blk_idx;
+    TORCH_CHECK(bn.scalar_type() == at::kInt && bi.scalar_type() == at::kInt && bn.dim() == 2 && bi.dim() == 3 &&
+                    bn.size(0) == B && bn.size(1) == H && bi.size(0) == B && bi.size(1) == H,
+                "sparseattn cpu decode: blk_num int32 [B, Hkv], blk_idx int32 [B, Hkv, W]");
+    np = bn.data_ptr<int32_t>(), ip = bi.data_ptr<int32_t>();
+    n0 = bn.stride(0), n1 = bn.stride(1), i0 = bi.stride(0), i1 = bi.stride(1), i2 = bi.stride(2), W = bi.size(2);
+    const int64_t nK = (Lmax + BK - 1) / BK;
+    for (int64_t b = 0; b < B; ++b)  // nothing reads out of bounds
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t c = np[b * n0 + h * n1];
+        TORCH_CHECK(c >= 0 && c <= W, "sparseattn cpu decode: block count ", c, " out of range [0, ", W, "]");
+        for (int64_t t = 0; t < c; ++t) {
+          const int64_t id = ip[b * i0 + h * i1 + t * i2];
+          TORCH_CHECK(id >= 0 && id < nK, "sparseattn cpu decode: key block ", id, " out of range [0, ", nK, ")");
+        }
+      }
+  }
+  const int32_t* sp = seqlens.data_ptr<int32_t>();
+  const int64_t ss = seqlens.stride(0);
+  auto length = [&](int64_t b) { return std::min<int64_t>(std::max<int64_t>(sp[b * ss], 0), Lmax); };
+  const float* mp = nullptr;
+  int64_t ms0 = 0, ms1 = 0, ms2 = 0, ms3 = 0;
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    int64_t slots = lists ? W * BK : 0;  // without lists: the longest length
+    for (int64_t b = 0; !lists && b < B; ++b) slots = std::max(slots, length(b));
+    TORCH_CHECK(m.dim() == 4 && m.scalar_type() == at::kFloat && (m.size(0) == 1 || m.size(0) == B) &&
+                    (m.size(1) == 1 || m.size(1) == H) && (m.size(2) == 1 || m.size(2) == M) && m.size(3) >= slots,
+                "sparseattn cpu decode: mask ", m.sizes(), " does not cover [B|1, Hkv|1, M|1, ", slots, "]");
+    mp = m.data_ptr<float>();
+    ms0 = m.size(0) == 1 ? 0 : m.stride(0), ms1 = m.size(1) == 1 ? 0 : m.stride(1);
+    ms2 = m.size(2) == 1 ? 0 : m.stride(2), ms3 = m.stride(3);
+  }
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+  const int CK = 512;
+  // parts per (b, h): enough jobs for the threads, each part at least 1024 keys
+  const int64_t most = lists ? std::min<int64_t>(W * BK, Lmax) : Lmax;
+  const int64_t parts = std::max<int64_t>(
+      1, std::min<int64_t>((at::get_num_threads() + B * H - 1) / (B * H), most / 1024));
+  const int64_t jobs = B * H * parts;
+  at::Tensor po, pl;  // the parts' results, merged below
+  if (parts > 1) {
+    po = at::empty({jobs, M, Dv}, out.options());
+    pl = at::empty({jobs, M}, lse.options());
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads_for(jobs), 1, [&](int64_t, int64_t) {
+    const auto [S, acc, mx, l, Kp, Vp] = carve({M * CK, M * Dv, M, M, CK * Dq, CK * Dv});
+    std::vector<int64_t> pos(CK), slot(CK);
+    std::vector<dec::Run> rs;
+    for (int64_t job = next++; job < jobs; job = next++) {
+      const int64_t bh = job / parts, part = job % parts, b = bh / H, h = bh % H;
+      const int64_t n = length(b);
+      dec::runs(rs, lists ? ip + b * i0 + h * i1 : nullptr, i2, lists ? np[b * n0 + h * n1] : 0, BK, n);
+      int64_t total = 0;
+      for (const auto& r : rs) total += r.hi - r.lo;
+      const int64_t nch = (total + CK - 1) / CK, c0 = part * nch / parts, c1 = (part + 1) * nch / parts;
+      std::fill(mx.begin(), mx.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.0f);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      const float* Q = qp + b * q.stride(0) + h * q.stride(1);
+      const float* kb = kp + b * k.stride(0) + h * k.stride(1);
+      const float* vb = vp + b * v.stride(0) + h * v.stride(1);
+      const int64_t ks = k.stride(2), vs = v.stride(2), qs2 = q.stride(2);
+      size_t ri = 0;
+      int64_t off = 0;  // the next key: offset `off` of run ri
+      for (int64_t c = 0; c < c1; ++c) {
+        const int64_t want = std::min<int64_t>(CK, total - c * CK);
+        if (c < c0) {  // another part's chunk: skip its keys
+          for (int64_t left = want; left > 0;) {
+            const int64_t take = std::min(left, rs[ri].hi - rs[ri].lo - off);
+            left -= take, off += take;
+            if (rs[ri].lo + off == rs[ri].hi) ++ri, off = 0;
+          }
+          continue;
+        }
+        const int Wc = (int)want;
+        const bool one_run = rs[ri].hi - rs[ri].lo - off >= want;
+        for (int j = 0; j < Wc; ++j) {  // the chunk's keys: cache rows and slots
+          pos[j] = rs[ri].lo + off, slot[j] = rs[ri].slot + off;
+          if (rs[ri].lo + ++off == rs[ri].hi) ++ri, off = 0;
+        }
+        const float *K, *V;
+        int ldk, ldv;
+        if (one_run && ks >= Dq && vs >= Dv) {  // the rows in place
+          K = kb + pos[0] * ks, V = vb + pos[0] * vs, ldk = (int)ks, ldv = (int)vs;
+        } else {  // or a panel of copies
+          for (int j = 0; j < Wc; ++j) {
+            std::memcpy(Kp.data() + (int64_t)j * Dq, kb + pos[j] * ks, sizeof(float) * Dq);
+            std::memcpy(Vp.data() + (int64_t)j * Dv, vb + pos[j] * vs, sizeof(float) * Dv);
+          }
+          K = Kp.data(), V = Vp.data(), ldk = Dq, ldv = Dv;
+        }
+        gemm('T', 'N', Wc, M, Dq, (float)scale, K, ldk, Q, (int)qs2, 0.0f, S.data(), Wc);
+        if (softcap > 0.0) {
+          const float cap = (float)softcap, inv = 1.0f / cap;
+          const int64_t cnt = (int64_t)M * Wc;
+#pragma omp simd
+          for (int64_t i = 0; i < cnt; ++i) S[i] = cap * fast_tanh(S[i] * inv);
+        }
+        if (mp) {
+          const float* mb = mp + b * ms0 + h * ms1;
+          for (int i = 0; i < M; ++i) {
+            float* s = S.data() + (size_t)i * Wc;
+            const float* mr = mb + i * ms2;
+            for (int j = 0; j < Wc; ++j) s[j] += mr[slot[j] * ms3];
+          }
+        }
+        if (Lq > 1) {  // bottom-right causal among the new rows
+          for (int i = 0; i < M; ++i) {
+            const int64_t lim = n - Lq + i % Lq;
+            float* s = S.data() + (size_t)i * Wc;
+            for (int j = 0; j < Wc; ++j)
+              if (pos[j] > lim) s[j] = kNegInf;
+          }
+        }
+        softmax_step(S.data(), M, Wc, mx.data(), l.data(), acc.data(), Dv);
+        gemm('N', 'N', Dv, M, Wc, 1.0f, V, ldv, S.data(), Wc, 1.0f, acc.data(), Dv);
+      }
+      if (parts == 1)
+        finish(acc.data(), mx.data(), l.data(), M, Dv, op + b * out.stride(0) + h * out.stride(1), out.stride(2),
+               lp + b * lse.stride(0) + h * lse.stride(1), lse.stride(2));
+      else
+        finish(acc.data(), mx.data(), l.data(), M, Dv, po.data_ptr<float>() + job * M * Dv, Dv,
+               pl.data_ptr<float>() + job * M, 1);
+    }
+  });
+  if (parts == 1) return;
+  at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {  // merge the parts by their LSE
+    for (int64_t bh = lo; bh < hi; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      for (int i = 0; i < M; ++i) {
+        const float* pli = pl.data_ptr<float>() + bh * parts * M + i;
+        float top = kNegInf;
+        for (int64_t p = 0; p < parts; ++p) top = std::max(top, pli[p * M]);
+        float* o = op + b * out.stride(0) + h * out.stride(1) + i * out.stride(2);
+        float* ls = lp + b * lse.stride(0) + h * lse.stride(1) + i * lse.stride(2);
+        for (int d = 0; d < Dv; ++d) o[d] = 0.0f;
+        if (top == kNegInf) {
+          *ls = kNegInf;
+          continue;
+        }
+        float sum = 0.0f;
+        for (int64_t p = 0; p < parts; ++p) {
+          const float w = std::exp(pli[p * M] - top);
+          const float* src = po.data_ptr<float>() + ((bh * parts + p) * M + i) * Dv;
+          for (int d = 0; d < Dv; ++d) o[d] += w * src[d];
+          sum += w;
+        }
+        for (int d = 0; d < Dv; ++d) o[d] /= sum;
+        *ls = top + std::log(sum);
+      }
+    }
+  });
+}
+
 bool available() { return sgemm_ != nullptr; }
 
 }  // namespace
@@ -465,4 +733,8 @@ TORCH_LIBRARY(sparseattn_cpu, m) {
       "Tensor counts, Tensor blocks, Tensor kplane, Tensor? mask, bool causal, float scale, float softcap, "
       "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()",
       &bwd);
+  m.def(
+      "decode(Tensor q, Tensor k, Tensor v, Tensor seqlens, Tensor? blk_num, Tensor? blk_idx, int block_k, int Lq, "
+      "Tensor? mask, float scale, float softcap, Tensor(a!) out, Tensor(b!) lse) -> ()",
+      &decode);
 }

@@ -1,6 +1,13 @@
-"""The PyTorch CPU path of decode attention (CPU tensors).
+"""The CPU path of decode attention (CPU tensors).
 
-All sequences and KV heads at once: each (sequence, KV head) gathers the key blocks it reads
+Float32 caches read in place (not paged) run the C++ CPU kernel's ``decode`` op
+(:mod:`..attention.cpu_kernel`, where it is built): one call for every sequence and KV head, the
+listed key blocks (or each sequence's first ``seqlen`` keys) read where they are, length, causal
+rule and softcap in the kernel, the other options as one additive mask by slot (the rules of
+:func:`_mask`). Otherwise (fp16/bf16/fp64, paged caches, no kernel, or a mask over 64 MB) a
+PyTorch path:
+
+all sequences and KV heads at once: each (sequence, KV head) gathers the key blocks it reads
 (its listed blocks, or its first ``seqlen`` keys) into ``[B, Hkv, C, D]``, a chunk of keys at a
 time, and its ``G * Lq`` query rows (the query heads of a KV head, GQA) attend them in one call of
 the attention op's compute step (:func:`..attention.cpu.attend`: torch's fused CPU attention, or
@@ -14,7 +21,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..attention.cpu import attend, merge
+from ..attention import cpu_kernel
+from ..attention.cpu import _unit_last_stride, attend, merge
 
 # Elements of the gathered keys / values and the mask of one chunk (~64 MB of fp32).
 _CHUNK_ELEMS = 1 << 24
@@ -36,8 +44,61 @@ def decode_attention_cpu(q, k, v, seqlens: Tensor, blocks, block_k: int, head_ma
     ``head_mask`` ``[B|1, Hq, nK]``, ``key_padding_mask`` ``[B, Lmax]`` and ``elem_mask``
     ``[B|1, Hl|1, Lq, Lmax]`` (the exact paths' token-level mask). Returns (out ``[B, Hq, Lq, D]``
     in q's dtype, lse ``[B, Hq, Lq]`` float32; 0 and -inf on a row that sees no key)."""
+    kern = kernel_ops(q, block_table)
+    if kern is not None:
+        got = _decode_kernel(kern, q, k, v, seqlens, blocks, block_k, head_mask, scale, softcap, alibi_slopes,
+                             key_padding_mask, key_bias, elem_mask)
+        if got is not None:
+            return got
     return _decode(q, k, v, seqlens, blocks, block_k, head_mask, scale, block_table, softcap, alibi_slopes,
                    key_padding_mask, key_bias, elem_mask)
+
+
+def kernel_ops(q: Tensor, block_table: Optional[Tensor]):
+    """The C++ kernel's ops where decode runs them (float32, cache read in place), else None."""
+    return cpu_kernel.ops() if q.dtype == torch.float32 and block_table is None else None
+
+
+def _keys(n: Tensor, blocks, block_k: int, B: int, Hkv: int):
+    """The key slots of each (sequence, KV head): ``(tok [B, Hkv, T] key positions, valid [B, Hkv, T]
+    the slots holding a key of the sequence, ids [B, Hkv, w] or None)``; slot t * block_k + j is key j
+    of list entry t (without lists, slot = position, T the longest length)."""
+    if blocks is None:
+        T = int(n.max()) if B else 0
+        tok = torch.arange(T).expand(B, Hkv, T)
+        return tok, tok < n[:, None, None], None
+    cnt = blocks[0].long()                                             # [B, Hkv]
+    w = int(cnt.max()) if cnt.numel() else 0
+    ids = blocks[1][:, :, :w].long()
+    tok = (ids[..., None] * block_k + torch.arange(block_k)).flatten(-2)
+    valid = (torch.arange(w * block_k) < cnt[..., None] * block_k) & (tok < n[:, None, None])
+    return tok, valid, ids
+
+
+def _decode_kernel(kern, q, k, v, seqlens, blocks, block_k, head_mask, scale, softcap, alibi_slopes,
+                   key_padding_mask, key_bias, elem_mask):
+    """Decode by the C++ kernel: (out, lse) as :func:`decode_attention_cpu`, or None when the mask of
+    the options would exceed ``_CHUNK_ELEMS`` (the PyTorch path then walks it in chunks)."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lmax, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    G, M = Hq // Hkv, (Hq // Hkv) * Lq
+    mask = None
+    if any(t is not None for t in (head_mask, key_padding_mask, elem_mask, alibi_slopes, key_bias)):
+        n = seqlens.long().clamp(0, Lmax)
+        tok, valid, ids = _keys(n, blocks, block_k, B, Hkv)
+        if B * Hkv * M * tok.shape[-1] > _CHUNK_ELEMS:
+            return None
+        qpos = (n[:, None] - Lq + torch.arange(Lq)).repeat(1, G)
+        mask = _mask(tok, tok.clamp(max=max(Lmax - 1, 0)), valid, qpos, Lq, G, block_k, head_mask, key_padding_mask,
+                     elem_mask, alibi_slopes, key_bias, torch.float32, True, structural=False)
+        if blocks is not None:
+            blocks = (blocks[0], blocks[1][:, :, :ids.shape[-1]])
+    qx, k, v = _unit_last_stride(q.reshape(B, Hkv, M, D), k, v)
+    out = torch.empty(B, Hkv, M, Dv)
+    lse = torch.empty(B, Hkv, M)
+    kern.decode(qx, k, v, seqlens, None if blocks is None else blocks[0], None if blocks is None else blocks[1],
+                block_k, Lq, mask, scale, 0.0 if softcap is None else float(softcap), out, lse)
+    return out.view(B, Hq, Lq, Dv), lse.view(B, Hq, Lq)
 
 
 def _decode(q, k, v, seqlens, blocks, block_k, head_mask, scale, block_table, softcap, alibi_slopes,
@@ -54,17 +115,8 @@ def _decode(q, k, v, seqlens, blocks, block_k, head_mask, scale, block_table, so
     n = seqlens.long()
     qx = q.to(ct).reshape(B, Hkv, M, D)                               # row m = g * Lq + i of KV head h
     qpos = (n[:, None] - Lq + torch.arange(Lq)).repeat(1, G)         # [B, M]: each row's position
-    if blocks is None:
-        T = int(n.max()) if B else 0
-        tok = torch.arange(T).expand(B, Hkv, T)
-        valid = tok < n[:, None, None]
-    else:
-        cnt = blocks[0].long()                                         # [B, Hkv]
-        w = int(cnt.max()) if cnt.numel() else 0
-        ids = blocks[1][:, :, :w].long()
-        tok = (ids[..., None] * block_k + torch.arange(block_k)).flatten(-2)
-        valid = (torch.arange(w * block_k) < cnt[..., None] * block_k) & (tok < n[:, None, None])
-        T = tok.shape[-1]
+    tok, valid, ids = _keys(n, blocks, block_k, B, Hkv)
+    T = tok.shape[-1]
     # how the chunk's keys are read: a view of the cache (dense), whole blocks of it, or rows
     plane = (torch.arange(B)[:, None, None] * Hkv + torch.arange(Hkv)[None, :, None])      # [B, Hkv, 1]
     by_block = blocks is not None and not paged and Lmax % block_k == 0 and k.is_contiguous() and v.is_contiguous()
@@ -98,14 +150,15 @@ def _decode(q, k, v, seqlens, blocks, block_k, head_mask, scale, block_table, so
 
 
 def _mask(tc, tci, ok, qpos, Lq: int, G: int, block_k: int, head_mask, key_padding_mask, elem_mask, alibi_slopes,
-          key_bias, ct, all_valid: bool) -> Optional[Tensor]:
+          key_bias, ct, all_valid: bool, structural: bool = True) -> Optional[Tensor]:
     """Float mask ``[B, Hkv, M|1, C]`` of one chunk (``tc`` [B, Hkv, C] the keys, ``ok`` the slots
     that hold one of the sequence's keys): the additive scores (ALiBi, key bias) and -inf where a
-    rule drops the pair; None when nothing applies (every slot valid, one new token, no option)."""
+    rule drops the pair; None when nothing applies (every slot valid, one new token, no option).
+    ``structural=False``: without the length and causal rules (the C++ kernel applies those)."""
     B, Hkv, C = tc.shape
     M = G * Lq
-    keep = None if all_valid else ok[:, :, None, :]
-    if Lq > 1:  # bottom-right causal within the new tokens (one token: the length already says it)
+    keep = None if all_valid or not structural else ok[:, :, None, :]
+    if Lq > 1 and structural:  # bottom-right causal within the new tokens (one token: the length already says it)
         causal = tc[:, :, None, :] <= qpos[:, None, :, None]
         keep = causal if keep is None else keep & causal
     if all(t is None for t in (head_mask, key_padding_mask, elem_mask, alibi_slopes, key_bias)):

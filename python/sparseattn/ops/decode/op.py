@@ -6,7 +6,8 @@ Backends (:func:`sparseattn.last_backend` says which ran):
   (CUDA tensors, float16/bfloat16, D in {64, 128, 256}, extension built and usable);
 * ``"triton"``: otherwise on CUDA tensors, the fused Triton ``sparse_attention`` with a
   bottom-right causal layout (and an element mask for ragged ``cache_seqlens``);
-* ``"cpu"``: CPU tensors, a PyTorch path that gathers only the needed key blocks.
+* ``"cpu"``: CPU tensors: the C++ CPU kernel reading only the needed key blocks (float32, cache
+  not paged), else a PyTorch path that gathers them (:mod:`.cpu`).
 
 Layouts in decode: a :class:`BlockLayout` built for ``seq_lens=(Lq, Lmax)``. Its key-block set
 (full and partial tiles of its single query block) says which key blocks of the cache the decode
@@ -37,6 +38,7 @@ from ..attention.sdpa import mask_layout
 from ..common import check_dtype_and_dim, check_inputs, check_score_options
 from ..library import custom_op
 from .cpu import decode_attention_cpu
+from .cpu import kernel_ops as cpu_kernel_ops
 
 MAX_LQ = 16
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
@@ -463,7 +465,12 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, layout_or_patt
     block_k = 64
     if layout is not None:
         block_k = layout.block_size[1]
-        blk_num, blk_idx, head_mask = _cached_block_sets(layout, B, Hq, Hkv, seqlens, cache_seqlens)
+        lens, key = seqlens, cache_seqlens
+        if backend == "cpu" and cache_seqlens is not None and cpu_kernel_ops(q, block_table) is not None:
+            # the C++ kernel cuts each list at its sequence's length: lists of all Lmax keys, kept
+            # on the layout across decode steps (the lengths change every step)
+            lens, key = torch.full((B,), Lmax, dtype=torch.int32), None
+        blk_num, blk_idx, head_mask = _cached_block_sets(layout, B, Hq, Hkv, lens, key)
         if exact == "layout":  # CPU: the listed blocks, and the layout's in-block kinds as a mask
             elem = layout.to_dense_mask()
     if backend == "cuda":
@@ -472,7 +479,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, layout_or_patt
                                          block_table, opts.get("softcap", 0.0), alibi_slopes, key_padding_mask,
                                          key_bias)
     else:
-        _dispatch.set_backend(backend, "CPU tensors (decode's PyTorch CPU path)")
+        _dispatch.set_backend(backend, "CPU tensors (decode's CPU path)")
         blocks = None if blk_num is None else (blk_num, blk_idx)
         out, lse = decode_attention_cpu(q, k_cache, v_cache, seqlens, blocks, block_k, head_mask, scale,
                                         block_table=block_table, elem_mask=elem, **opts)
