@@ -54,10 +54,16 @@ class Case:
 NOISY_SPREAD = 0.25
 
 
+# CPU: a call under CPU_BUDGET_S / repeats is repeated until the samples take about CPU_BUDGET_S (at
+# most CPU_MAX_REPEATS): 7 samples of a 0.1 ms decode call gave medians 30-50% apart run to run.
+CPU_BUDGET_S, CPU_MAX_REPEATS = 0.2, 201
+
+
 def time_stats(fn: Callable[[], object], device: str, repeats: int = 7) -> Dict[str, float]:
-    """Median, min and max time of one call in ms over repeats: CUDA events via
-    triton.testing.do_bench on a GPU (it warms up and flushes L2 between calls; its samples are the
-    repeats), wall clock over ``repeats`` calls after one warm-up on a CPU."""
+    """Median, min and max time of one call in ms over repeats, and the 10th / 90th percentiles:
+    CUDA events via triton.testing.do_bench on a GPU (it warms up and flushes L2 between calls; its
+    samples are the repeats), wall clock after one warm-up on a CPU, over ``repeats`` calls or, for
+    fast calls, as many as fit in about ``CPU_BUDGET_S`` (up to ``CPU_MAX_REPEATS``)."""
     if device == "cuda":
         import triton.testing
 
@@ -65,11 +71,16 @@ def time_stats(fn: Callable[[], object], device: str, repeats: int = 7) -> Dict[
     else:
         fn()
         times = []
-        for _ in range(repeats):
+        n = repeats
+        while len(times) < n:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return {"ms": statistics.median(times), "min": min(times), "max": max(times), "n": len(times)}
+            if len(times) == 1:
+                n = max(repeats, min(CPU_MAX_REPEATS, int(CPU_BUDGET_S * 1e3 / max(times[0], 1e-6))))
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
+    return {"ms": statistics.median(times), "min": min(times), "max": max(times), "p10": q[0], "p90": q[-1],
+            "n": len(times)}
 
 
 def time_ms(fn: Callable[[], object], device: str) -> float:
@@ -78,8 +89,11 @@ def time_ms(fn: Callable[[], object], device: str) -> float:
 
 
 def spread(stats: Dict[str, float]) -> float:
-    """(max - min) / median of a timing."""
-    return (stats["max"] - stats["min"]) / stats["ms"] if stats["ms"] > 0 else 0.0
+    """(max - min) / median of a timing; with 20 samples or more (fast CPU calls) (p90 - p10) /
+    median, as one stray sample (a garbage collection, a host hiccup) is then sure to be among them."""
+    lo, hi = (stats["p10"], stats["p90"]) if stats.get("n", 0) >= 20 and "p10" in stats else (stats["min"],
+                                                                                                stats["max"])
+    return (hi - lo) / stats["ms"] if stats["ms"] > 0 else 0.0
 
 
 class Rotating:
@@ -335,7 +349,8 @@ def _run_cases(cases: List[Case], device: str, rows: List[dict], checked: dict, 
             progress.step(label)
             continue
         ms = stats["ms"]
-        row.update(ms=ms, ms_min=stats["min"], ms_max=stats["max"], repeats=stats["n"],
+        row.update(ms=ms, ms_min=stats["min"], ms_max=stats["max"], ms_p10=stats.get("p10"), ms_p90=stats.get("p90"),
+                   repeats=stats["n"],
                    tflops=case.flops / ms / 1e9 if case.flops else None,
                    gbps=case.bytes / ms / 1e6 if case.bytes else None, anchors={})
         for name, fn in case.anchors.items():
@@ -344,7 +359,7 @@ def _run_cases(cases: List[Case], device: str, rows: List[dict], checked: dict, 
                 continue
             try:
                 a = time_stats(fn, device)
-                row["anchors"][name] = {"ms": a["ms"], "min": a["min"], "max": a["max"], "ratio": a["ms"] / ms}
+                row["anchors"][name] = dict(a, ratio=a["ms"] / ms)
             except Exception as e:  # noqa: BLE001 - an anchor that cannot run this case is n/a, with why
                 row["anchors"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
         noisy = [n for n, st in [("sparseattn", stats)] + [(k, v) for k, v in row["anchors"].items()
@@ -361,8 +376,8 @@ def to_markdown(env: dict, rows: List[dict]) -> str:
     lines += [f"- {k}: {v}" for k, v in env.items() if v is not None]
     lines += ["", "Ratio = anchor time / sparseattn time (> 1: sparseattn is faster), medians over repeats; "
                   "ms is median [min-max]. TFLOP/s counts only attended (query, key) pairs; fwd+bwd counts 3.5x "
-                  f"the forward FLOPs. `noisy`: (max - min) / median > {NOISY_SPREAD} for the timing named, so "
-                  "its ratios are not comparable.", ""]
+                  f"the forward FLOPs. `noisy`: (max - min) / median > {NOISY_SPREAD} for the timing named (with 20 "
+                  "repeats or more, fast CPU calls, (p90 - p10) / median), so its ratios are not comparable.", ""]
     anchor_names = sorted({a for r in rows for a in r.get("anchors", {})})
     param_names = [k for k in ("direction", "B", "H", "L", "D", "dtype", "Lq", "cache", "density")
                    if any(k in r for r in rows)]

@@ -118,18 +118,18 @@ def test_kernel_is_called_for_float32_only(monkeypatch, cpu_route):
     assert calls == ["decode"]
 
 
-@pytest.mark.parametrize("bad", ["block id", "negative block id", "count", "mask width", "rows"])
+@pytest.mark.parametrize("bad", ["block id", "negative block id", "count", "mask width", "heads"])
 def test_op_rejects_bad_lists(bad):
-    """The op checks every list entry and the mask's reach before reading anything."""
+    """The op checks every list entry, the mask's reach and the head grouping before reading anything."""
     ops = cpu_kernel.ops()
     if ops is None:  # the gather route: SPARSEATTN_CPU_KERNEL=0
         assert cpu_kernel.unavailable_reason() == "SPARSEATTN_CPU_KERNEL=0"
         return
-    B, H, M, L, D, bk = 1, 1, 2, 128, 8, 32
-    q, k, v = torch.randn(B, H, M, D), torch.randn(B, H, L, D), torch.randn(B, H, L, D)
+    B, Hq, H, L, D, bk = 1, 2, 1, 128, 8, 32
+    q, k, v = torch.randn(B, Hq, 1, D), torch.randn(B, H, L, D), torch.randn(B, H, L, D)
     num = torch.tensor([[2]], dtype=torch.int32)
     idx = torch.tensor([[[0, 3]]], dtype=torch.int32)
-    mask, lq = None, 1
+    mask = None
     if bad == "block id":
         idx[0, 0, 1] = math.ceil(L / bk)
     elif bad == "negative block id":
@@ -139,7 +139,8 @@ def test_op_rejects_bad_lists(bad):
     elif bad == "mask width":
         mask = torch.zeros(1, 1, 1, 2 * bk - 1)
     else:
-        lq = 3
-    out, lse = torch.empty(B, H, M, D), torch.empty(B, H, M)
+        q = torch.randn(B, 3, 1, D)
+        k, v = torch.randn(B, 2, L, D), torch.randn(B, 2, L, D)
+        num, idx = num.expand(1, 2), idx.expand(1, 2, 2)
     with pytest.raises(RuntimeError, match="sparseattn cpu decode"):
-        ops.decode(q, k, v, torch.tensor([L], dtype=torch.int32), num, idx, bk, lq, mask, 1.0, 0.0, out, lse)
+        ops.decode(q, k, v, torch.tensor([L], dtype=torch.int32), num, idx, bk, mask, 1.0, 0.0)

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <tuple>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -531,34 +532,41 @@ void runs(std::vector<Run>& out, const int32_t* ids, int64_t ids_stride, int64_t
 
 }  // namespace dec
 
-void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& seqlens,
-            const c10::optional<at::Tensor>& blk_num, const c10::optional<at::Tensor>& blk_idx, int64_t block_k,
-            int64_t Lq, const c10::optional<at::Tensor>& mask, double scale, double softcap, at::Tensor out,
-            at::Tensor lse) {
+// A view with a unit last stride and a row stride of at least the row's length (BLAS), or a copy.
+at::Tensor blas_ready(const at::Tensor& t) {
+  const bool ok = (t.stride(-1) == 1 || t.size(-1) == 1) && (t.stride(-2) >= t.size(-1) || t.size(-2) == 1);
+  return ok ? t : t.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                          const at::Tensor& seqlens, const c10::optional<at::Tensor>& blk_num,
+                                          const c10::optional<at::Tensor>& blk_idx, int64_t block_k,
+                                          const c10::optional<at::Tensor>& mask, double scale, double softcap) {
+  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4,
+              "sparseattn cpu decode: q [B, Hq, Lq, D], k and v [B, Hkv, Lmax, D]");
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), Lq = q_in.size(2), H = k_in.size(1), Lmax = k_in.size(2);
+  TORCH_CHECK(H >= 1 && Hq % H == 0 && Lq >= 1, "sparseattn cpu decode: ", Hq, " query heads, ", H,
+              " KV heads, Lq = ", Lq);
+  // q as [B, Hkv, M, D]: row m = g * Lq + i of KV head h is query head h * G + g, position i
+  const at::Tensor q = blas_ready(q_in.reshape({B, H, Hq / H * Lq, q_in.size(3)}));
+  const at::Tensor k = blas_ready(k_in), v = blas_ready(v_in);
   check_strides(q, "q");
   check_strides(k, "k");
   check_strides(v, "v");
-  check_strides(out, "out");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && out.dim() == 4 && lse.dim() == 3,
-              "sparseattn cpu decode: q [B, Hkv, M, D], k and v [B, Hkv, Lmax, D], out [B, Hkv, M, Dv], lse [B, Hkv, M]");
   check_like(k, q, 2, "k");
   check_like(v, k, 3, "v");
-  check_like(out, q, 3, "out");
-  check_like(lse, q, 3, "lse");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, "sparseattn cpu decode: lse dtype");
-  TORCH_CHECK(k.size(3) >= q.size(3) && v.size(3) >= out.size(3), "sparseattn cpu decode: head dims");
-  TORCH_CHECK(seqlens.scalar_type() == at::kInt && seqlens.dim() == 1 && seqlens.size(0) == q.size(0),
+  const int M = (int)q.size(2), Dq = (int)q.size(3), Dv = (int)v.size(3);
+  TORCH_CHECK(k.size(3) == Dq, "sparseattn cpu decode: head dims");
+  at::Tensor out = at::empty({B, H, M, Dv}, q.options()), lse = at::empty({B, H, M}, q.options());
+  TORCH_CHECK(seqlens.scalar_type() == at::kInt && seqlens.dim() == 1 && seqlens.size(0) == B,
               "sparseattn cpu decode: seqlens int32 [B]");
-  const int64_t B = q.size(0), H = q.size(1), Lmax = k.size(2);
-  const int M = (int)q.size(2), Dq = (int)q.size(3), Dv = (int)out.size(3);
-  TORCH_CHECK(Lq >= 1 && M % Lq == 0, "sparseattn cpu decode: M = ", M, " rows is not a multiple of Lq = ", Lq);
   TORCH_CHECK(block_k >= 1, "sparseattn cpu decode: block_k ", block_k);
   TORCH_CHECK(softcap >= 0.0, "sparseattn cpu decode: softcap ", softcap, " (0: none)");
   const int BK = (int)block_k;
   const bool lists = blk_idx.has_value();
   TORCH_CHECK(lists == blk_num.has_value(), "sparseattn cpu decode: blk_num and blk_idx come together");
   const int32_t *np = nullptr, *ip = nullptr;
-  int64_t n0 = 0, n1 = 0, i0 = 0, i1 = 0, i2 = 0, W = 0;
+  int64_t n0 = 0, n1 = 0, i0 = 0, i1 = 0, i2 = 0, W = 0, most_blocks = 0;
   if (lists) {
     const at::Tensor &bn = *blk_num, &bi = *blk_idx;
     TORCH_CHECK(bn.scalar_type() == at::kInt && bi.scalar_type() == at::kInt && bn.dim() == 2 && bi.dim() == 3 &&
@@ -571,6 +579,7 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
       for (int64_t h = 0; h < H; ++h) {
         const int64_t c = np[b * n0 + h * n1];
         TORCH_CHECK(c >= 0 && c <= W, "sparseattn cpu decode: block count ", c, " out of range [0, ", W, "]");
+        most_blocks = std::max(most_blocks, c);
         for (int64_t t = 0; t < c; ++t) {
           const int64_t id = ip[b * i0 + h * i1 + t * i2];
           TORCH_CHECK(id >= 0 && id < nK, "sparseattn cpu decode: key block ", id, " out of range [0, ", nK, ")");
@@ -597,10 +606,12 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
   const int CK = 512;
-  // parts per (b, h): enough jobs for the threads, each part at least 1024 keys
-  const int64_t most = lists ? std::min<int64_t>(W * BK, Lmax) : Lmax;
-  const int64_t parts = std::max<int64_t>(
-      1, std::min<int64_t>((at::get_num_threads() + B * H - 1) / (B * H), most / 1024));
+  // Threads: one below 512 KB of keys and values to read (waking a second thread cost more than
+  // it saved there: 2 x 128 keys took 18 us on one thread, 23 us on two); parts per (b, h): enough
+  // jobs for the threads, each part at least 1024 keys.
+  const int64_t most = lists ? std::min<int64_t>(most_blocks * BK, Lmax) : Lmax;
+  const int64_t threads = B * H * most * (Dq + Dv) < (int64_t(1) << 17) ? 1 : at::get_num_threads();
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>((threads + B * H - 1) / (B * H), most / 1024));
   const int64_t jobs = B * H * parts;
   at::Tensor po, pl;  // the parts' results, merged below
   if (parts > 1) {
@@ -608,7 +619,7 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
     pl = at::empty({jobs, M}, lse.options());
   }
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads_for(jobs), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, std::min(threads, threads_for(jobs)), 1, [&](int64_t, int64_t) {
     const auto [S, acc, mx, l, Kp, Vp] = carve({M * CK, M * Dv, M, M, CK * Dq, CK * Dv});
     std::vector<int64_t> pos(CK), slot(CK);
     std::vector<dec::Run> rs;
@@ -689,7 +700,8 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
                pl.data_ptr<float>() + job * M, 1);
     }
   });
-  if (parts == 1) return;
+  const auto result = std::make_tuple(out.view({B, Hq, Lq, Dv}), lse.view({B, Hq, Lq}));
+  if (parts == 1) return result;
   at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {  // merge the parts by their LSE
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / H, h = bh % H;
@@ -716,6 +728,7 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
       }
     }
   });
+  return result;
 }
 
 bool available() { return sgemm_ != nullptr; }
@@ -734,7 +747,7 @@ TORCH_LIBRARY(sparseattn_cpu, m) {
       "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()",
       &bwd);
   m.def(
-      "decode(Tensor q, Tensor k, Tensor v, Tensor seqlens, Tensor? blk_num, Tensor? blk_idx, int block_k, int Lq, "
-      "Tensor? mask, float scale, float softcap, Tensor(a!) out, Tensor(b!) lse) -> ()",
+      "decode(Tensor q, Tensor k, Tensor v, Tensor seqlens, Tensor? blk_num, Tensor? blk_idx, int block_k, "
+      "Tensor? mask, float scale, float softcap) -> (Tensor, Tensor)",
       &decode);
 }

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..attention import cpu_kernel
-from ..attention.cpu import _unit_last_stride, attend, merge
+from ..attention.cpu import attend, merge
 
 # Elements of the gathered keys / values and the mask of one chunk (~64 MB of fp32).
 _CHUNK_ELEMS = 1 << 24
@@ -80,7 +80,7 @@ def _decode_kernel(kern, q, k, v, seqlens, blocks, block_k, head_mask, scale, so
     """Decode by the C++ kernel: (out, lse) as :func:`decode_attention_cpu`, or None when the mask of
     the options would exceed ``_CHUNK_ELEMS`` (the PyTorch path then walks it in chunks)."""
     B, Hq, Lq, D = q.shape
-    Hkv, Lmax, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    Hkv, Lmax = k.shape[1], k.shape[2]
     G, M = Hq // Hkv, (Hq // Hkv) * Lq
     mask = None
     if any(t is not None for t in (head_mask, key_padding_mask, elem_mask, alibi_slopes, key_bias)):
@@ -93,12 +93,8 @@ def _decode_kernel(kern, q, k, v, seqlens, blocks, block_k, head_mask, scale, so
                      elem_mask, alibi_slopes, key_bias, torch.float32, True, structural=False)
         if blocks is not None:
             blocks = (blocks[0], blocks[1][:, :, :ids.shape[-1]])
-    qx, k, v = _unit_last_stride(q.reshape(B, Hkv, M, D), k, v)
-    out = torch.empty(B, Hkv, M, Dv)
-    lse = torch.empty(B, Hkv, M)
-    kern.decode(qx, k, v, seqlens, None if blocks is None else blocks[0], None if blocks is None else blocks[1],
-                block_k, Lq, mask, scale, 0.0 if softcap is None else float(softcap), out, lse)
-    return out.view(B, Hq, Lq, Dv), lse.view(B, Hq, Lq)
+    return kern.decode(q, k, v, seqlens, None if blocks is None else blocks[0], None if blocks is None else blocks[1],
+                       block_k, mask, scale, 0.0 if softcap is None else float(softcap))
 
 
 def _decode(q, k, v, seqlens, blocks, block_k, head_mask, scale, block_table, softcap, alibi_slopes,
