@@ -3,8 +3,9 @@
 ``python -m sparseattn.fuzz --minutes N --seed S`` draws random cases (shapes, GQA, dtypes,
 strides, patterns, masks, biases, the engine's score options: key padding, per-key bias, softcap,
 ALiBi; the SDPA drop-in's routes: padding masks, per-key float masks, CausalBias, other ranks and
-broadcast batches; packed varlen batches; HiP with its estimated mask), runs forward and backward,
-compares output and gradients with
+broadcast batches; packed varlen batches; HiP with its estimated mask; decode over ragged, paged or
+strided caches with layouts, patterns and the score options), runs forward and backward (decode:
+forward), compares output and gradients with
 ``sparseattn.reference`` under the oracle rule (:func:`sparseattn.reference.assert_close`), and
 for a failure prints the case, shrunk to a smaller one that still fails, as a one-line
 reproducer (``python -m sparseattn.fuzz --case '<json>'``). The tests run a bounded,
@@ -32,7 +33,8 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 LAYOUT_PATTERNS = ("block_mask", "mask_mod", "sliding_window", "power", "per_head")
 SDPA_PATTERNS = ("element_mask", "float_bias", "causal_sdpa", "padding_sdpa", "key_bias_sdpa", "lower_right_sdpa",
                  "rank3_sdpa", "broadcast_sdpa")
-PATTERNS = LAYOUT_PATTERNS + SDPA_PATTERNS + ("varlen", "hip")
+PATTERNS = LAYOUT_PATTERNS + SDPA_PATTERNS + ("varlen", "hip", "decode")
+DECODE_LAYOUTS = ("dense", "block", "window", "power")
 OPTIONS = ("key_padding", "key_bias", "softcap", "alibi")   # sparse_attention's score options
 SDPA_OPTIONS = ("softcap", "alibi")                          # the drop-in's keyword extensions
 STRIDES = ("contiguous", "transposed", "sliced", "expanded")
@@ -67,7 +69,11 @@ def draw_case(rng: random.Random, max_len: int = 300) -> Dict:
         bk = rng.choice((1, 2, 4, 8, 16))
         case.update(Lk=max(case["Lq"], case["Lk"]), block_size_q=rng.choice((16, 32)), block_size_k=bk,
                     mask_k=bk * rng.randint(1, 4), window=rng.randint(0, 40), sinks=rng.choice((0, 2, 8)))
-    if p in LAYOUT_PATTERNS or p == "varlen" or p in SDPA_PATTERNS[:3]:
+    elif p == "decode":   # 1-16 new tokens against a cache (paged: whole pages of 16 or 32 rows)
+        case.update(Lq=rng.randint(1, 16), layout=rng.choice(DECODE_LAYOUTS), block=rng.choice((16, 32, 64)),
+                    window=rng.randint(1, 120), sinks=rng.choice((0, 4)), ragged=rng.random() < 0.6,
+                    page=rng.choice((0, 0, 16, 32)))
+    if p in LAYOUT_PATTERNS or p in ("varlen", "decode") or p in SDPA_PATTERNS[:3]:
         pool = OPTIONS if p in LAYOUT_PATTERNS else SDPA_OPTIONS
         if rng.random() < 0.5:
             case["options"] = sorted(rng.sample(pool, rng.randint(1, len(pool))))
@@ -265,11 +271,59 @@ def _op_and_oracle(case: Dict, q, k, v):
     return op, ref
 
 
+def _run_decode(case: Dict) -> Optional[str]:
+    """decode_attention (no autograd) against its oracle: the case's cache ``[B, Hkv, Lk, D]``
+    (paged: rounded up to whole pages, read through a shuffled table), ``Lq`` new tokens, ragged
+    lengths, a layout or pattern, the score options."""
+    import sparseattn as sa
+    from sparseattn.reference import assert_close
+
+    ps = case["page"]
+    if ps:
+        case = dict(case, Lk=-(-case["Lk"] // ps) * ps)
+    q, k, v = _inputs(case)
+    B, Hq, Lq, _ = q.shape
+    Hkv, Lk, dev = k.shape[1], k.shape[2], q.device
+    g = torch.Generator().manual_seed(case["seed"] + 4)
+    lens = torch.randint(0, Lk + 1, (B,), generator=g).to(dev, torch.int32) if case["ragged"] else None
+    kind, bk = case["layout"], case["block"]
+    layout = None
+    if kind == "block":
+        bm = torch.rand(rng_choice(g, (1, B)), rng_choice(g, (1, Hq)), 1, math.ceil(Lk / bk), generator=g) < 0.5
+        layout = sa.BlockLayout.from_block_mask(bm.to(dev), (16, bk), (Lq, Lk))
+    elif kind == "window":
+        layout = sa.SlidingWindow(case["window"], sinks=case["sinks"])
+    elif kind == "power":
+        layout = sa.PowerAttention(bk, 1, 1)
+    opts = _options(case, B, Hq, Lk)
+    kc, vc, table = k, v, None
+    if ps:   # page p of the table holds logical rows [p * ps, (p + 1) * ps) of one sequence
+        pages = B * Lk // ps
+        perm = torch.randperm(pages, generator=g)
+        table = perm.view(B, Lk // ps).to(dev, torch.int32)
+        kc, vc = (torch.empty(pages, ps, Hkv, t.shape[-1], dtype=t.dtype, device=dev) for t in (k, v))
+        for t, c in ((k, kc), (v, vc)):
+            c[perm.to(dev)] = t.permute(0, 2, 1, 3).reshape(pages, ps, Hkv, t.shape[-1])
+    try:
+        out = sa.decode_attention(q, kc, vc, layout, cache_seqlens=lens, block_table=table, **opts)
+        want = sa.reference.decode_attention(q, k, v, layout, cache_seqlens=lens, **opts)
+        base = sa.reference.decode_attention(q, k, v, layout, cache_seqlens=lens, dtype=q.dtype, **opts)
+    except Exception as e:  # noqa: BLE001 - any crash of a valid case is a finding
+        return f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    try:
+        assert_close("decode out", out, want, base)
+    except AssertionError as e:
+        return str(e)
+    return None
+
+
 def run_case(case: Dict) -> Optional[str]:
     """Forward and gradients of one case against the float64 oracle; None, or what failed."""
     import sparseattn as sa
     from sparseattn.reference import assert_close
 
+    if case["pattern"] == "decode":
+        return _run_decode(case)
     if case["pattern"] == "varlen":
         case = dict(case, B=1, Lq=sum(a for a, _ in case["lens"]), Lk=sum(b for _, b in case["lens"]))
     if case["pattern"] == "rank3_sdpa":

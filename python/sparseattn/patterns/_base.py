@@ -198,6 +198,10 @@ class _Pattern:
 
     _kinds: Tuple = _NO_KINDS
     LAYOUT_CACHE = 8
+    # Decode with ragged lengths: True (a window, PowerAttention: defined relative to the query's
+    # position) = each sequence gets the pattern at its own length; False (a fixed block table) =
+    # every sequence reads the layout for the cache's Lmax, cut at its length.
+    moves_with_length = True
 
     def _tile(self) -> Tuple[int, int]:
         return MAX_TILE, MAX_TILE

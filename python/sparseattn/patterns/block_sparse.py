@@ -77,6 +77,8 @@ class BlockSparse(_Pattern):
         >>> out = sa.sparse_attention(q, k, v, p)
     """
 
+    moves_with_length = False   # a fixed block table (decode: its layout for Lmax, cut at each length)
+
     def __init__(self, block_mask: torch.Tensor, block_size: int = 64):
         check_block_mask(block_mask)
         self.block_size = _check_block("block_size", block_size)
@@ -155,6 +157,8 @@ class _FixedLengthPattern(_Pattern):
     """A pattern built for one ``(Lq, Lk)`` (decode may take its last rows), whose tiles are
     computed once per tile shape and kept. Subclasses set ``seq_lens``, ``shape`` (Bl, Hl),
     ``block_sizes`` and define ``_element(b, h, q_row, kv_pos)``, ``_make_tiles(row0, Lq, Lk, tq, tk)``."""
+
+    moves_with_length = False   # built for one (Lq, Lk)
 
     def __init__(self, seq_lens, shape, block_sizes, device):
         self.seq_lens, self.shape, self.block_sizes, self.device = seq_lens, shape, block_sizes, device

@@ -34,6 +34,11 @@ class PerHead(_Pattern):
                                 f"{type(p).__name__}")
         self.patterns = patterns
 
+    @property
+    def moves_with_length(self) -> bool:
+        """Decode with ragged lengths: each sequence at its own length when any head's pattern moves."""
+        return any(p.moves_with_length for p in self.patterns)
+
     def _kinds_for(self, Lq, Lk):
         """One set of kinds for the layout: the heads' own when they agree, else plain bottom-right
         causal when all are causal, else none; each head's remaining kinds become bits."""

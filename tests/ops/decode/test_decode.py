@@ -235,6 +235,54 @@ def test_reference_takes_pattern_objects(name):
     assert torch.equal(reference.decode_mask(Lq, Lmax, lens, p, B)[1].expand(Hq, Lq, Lmax), mask)
 
 
+def _families(Hq, Lq, Lmax, bs):
+    torch.manual_seed(1)
+    mm = sa.BlockSparse.from_mask_mod(lambda b, h, qi, ki: (ki % 3) != 0, None, None, Lq, Lmax, bs)
+    return {"block mask": sa.BlockSparse(torch.rand(1, Hq, math.ceil(Lmax / bs), math.ceil(Lmax / bs)) < 0.5, bs),
+            "mask_mod": mm, "mask_mod layout": mm.decode_layout(Lq, Lmax),
+            "power": sa.PowerAttention(bs, 1, 1), "window": sa.SlidingWindow(40, sinks=4),
+            "per head": sa.PerHead([sa.SlidingWindow(30), sa.PowerAttention(bs, 1, 1)])}
+
+
+@pytest.mark.parametrize("lens", [None, [288, 288], [288, 134], [200, 3]])
+@pytest.mark.parametrize("name", ["block mask", "mask_mod", "mask_mod layout", "power", "window", "per head"])
+def test_pattern_families_with_ragged_lengths(name, lens):
+    """Every pattern family at a block-aligned Lmax (288 = 4.5 blocks of 64 is not; 4 rows of the
+    last block are), equal and ragged lengths, against the oracle. Found by the decode fuzzer:
+    PowerAttention with ragged lengths read other blocks than its oracle (0.19 off) once the Lmax
+    layout had no tile bitmasks, a BlockSparse pattern with ragged lengths raised, and a layout with
+    tile bitmasks was evaluated exactly by the op but as whole tiles by the oracle (0.22 off)."""
+    B, Hq, Hkv, Lq, Lmax, D = 2, 2, 2, 4, 288, 16
+    p = _families(Hq, Lq, Lmax, 64)[name]
+    q, k, v = _inputs(B, Hq, Hkv, Lq, Lmax, D, torch.float32)
+    lens_t = None if lens is None else torch.tensor(lens, dtype=torch.int32)
+    if name == "mask_mod layout" and lens and lens[1] != Lmax:   # a layout is built for one length
+        with pytest.raises(ValueError, match="pass the pattern object itself"):
+            sa.decode_attention(q, k, v, p, cache_seqlens=lens_t)
+        return
+    out, lse = sa.decode_attention(q, k, v, p, cache_seqlens=lens_t, return_lse=True)
+    _check(f"decode {name} {lens}", q, k, v, p, lens_t, out, lse)
+
+
+def test_which_patterns_move_with_the_length():
+    """The oracle's definition per family, written out for a sequence of 134 keys in a cache of
+    288: a position-relative pattern is its own definition at 134 keys; a fixed block table is
+    its layout for 288 keys, cut at 134 (bottom-right causal at each sequence's own length)."""
+    Lq, Lmax, n = 4, 288, 134
+    lens = torch.tensor([n], dtype=torch.int32)
+    causal = torch.zeros(Lq, Lmax, dtype=torch.bool)
+    causal[:, :n] = torch.ones(Lq, n, dtype=torch.bool).tril(n - Lq)
+    fam = _families(1, Lq, Lmax, 64)
+    for name in ("power", "window"):
+        rows = torch.nn.functional.pad(fam[name].dense_mask(Lq, n)[0, 0], (0, Lmax - n))
+        assert torch.equal(reference.decode_mask(Lq, Lmax, lens, fam[name])[0, 0], rows & causal), name
+    blocks = fam["block mask"].decode_layout(Lq, Lmax).tile_masks()
+    whole = (blocks[0] | blocks[1])[0, 0, 0].repeat_interleave(64)[:Lmax]
+    assert torch.equal(reference.decode_mask(Lq, Lmax, lens, fam["block mask"])[0, 0], whole & causal)
+    assert not fam["block mask"].moves_with_length and fam["power"].moves_with_length
+    assert fam["per head"].moves_with_length and not fam["mask_mod"].moves_with_length
+
+
 def test_block_sets_are_built_once_per_layout_and_lengths(monkeypatch, cpu_route):
     """A decode loop reusing one layout builds its block sets once per (B, heads, lengths) where
     the lengths need no device read: no cache_seqlens (every length Lmax, on any device) or CPU

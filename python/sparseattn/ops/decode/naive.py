@@ -16,6 +16,8 @@ def _pattern_rows(pattern, q_len: int, length: int) -> torch.Tensor:
         if lens[1] != length:
             raise ValueError(f"layout: this pattern was built for seq_lens {tuple(lens)}, got a cache length {length}")
         return pattern.dense_mask(*lens)[..., lens[0] - q_len:, :]
+    if not hasattr(pattern, "dense_mask"):   # an object with decode_layout only
+        return pattern.decode_layout(q_len, length).to_dense_mask()
     return pattern.dense_mask(q_len, length)
 
 
@@ -26,15 +28,15 @@ def decode_mask(q_len: int, cache_len: int, cache_seqlens: Optional[torch.Tensor
     Query row i of sequence b sits at position ``cache_seqlens[b] - Lq + i`` and sees key j iff
     ``j <= cache_seqlens[b] - Lq + i`` (bottom-right causal; keys past the length are excluded
     with it) and, with a layout (built for ``(Lq, Lmax)``), key block ``j // BLOCK_K`` is listed.
-    ``layout`` may also be a pattern object (what ``decode_attention`` takes). A pattern whose
-    decode layout is token-exact (windows, sinks, tile bitmasks) moves with each sequence's length:
-    sequence b sees what the pattern's definition ``dense_mask(Lq, cache_seqlens[b])`` allows. A
-    pattern of whole blocks (a block mask) is its layout for ``(Lq, Lmax)``, as above.
+    A layout's in-block kinds (window, sinks, tile bitmasks) are evaluated as well: within the
+    listed tiles, ``layout.to_dense_mask()``. ``layout`` may also be a pattern object (what
+    ``decode_attention`` takes). A pattern defined relative to the query's position (SlidingWindow,
+    PowerAttention: ``moves_with_length``) moves with each sequence's length: sequence b sees what
+    the pattern's definition ``dense_mask(Lq, cache_seqlens[b])`` allows. A fixed block table
+    (BlockSparse and its from_mask_mod / from_flex forms) is its layout for ``(Lq, Lmax)``, as above.
     """
-    if layout is not None and not hasattr(layout, "tile_masks"):
-        lay = layout.decode_layout(q_len, cache_len, device)
-        if lay.window is None and lay.bits is None:
-            layout = lay
+    if layout is not None and not hasattr(layout, "tile_masks") and not getattr(layout, "moves_with_length", True):
+        layout = layout.decode_layout(q_len, cache_len, device)
     if cache_seqlens is None:
         cache_seqlens = torch.full((batch,), cache_len, dtype=torch.int64, device=device)
     n = cache_seqlens.long().to(device)
@@ -52,6 +54,8 @@ def decode_mask(q_len: int, cache_len: int, cache_seqlens: Optional[torch.Tensor
         partial, full = layout.tile_masks()
         blocks = (partial | full)[:, :, 0, :].to(device)                                 # [Bl, Hl, nK]
         keep = keep & blocks.repeat_interleave(bk, -1)[..., None, :cache_len]
+        if layout.window is not None or layout.bits is not None:
+            keep = keep & layout.to_dense_mask().to(device)
     return keep
 
 

@@ -269,13 +269,15 @@ def _decode_triton(q, k, v, cache_seqlens: Optional[Tensor], layout: Optional[Bl
 # ----------------------------------------------------------------------------- exact masked path
 def _exact_path(layout: Optional[BlockLayout], pattern, cache_seqlens: Optional[Tensor], Lq: int,
                 Lmax: int) -> Optional[str]:
-    """Windows and tile bitmasks are token-exact kinds the decode kernels do not evaluate, and a
-    pattern's blocks move with each sequence's length. Returns None (the decode kernels),
-    ``"layout"`` (one length for all sequences and a bottom-right causal layout: it is the decode
-    mask itself, and sparse_attention's kernels evaluate its kinds) or ``"masked"`` (an element
-    mask per sequence length)."""
+    """Windows and tile bitmasks are token-exact kinds the decode kernels do not evaluate, and the
+    blocks of a pattern that ``moves_with_length`` (a window, PowerAttention) move with each
+    sequence's length (a fixed block table's do not: its Lmax layout, cut at each length). Returns
+    None (the decode kernels), ``"layout"`` (one length for all sequences and a bottom-right causal
+    layout: it is the decode mask itself, and sparse_attention's kernels evaluate its kinds) or
+    ``"masked"`` (an element mask per sequence length)."""
     token_kinds = layout is not None and (layout.window is not None or layout.bits is not None)
-    if not token_kinds and pattern is None:
+    moving = pattern is not None and getattr(pattern, "moves_with_length", True)
+    if not token_kinds and not moving:
         return None  # a plain block layout: no host read here
     ragged = cache_seqlens is not None and bool((cache_seqlens != Lmax).any())
     if ragged:
@@ -290,9 +292,9 @@ def _exact_path(layout: Optional[BlockLayout], pattern, cache_seqlens: Optional[
 
 def _masked_elem(q, Lmax: int, cache_seqlens: Optional[Tensor], layout: BlockLayout, pattern) -> Tensor:
     """The exact decode mask, bool ``[B, Hl, Lq, Lmax]``: each sequence gets its own layout
-    (``pattern.decode_layout(Lq, n_b)`` per distinct length), every in-block kind included, plus
-    its length and bottom-right causal mask. Memory O(B * Hl * Lq * Lmax): a fallback, not the
-    bandwidth-bound kernel."""
+    (``pattern.decode_layout(Lq, n_b)`` per distinct length, for a pattern that moves with the
+    length; else the Lmax layout), every in-block kind included, plus its length and bottom-right
+    causal mask. Memory O(B * Hl * Lq * Lmax): a fallback, not the bandwidth-bound kernel."""
     B, Hq, Lq, _ = q.shape
     lengths = [Lmax] * B if cache_seqlens is None else cache_seqlens.tolist()
     dense = {}
@@ -300,8 +302,9 @@ def _masked_elem(q, Lmax: int, cache_seqlens: Optional[Tensor], layout: BlockLay
         if n == 0:  # an empty sequence sees nothing (and a pattern has no layout for 0 keys)
             dense[n] = torch.zeros(1, 1, Lq, Lmax, dtype=torch.bool, device=q.device)
             continue
-        lay = layout if n == Lmax or pattern is None else pattern.decode_layout(Lq, n, q.device)
-        dense[n] = torch.nn.functional.pad(lay.to_dense_mask(), (0, Lmax - n))
+        moves = pattern is not None and getattr(pattern, "moves_with_length", True)
+        m = (pattern.decode_layout(Lq, n, q.device) if moves and n != Lmax else layout).to_dense_mask()
+        dense[n] = torch.nn.functional.pad(m, (0, Lmax - m.shape[-1]))
     hl = max(m.shape[1] for m in dense.values())
     elem = torch.stack([dense[n][0 if dense[n].shape[0] == 1 else b].expand(hl, Lq, Lmax)
                         for b, n in enumerate(lengths)])                                  # [B, Hl, Lq, Lmax]
@@ -388,7 +391,11 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, layout_or_patt
         layout_or_pattern: None (dense causal decode), a :class:`BlockLayout` built for
             ``seq_lens=(Lq, Lmax)`` whose listed key blocks (per ``[B|1, Hq|1]``) are the only
             ones read, or a pattern object with ``decode_layout(Lq, Lk, device)`` returning one.
-            Always in logical positions (also with a paged cache).
+            Always in logical positions (also with a paged cache). With ragged ``cache_seqlens``
+            a pattern defined relative to the query's position (SlidingWindow, PowerAttention,
+            PerHead of them; any object without ``moves_with_length = False``) applies at each
+            sequence's own length; a fixed block table (BlockSparse, from_mask_mod, from_flex)
+            is its layout for Lmax, cut at each length.
         cache_seqlens: int32 ``[B]`` on q's device, keys held by each sequence, in ``[0, Lmax]``;
             default Lmax for all. Cache rows at or past a sequence's length are never read.
             (Validating the range costs one host read, skipped while a CUDA graph is captured or
