@@ -3,7 +3,9 @@ for each "block 10%" row, its time against *unmasked* dense torch SDPA measured 
 (the "attention dense" row's anchor at the same L and direction), as a multiple of the layout's
 density d, and the target: forward <= 1.5 d dense + 1 ms, forward+backward <= 2 d dense. The
 block row's own anchor (SDPA with the layout as a dense bool mask, slower than unmasked) is
-shown beside it.
+shown beside it. For decode files: each "decode block 10%" row against unmasked dense SDPA on the
+same cache (the "decode dense" row's anchor at the same B and L; target: at least as fast) and
+against its own anchor (SDPA computing the same decode, the layout as a bool mask).
 
     python benchmarks/results/cpu-path/targets.py FILE.json [FILE.json ...]
 """
@@ -23,7 +25,24 @@ def density(L: int, bs: int = 128) -> float:
     return sa.BlockLayout.from_block_mask(table[None, None], bs, (L, L)).density
 
 
+def decode(paths):
+    print("| file | B | L | block 10% ms [p10-p90] | dense SDPA ms | vs dense SDPA | masked SDPA ms | vs masked SDPA |")
+    print("|---|---|---|---|---|---|---|---|")
+    for path in paths:
+        rows = json.load(open(path))["rows"]
+        dense = {(r["B"], r["L"]): r["anchors"]["torch sdpa (cpu)"]["ms"] for r in rows if r["op"] == "decode dense"}
+        for r in rows:
+            if r["op"] != "decode block 10%":
+                continue
+            base, masked = dense[(r["B"], r["L"])], r["anchors"]["torch sdpa (cpu)"]["ms"]
+            spread = f"{r['ms_p10']:.3f}-{r['ms_p90']:.3f}" if "ms_p10" in r else f"{r['ms_min']:.3f}-{r['ms_max']:.3f}"
+            print(f"| {path.split('/')[-1]} | {r['B']} | {r['L']} | {r['ms']:.3f} [{spread}] | {base:.3f} | "
+                  f"{base / r['ms']:.2f}x | {masked:.3f} | {masked / r['ms']:.2f}x |")
+
+
 def main(paths):
+    if paths and all("decode" in p for p in paths):
+        return decode(paths)
     print("| file | H | L | direction | d | block 10% ms [min-max] | dense SDPA ms | ratio | ratio / d | target ms "
           "| target | masked-SDPA anchor ms |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -28,12 +28,13 @@ from ..attention.cpu import attend, merge
 _CHUNK_ELEMS = 1 << 24
 
 
-def decode_attention_cpu(q, k, v, seqlens: Tensor, blocks, block_k: int, head_mask, scale: float, *,
+def decode_attention_cpu(q, k, v, seqlens: Optional[Tensor], blocks, block_k: int, head_mask, scale: float, *,
                          block_table: Optional[Tensor] = None, softcap: Optional[float] = None,
                          alibi_slopes: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
                          key_bias: Optional[Tensor] = None, elem_mask: Optional[Tensor] = None):
     """PyTorch decode: gathers only the listed key blocks (or each sequence's first seqlen keys),
     in chunks of keys merged by their LSE, scores in fp32 (fp64 for fp64). Memory O(chunk).
+    ``seqlens``: int32 ``[B]``, or None (every sequence Lmax long).
 
     ``k, v``: ``[B, Hkv, Lmax, D]``, or with ``block_table`` int32 ``[B, max_pages]`` the paged
     cache ``[num_pages, page_size, Hkv, D]``: each chunk's rows are read through the table (page
@@ -84,7 +85,7 @@ def _decode_kernel(kern, q, k, v, seqlens, blocks, block_k, head_mask, scale, so
     G, M = Hq // Hkv, (Hq // Hkv) * Lq
     mask = None
     if any(t is not None for t in (head_mask, key_padding_mask, elem_mask, alibi_slopes, key_bias)):
-        n = seqlens.long().clamp(0, Lmax)
+        n = torch.full((B,), Lmax) if seqlens is None else seqlens.long().clamp(0, Lmax)
         tok, valid, ids = _keys(n, blocks, block_k, B, Hkv)
         if B * Hkv * M * tok.shape[-1] > _CHUNK_ELEMS:
             return None
@@ -106,6 +107,8 @@ def _decode(q, k, v, seqlens, blocks, block_k, head_mask, scale, block_table, so
         Lmax = block_table.shape[1] * page_size
     else:
         Hkv, Lmax = k.shape[1], k.shape[2]
+    if seqlens is None:
+        seqlens = torch.full((B,), Lmax, dtype=torch.int32)
     G, M = Hq // Hkv, (Hq // Hkv) * Lq
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     n = seqlens.long()

@@ -157,38 +157,39 @@ def _capturing(q: Tensor) -> bool:
     return q.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _block_sets(layout: BlockLayout, B: int, Hq: int, Hkv: int, seqlens: Tensor):
+def _block_sets(layout: BlockLayout, B: int, Hq: int, Hkv: int, seqlens: Optional[Tensor]):
     """A layout -> what the decode kernels read.
 
     Returns ``(blk_num int32 [B, Hkv], blk_idx int32 [B, Hkv, nK], head_mask bool [Bl, Hl, nK] or
     None)``: for each (sequence, KV head) the sorted key blocks any query head of its group
-    attends and that hold at least one key of the sequence; ``head_mask`` (only when the layout
-    differs per query head) says which of them each query head keeps. No host round trip.
+    attends and that hold at least one key of the sequence (``seqlens`` None: every block);
+    ``head_mask`` (only when the layout differs per query head) says which of them each query
+    head keeps. No host round trip.
     """
     partial, full = layout.tile_masks()
     attended = (partial | full)[:, :, 0, :]                                   # [Bl, Hl, nK]
     bl, hl, nk = attended.shape
     bk = layout.block_size[1]
     group = attended if hl == 1 else attended.view(bl, Hkv, Hq // Hkv, nk).any(2)
-    live = torch.arange(nk, device=seqlens.device) < ((seqlens.long() + bk - 1) // bk)[:, None]   # [B, nK]
-    union = group.expand(B, group.shape[1], nk) & live[:, None, :]
+    union = group.expand(B, group.shape[1], nk)
+    if seqlens is not None:
+        live = torch.arange(nk, device=seqlens.device) < ((seqlens.long() + bk - 1) // bk)[:, None]   # [B, nK]
+        union = union & live[:, None, :]
     union = union.expand(B, Hkv, nk)
     blk_num, blk_idx = mask_to_lists(union, width=nk)
     return blk_num, blk_idx, (attended if hl > 1 else None)
 
 
-def _cached_block_sets(layout: BlockLayout, B: int, Hq: int, Hkv: int, seqlens: Tensor,
-                       cache_seqlens: Optional[Tensor]):
-    """:func:`_block_sets`, kept on the layout (layouts are immutable) per (B, Hq, Hkv, device,
-    lengths), a few entries, where the lengths are known without a device sync: all Lmax (no
-    ``cache_seqlens``, on any device) or CPU lengths (read for free). A decode loop that reuses one
-    layout then pays its ~30 small tensor ops (~0.3 ms on CPU; as many launches on CUDA) once, not
-    per step. CUDA lengths are never read back (no sync, capture-safe), nor under torch.compile:
-    rebuilt per call there."""
-    if torch.compiler.is_compiling() or (cache_seqlens is not None and seqlens.is_cuda):
+def _cached_block_sets(layout: BlockLayout, B: int, Hq: int, Hkv: int, seqlens: Optional[Tensor]):
+    """:func:`_block_sets`, kept on the layout (layouts are immutable) per (B, Hq, Hkv, lengths), a
+    few entries, where the lengths are known without a device sync: None (every block, on any
+    device) or CPU lengths (read for free). A decode loop that reuses one layout then pays its ~30
+    small tensor ops (~0.3 ms on CPU; as many launches on CUDA) once, not per step. CUDA lengths
+    are never read back (no sync, capture-safe), nor under torch.compile: rebuilt per call there."""
+    if torch.compiler.is_compiling() or (seqlens is not None and seqlens.is_cuda):
         return _block_sets(layout, B, Hq, Hkv, seqlens)
     cache = layout.__dict__.setdefault("_decode_block_sets", {})
-    key = (B, Hq, Hkv, seqlens.device, None if cache_seqlens is None else tuple(seqlens.tolist()))
+    key = (B, Hq, Hkv, None if seqlens is None else tuple(seqlens.tolist()))
     if key not in cache:
         if len(cache) >= 8:
             cache.clear()
@@ -322,8 +323,7 @@ def _decode_masked(q, k, v, cache_seqlens: Optional[Tensor], layout: BlockLayout
     Lmax = layout.seq_lens[1]
     elem = _masked_elem(q, Lmax, cache_seqlens, layout, pattern)
     if backend == "cpu":
-        seqlens = (torch.full((B,), Lmax, dtype=torch.int32) if cache_seqlens is None else cache_seqlens)
-        return decode_attention_cpu(q, k, v, seqlens, None, 64, None, scale, block_table=block_table,
+        return decode_attention_cpu(q, k, v, cache_seqlens, None, 64, None, scale, block_table=block_table,
                                     elem_mask=elem, **opts)
     out, lse = _sparse(q, k, v, mask_layout(elem, B, Hq, Lq, Lmax), scale, block_table, opts)
     return out, _alibi_lse(lse, opts.get("alibi_slopes"), cache_seqlens, Lmax)
@@ -466,28 +466,26 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, layout_or_patt
         out, lse = _decode_triton(q, k_cache, v_cache, cache_seqlens, layout, scale, block_table=block_table, **opts)
         _dispatch.set_backend("triton", _triton_reason(q))
         return (out, lse) if return_lse else out
-    seqlens = (torch.full((B,), Lmax, dtype=torch.int32, device=q.device) if cache_seqlens is None
-               else cache_seqlens)
     blk_num = blk_idx = head_mask = elem = None
     block_k = 64
     if layout is not None:
         block_k = layout.block_size[1]
-        lens, key = seqlens, cache_seqlens
-        if backend == "cpu" and cache_seqlens is not None and cpu_kernel_ops(q, block_table) is not None:
-            # the C++ kernel cuts each list at its sequence's length: lists of all Lmax keys, kept
-            # on the layout across decode steps (the lengths change every step)
-            lens, key = torch.full((B,), Lmax, dtype=torch.int32), None
-        blk_num, blk_idx, head_mask = _cached_block_sets(layout, B, Hq, Hkv, lens, key)
+        # the C++ CPU kernel cuts each list at its sequence's length itself: lists of every block,
+        # kept on the layout across decode steps (whose lengths change every step)
+        kernel = backend == "cpu" and cpu_kernel_ops(q, block_table) is not None
+        blk_num, blk_idx, head_mask = _cached_block_sets(layout, B, Hq, Hkv, None if kernel else cache_seqlens)
         if exact == "layout":  # CPU: the listed blocks, and the layout's in-block kinds as a mask
             elem = layout.to_dense_mask()
     if backend == "cuda":
         _dispatch.set_backend(backend, None)
+        seqlens = (torch.full((B,), Lmax, dtype=torch.int32, device=q.device) if cache_seqlens is None
+                   else cache_seqlens)
         out, lse = decode_attention_cuda(q, k_cache, v_cache, seqlens, blk_num, blk_idx, block_k, head_mask, scale,
                                          block_table, opts.get("softcap", 0.0), alibi_slopes, key_padding_mask,
                                          key_bias)
     else:
         _dispatch.set_backend(backend, "CPU tensors (decode's CPU path)")
         blocks = None if blk_num is None else (blk_num, blk_idx)
-        out, lse = decode_attention_cpu(q, k_cache, v_cache, seqlens, blocks, block_k, head_mask, scale,
+        out, lse = decode_attention_cpu(q, k_cache, v_cache, cache_seqlens, blocks, block_k, head_mask, scale,
                                         block_table=block_table, elem_mask=elem, **opts)
     return (out, lse) if return_lse else out
