@@ -41,7 +41,8 @@ def decode(paths):
 
 
 def main(paths):
-    if paths and all("decode" in p for p in paths):
+    kinds = {r["op"].split()[0] for p in paths for r in json.load(open(p))["rows"]}
+    if kinds == {"decode"}:
         return decode(paths)
     print("| file | H | L | direction | d | block 10% ms [min-max] | dense SDPA ms | ratio | ratio / d | target ms "
           "| target | masked-SDPA anchor ms |")

@@ -505,8 +505,8 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
 // [0, n_b). Rules in the kernel: the length, the bottom-right causal rule among the Lq new rows,
 // softcap; anything else comes as an additive float mask [B|1, Hkv|1, M|1, S] by slot (slot
 // t * block_k + j is key j of list entry t; without lists the key position). Keys are taken in
-// chunks of up to 512 (rows read in place when one run of the cache holds the chunk, else copied
-// into a panel). A (b, h) is one job; with fewer of them than threads each also splits its chunks
+// chunks of up to 512 (rows read in place, one product per run of consecutive rows, or copied
+// into a panel when the runs are short). A (b, h) is one job; with fewer of them than threads each also splits its chunks
 // into parts whose results merge by their LSE (split-KV, as flash-decoding does).
 namespace dec {
 
