@@ -144,3 +144,14 @@ def test_op_rejects_bad_lists(bad):
         num, idx = num.expand(1, 2), idx.expand(1, 2, 2)
     with pytest.raises(RuntimeError, match="sparseattn cpu decode"):
         ops.decode(q, k, v, torch.tensor([L], dtype=torch.int32), num, idx, bk, mask, 1.0, 0.0)
+
+
+@pytest.mark.parametrize("B, Lmax", [(0, 64), (2, 0), (0, 0)])
+def test_empty_batch_and_empty_cache(B, Lmax):
+    """An empty batch (the op divided by B * Hkv: a floating point exception that killed the process)
+    and an empty cache (every row sees nothing: 0 and -inf), as the oracle says."""
+    q, k, v = _inputs(B, 4, 2, 2, Lmax, 16, torch.float32)
+    layout = _random_layout(1, 4, 2, Lmax, 16, False, False) if Lmax else None
+    out, lse = sa.decode_attention(q, k, v, layout, return_lse=True)
+    ref, ref_lse = sa.reference.decode_attention(q, k, v, layout, return_lse=True)
+    assert out.shape == (B, 4, 2, 16) and torch.equal(out, ref.float()) and torch.equal(lse, ref_lse.float())

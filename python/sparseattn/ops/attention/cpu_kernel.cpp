@@ -560,6 +560,8 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q_in, const at::Tens
   const int M = (int)q.size(2), Dq = (int)q.size(3), Dv = (int)v.size(3);
   TORCH_CHECK(k.size(3) == Dq, "sparseattn cpu decode: head dims");
   at::Tensor out = at::empty({B, H, M, Dv}, q.options()), lse = at::empty({B, H, M}, q.options());
+  const auto result = std::make_tuple(out.view({B, Hq, Lq, Dv}), lse.view({B, Hq, Lq}));
+  if (B == 0 || M == 0) return result;  // an empty batch: nothing to do (and no job to split)
   TORCH_CHECK(!seqlens.has_value() || (seqlens->scalar_type() == at::kInt && seqlens->dim() == 1 &&
                                        seqlens->size(0) == B),
               "sparseattn cpu decode: seqlens int32 [B] or None (every length Lmax)");
@@ -712,7 +714,6 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q_in, const at::Tens
                pl.data_ptr<float>() + job * M, 1);
     }
   });
-  const auto result = std::make_tuple(out.view({B, Hq, Lq, Dv}), lse.view({B, Hq, Lq}));
   if (parts == 1) return result;
   at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {  // merge the parts by their LSE
     for (int64_t bh = lo; bh < hi; ++bh) {

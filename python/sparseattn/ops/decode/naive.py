@@ -111,6 +111,8 @@ def attention_from_scores(s: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, 
     """Softmax of the scores ``s`` where ``keep`` (bool, broadcast) holds, times v; a row that keeps
     nothing (or whose kept scores are all -inf) gives 0 and LSE -inf."""
     s = s.masked_fill(~keep, float("-inf"))
+    if s.shape[-1] == 0:   # no keys at all (an empty cache): one -inf column keeps every row empty
+        s, v = torch.nn.functional.pad(s, (0, 1), value=float("-inf")), torch.nn.functional.pad(v, (0, 0, 0, 1))
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     p = torch.exp(s - m)
