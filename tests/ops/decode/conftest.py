@@ -1,6 +1,5 @@
 """Decode's CPU tests run on both routes of its CPU path (conftest's ``cpu_route``): the C++
-kernel's decode op (float32 caches read in place) and the PyTorch path (every other case, and
-all of them with SPARSEATTN_CPU_KERNEL=0)."""
+kernel's decode op and the PyTorch path (SPARSEATTN_CPU_KERNEL=0, or no C++ compiler)."""
 import pytest
 
 

@@ -1,7 +1,8 @@
 """Decode's C++ kernel route (cpu_kernel.cpp's ``decode`` op) where its own code decides: split-KV
 parts merged by their LSE (one sequence and KV head, 1 to 4 threads), keys read in place from
-strided caches, lists cut at each length with the lists kept across lengths, the options' mask
-falling back to the PyTorch path when too big, and the op's own checks. Every test also runs on
+strided caches, fp16 / bf16 and paged caches, lists cut at each length with the lists kept across
+lengths, the options' mask falling back to the PyTorch path when too big, empty inputs, and the
+op's own checks. Every test also runs on
 the gather route (tests/ops/decode/conftest.py); there it checks the same results."""
 import math
 
@@ -96,12 +97,12 @@ def test_big_options_mask_takes_the_pytorch_path(monkeypatch, cpu_route):
         assert torch.allclose(got.double(), ref, atol=2e-5)
 
 
-def test_kernel_is_called_for_float32_only(monkeypatch, cpu_route):
-    """float32 caches read in place run the kernel's decode op (one call); fp16, bf16 and paged
-    caches the PyTorch path."""
+def test_kernel_runs_every_dtype_and_paged_caches(monkeypatch, cpu_route):
+    """The kernel's decode op runs fp32, fp16 and bf16 caches and paged ones (one call each); the
+    gather route runs none."""
     ops, calls = cpu_kernel.ops(), []
     if cpu_route == "gather":
-        assert ops is None and dcpu.kernel_ops(torch.zeros(1), None) is None
+        assert ops is None
         return
 
     class Spy:
@@ -115,7 +116,30 @@ def test_kernel_is_called_for_float32_only(monkeypatch, cpu_route):
         sa.decode_attention(q.to(dtype), k.to(dtype), v.to(dtype))
     table = torch.arange(4, dtype=torch.int32)[None]                        # 4 pages of 16 keys
     sa.decode_attention(q, k.view(4, 16, 1, 16), v.view(4, 16, 1, 16), block_table=table)
-    assert calls == ["decode"]
+    assert calls == ["decode"] * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("paged", [False, True])
+def test_half_caches_and_pages(dtype, paged):
+    """fp16 / bf16 caches (rows converted to float32 as they are read) and paged caches (rows
+    read through a shuffled table), ragged, with a layout of scattered blocks, against the oracle;
+    paged equals the same cache stored contiguously."""
+    B, Hq, Hkv, Lq, Lmax, D, ps = 2, 4, 2, 3, 256, 32, 32
+    q, k, v = _inputs(B, Hq, Hkv, Lq, Lmax, D, dtype)
+    lens = torch.tensor([256, 97], dtype=torch.int32)
+    layout = _random_layout(B, Hq, Lq, Lmax, 64, True, False, density=0.6)
+    out, lse = sa.decode_attention(q, k, v, layout, cache_seqlens=lens, return_lse=True)
+    _check(f"{dtype} cache", q, k, v, layout, lens, out, lse)
+    if paged:
+        pages = B * Lmax // ps
+        perm = torch.randperm(pages)
+        kp, vp = (torch.empty(pages, ps, Hkv, D, dtype=dtype) for _ in range(2))
+        for t, c in ((k, kp), (v, vp)):
+            c[perm] = t.permute(0, 2, 1, 3).reshape(pages, ps, Hkv, D)
+        table = perm.view(B, Lmax // ps).to(torch.int32)
+        out_p, lse_p = sa.decode_attention(q, kp, vp, layout, cache_seqlens=lens, return_lse=True, block_table=table)
+        assert torch.equal(out_p, out) and torch.equal(lse_p, lse)
 
 
 @pytest.mark.parametrize("bad", ["block id", "negative block id", "count", "mask width", "heads"])

@@ -238,10 +238,14 @@ std::array<Span, N> carve(const int64_t (&sizes)[N]) {
   return out;
 }
 
-void check_strides(const at::Tensor& t, const char* name) {
+void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.stride(-1) == 1 || t.size(-1) == 1, "sparseattn cpu kernel: ", name, " needs a unit last stride");
   TORCH_CHECK(t.stride(-2) >= t.size(-1) || t.size(-2) == 1, "sparseattn cpu kernel: ", name,
               " needs a row stride of at least its row length (BLAS)");
+}
+
+void check_strides(const at::Tensor& t, const char* name) {
+  check_rows(t, name);
   TORCH_CHECK(t.scalar_type() == at::kFloat, "sparseattn cpu kernel: ", name, " has dtype ", t.scalar_type(),
               ", expected float32");
 }
@@ -498,16 +502,19 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
 }
 
 // ----------------------------------------------------------------------------- decode
-// Decode (ops/decode): the G * Lq query rows of KV head h of sequence b (q [B, Hkv, M, Dq], row
-// m = g * Lq + i at position n_b - Lq + i, n_b = seqlens[b] clamped to [0, Lmax], or Lmax) against the
-// keys it reads of the cache k / v [B, Hkv, Lmax, C]: the listed key blocks blk_idx[b, h,
-// :blk_num[b, h]] of block_k keys (any order, no repeats) cut at n_b, or without lists the keys
-// [0, n_b). Rules in the kernel: the length, the bottom-right causal rule among the Lq new rows,
-// softcap; anything else comes as an additive float mask [B|1, Hkv|1, M|1, S] by slot (slot
-// t * block_k + j is key j of list entry t; without lists the key position). Keys are taken in
-// chunks of up to 512 (rows read in place, one product per run of consecutive rows, or copied
-// into a panel when the runs are short). A (b, h) is one job; with fewer of them than threads each also splits its chunks
-// into parts whose results merge by their LSE (split-KV, as flash-decoding does).
+// Decode (ops/decode): the G * Lq query rows of KV head h of sequence b (q [B, Hq, Lq, D] viewed as
+// [B, Hkv, M, D], row m = g * Lq + i at position n_b - Lq + i, n_b = seqlens[b] clamped to
+// [0, Lmax], or Lmax) against the keys it reads of the cache k / v [B, Hkv, Lmax, C], or of a paged
+// cache [pages, page_size, Hkv, C] through block_table [B, max_pages] (Lmax = max_pages *
+// page_size): the listed key blocks blk_idx[b, h, :blk_num[b, h]] of block_k keys (any order, no
+// repeats) cut at n_b, or without lists the keys [0, n_b). Rules in the kernel: the length, the
+// bottom-right causal rule among the Lq new rows, softcap; anything else comes as an additive
+// float mask [B|1, Hkv|1, M|1, S] by slot (slot t * block_k + j is key j of list entry t; without
+// lists the key position). Keys are taken in chunks of up to 512: float32 rows read in place, one
+// product per run of adjacent rows, or copied into a float32 panel when the runs are short or the
+// cache is fp16 / bf16 (converted on the copy; scores, softmax and sums in float32, out in q's
+// dtype). A (b, h) is one job; with fewer of them than threads each also splits its chunks into
+// parts whose results merge by their LSE (split-KV, as flash-decoding does).
 namespace dec {
 
 struct Run {
@@ -531,6 +538,35 @@ void runs(std::vector<Run>& out, const int32_t* ids, int64_t ids_stride, int64_t
   }
 }
 
+// Where key t of (sequence b, KV head h) lives: a cache [B, Hkv, Lmax, C] (strides s0, s1, s2 of
+// b, h, t), or a paged one [pages, page_size, Hkv, C] (strides of page, row, h) whose page of t is
+// table[b, t / page_size], clamped into the cache. `step`: between consecutive rows of one run.
+struct Cache {
+  const char* base;
+  int64_t esz, s0, s1, s2;
+  const int32_t* table;
+  int64_t ts0, ts1, page, pages;
+  const char* row(int64_t b, int64_t h, int64_t t) const {
+    if (!table) return base + (b * s0 + h * s1 + t * s2) * esz;
+    const int64_t p = std::min<int64_t>(std::max<int64_t>(table[b * ts0 + (t / page) * ts1], 0), pages - 1);
+    return base + (p * s0 + (t % page) * s1 + h * s2) * esz;
+  }
+  int64_t step() const { return table ? s1 : s2; }
+};
+
+// One cache row of n elements into float32.
+void load_row(float* dst, const char* src, int n, at::ScalarType dtype) {
+  if (dtype == at::kFloat) {
+    std::memcpy(dst, src, sizeof(float) * n);
+  } else if (dtype == at::kHalf) {
+    const at::Half* x = reinterpret_cast<const at::Half*>(src);
+    for (int i = 0; i < n; ++i) dst[i] = static_cast<float>(x[i]);
+  } else {
+    const at::BFloat16* x = reinterpret_cast<const at::BFloat16*>(src);
+    for (int i = 0; i < n; ++i) dst[i] = static_cast<float>(x[i]);
+  }
+}
+
 }  // namespace dec
 
 // A view with a unit last stride and a row stride of at least the row's length (BLAS), or a copy.
@@ -543,25 +579,43 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q_in, const at::Tens
                                           const c10::optional<at::Tensor>& seqlens,
                                           const c10::optional<at::Tensor>& blk_num,
                                           const c10::optional<at::Tensor>& blk_idx, int64_t block_k,
-                                          const c10::optional<at::Tensor>& mask, double scale, double softcap) {
+                                          const c10::optional<at::Tensor>& mask, double scale, double softcap,
+                                          const c10::optional<at::Tensor>& block_table) {
   TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4,
-              "sparseattn cpu decode: q [B, Hq, Lq, D], k and v [B, Hkv, Lmax, D]");
-  const int64_t B = q_in.size(0), Hq = q_in.size(1), Lq = q_in.size(2), H = k_in.size(1), Lmax = k_in.size(2);
+              "sparseattn cpu decode: q [B, Hq, Lq, D], k and v [B, Hkv, Lmax, D] or paged [pages, page_size, Hkv, D]");
+  const bool paged = block_table.has_value();
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), Lq = q_in.size(2), H = k_in.size(paged ? 2 : 1);
+  const int64_t page = paged ? k_in.size(1) : 0, Lmax = paged ? block_table->size(1) * page : k_in.size(2);
   TORCH_CHECK(H >= 1 && Hq % H == 0 && Lq >= 1, "sparseattn cpu decode: ", Hq, " query heads, ", H,
               " KV heads, Lq = ", Lq);
-  // q as [B, Hkv, M, D]: row m = g * Lq + i of KV head h is query head h * G + g, position i
-  const at::Tensor q = blas_ready(q_in.reshape({B, H, Hq / H * Lq, q_in.size(3)}));
+  // q as [B, Hkv, M, D] float32: row m = g * Lq + i of KV head h is query head h * G + g, position i
+  const at::Tensor q = blas_ready(q_in.to(at::kFloat).reshape({B, H, Hq / H * Lq, q_in.size(3)}));
   const at::Tensor k = blas_ready(k_in), v = blas_ready(v_in);
   check_strides(q, "q");
-  check_strides(k, "k");
-  check_strides(v, "v");
-  check_like(k, q, 2, "k");
+  check_rows(k, "k");
+  check_rows(v, "v");
+  const at::ScalarType dtype = k.scalar_type();
+  TORCH_CHECK(v.scalar_type() == dtype && (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16),
+              "sparseattn cpu decode: k and v float32, float16 or bfloat16 alike, got ", dtype, " and ",
+              v.scalar_type());
   check_like(v, k, 3, "v");
+  if (paged) {
+    const at::Tensor& t = *block_table;
+    TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 2 && t.size(0) == B && page >= 1 && (k.size(0) >= 1 || Lmax == 0),
+                "sparseattn cpu decode: block_table int32 [B, max_pages] over a paged cache of pages");
+  } else {
+    check_like(k, q, 2, "k");
+  }
   const int M = (int)q.size(2), Dq = (int)q.size(3), Dv = (int)v.size(3);
   TORCH_CHECK(k.size(3) == Dq, "sparseattn cpu decode: head dims");
   at::Tensor out = at::empty({B, H, M, Dv}, q.options()), lse = at::empty({B, H, M}, q.options());
-  const auto result = std::make_tuple(out.view({B, Hq, Lq, Dv}), lse.view({B, Hq, Lq}));
-  if (B == 0 || M == 0) return result;  // an empty batch: nothing to do (and no job to split)
+  const auto result = [&]() {  // out in q's dtype
+    return std::make_tuple(out.view({B, Hq, Lq, Dv}).to(q_in.scalar_type()), lse.view({B, Hq, Lq}));
+  };
+  if (B == 0 || M == 0 || (paged && Lmax == 0)) {  // nothing to read (and no job to split)
+    out.zero_(), lse.fill_(kNegInf);
+    return result();
+  }
   TORCH_CHECK(!seqlens.has_value() || (seqlens->scalar_type() == at::kInt && seqlens->dim() == 1 &&
                                        seqlens->size(0) == B),
               "sparseattn cpu decode: seqlens int32 [B] or None (every length Lmax)");
@@ -607,7 +661,14 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q_in, const at::Tens
     ms0 = m.size(0) == 1 ? 0 : m.stride(0), ms1 = m.size(1) == 1 ? 0 : m.stride(1);
     ms2 = m.size(2) == 1 ? 0 : m.stride(2), ms3 = m.stride(3);
   }
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  const int64_t esz = k.element_size();
+  const int32_t* tp = paged ? block_table->data_ptr<int32_t>() : nullptr;
+  const int64_t ts0 = paged ? block_table->stride(0) : 0, ts1 = paged ? block_table->stride(1) : 0;
+  const dec::Cache kc{static_cast<const char*>(k.data_ptr()), esz, k.stride(0), k.stride(1), k.stride(2), tp, ts0, ts1,
+                      page, k.size(0)};
+  const dec::Cache vc{static_cast<const char*>(v.data_ptr()), esz, v.stride(0), v.stride(1), v.stride(2), tp, ts0, ts1,
+                      page, v.size(0)};
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
   const int CK = 512;
@@ -627,6 +688,7 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q_in, const at::Tens
   at::parallel_for(0, std::min(threads, threads_for(jobs)), 1, [&](int64_t, int64_t) {
     const auto [S, acc, mx, l, Kp, Vp] = carve({M * CK, M * Dv, M, M, CK * Dq, CK * Dv});
     std::vector<int64_t> pos(CK), slot(CK);
+    std::vector<const char*> kr(CK), vr(CK);
     std::vector<std::pair<int, int>> pieces;
     std::vector<dec::Run> rs;
     for (int64_t job = next++; job < jobs; job = next++) {
@@ -640,9 +702,7 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q_in, const at::Tens
       std::fill(l.begin(), l.end(), 0.0f);
       std::fill(acc.begin(), acc.end(), 0.0f);
       const float* Q = qp + b * q.stride(0) + h * q.stride(1);
-      const float* kb = kp + b * k.stride(0) + h * k.stride(1);
-      const float* vb = vp + b * v.stride(0) + h * v.stride(1);
-      const int64_t ks = k.stride(2), vs = v.stride(2), qs2 = q.stride(2);
+      const int64_t ks = kc.step(), vs = vc.step(), qs2 = q.stride(2);
       size_t ri = 0;
       int64_t off = 0;  // the next key: offset `off` of run ri
       for (int64_t c = 0; c < c1; ++c) {
@@ -656,26 +716,27 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q_in, const at::Tens
           continue;
         }
         const int Wc = (int)want;
-        pieces.clear();  // runs of consecutive cache rows in the chunk: (first key of the chunk, count)
-        for (int j = 0; j < Wc; ++j) {  // the chunk's keys: cache rows and slots
+        pieces.clear();  // runs of adjacent cache rows in the chunk: (first key of the chunk, count)
+        for (int j = 0; j < Wc; ++j) {  // the chunk's keys: positions, slots, cache rows
           pos[j] = rs[ri].lo + off, slot[j] = rs[ri].slot + off;
-          if (j == 0 || pos[j] != pos[j - 1] + 1) pieces.push_back({j, 0});
+          kr[j] = kc.row(b, h, pos[j]), vr[j] = vc.row(b, h, pos[j]);
+          if (j == 0 || kr[j] != kr[j - 1] + ks * esz || vr[j] != vr[j - 1] + vs * esz) pieces.push_back({j, 0});
           ++pieces.back().second;
           if (rs[ri].lo + ++off == rs[ri].hi) ++ri, off = 0;
         }
-        // BLAS on the rows in place, one product per piece, while pieces hold 32 keys or more on
-        // average (3 and 8 scattered blocks of 64 keys: 22 and 31 us a call, against 26 and 36 with
-        // the rows copied into a panel first); else on a panel of copies.
-        const bool in_place = ks >= Dq && vs >= Dv && (int64_t)pieces.size() * 32 <= Wc;
+        // float32 rows: BLAS on them in place, one product per piece, while pieces hold 32 keys or
+        // more on average (3 and 8 scattered blocks of 64 keys: 22 and 31 us a call, against 26 and
+        // 36 with the rows copied into a panel first); else (and fp16 / bf16) a float32 panel.
+        const bool in_place = dtype == at::kFloat && ks >= Dq && vs >= Dv && (int64_t)pieces.size() * 32 <= Wc;
         if (!in_place) {
           for (int j = 0; j < Wc; ++j) {
-            std::memcpy(Kp.data() + (int64_t)j * Dq, kb + pos[j] * ks, sizeof(float) * Dq);
-            std::memcpy(Vp.data() + (int64_t)j * Dv, vb + pos[j] * vs, sizeof(float) * Dv);
+            dec::load_row(Kp.data() + (int64_t)j * Dq, kr[j], Dq, dtype);
+            dec::load_row(Vp.data() + (int64_t)j * Dv, vr[j], Dv, dtype);
           }
           pieces.assign(1, {0, Wc});
         }
-        auto krow = [&](int j) { return in_place ? kb + pos[j] * ks : Kp.data() + (int64_t)j * Dq; };
-        auto vrow = [&](int j) { return in_place ? vb + pos[j] * vs : Vp.data() + (int64_t)j * Dv; };
+        auto krow = [&](int j) { return in_place ? reinterpret_cast<const float*>(kr[j]) : Kp.data() + (int64_t)j * Dq; };
+        auto vrow = [&](int j) { return in_place ? reinterpret_cast<const float*>(vr[j]) : Vp.data() + (int64_t)j * Dv; };
         const int ldk = in_place ? (int)ks : Dq, ldv = in_place ? (int)vs : Dv;
         for (const auto& pc : pieces)
           gemm('T', 'N', pc.second, M, Dq, (float)scale, krow(pc.first), ldk, Q, (int)qs2, 0.0f, S.data() + pc.first,
@@ -714,7 +775,7 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q_in, const at::Tens
                pl.data_ptr<float>() + job * M, 1);
     }
   });
-  if (parts == 1) return result;
+  if (parts == 1) return result();
   at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {  // merge the parts by their LSE
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / H, h = bh % H;
@@ -741,7 +802,7 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q_in, const at::Tens
       }
     }
   });
-  return result;
+  return result();
 }
 
 bool available() { return sgemm_ != nullptr; }
@@ -761,6 +822,6 @@ TORCH_LIBRARY(sparseattn_cpu, m) {
       &bwd);
   m.def(
       "decode(Tensor q, Tensor k, Tensor v, Tensor? seqlens, Tensor? blk_num, Tensor? blk_idx, int block_k, "
-      "Tensor? mask, float scale, float softcap) -> (Tensor, Tensor)",
+      "Tensor? mask, float scale, float softcap, Tensor? block_table=None) -> (Tensor, Tensor)",
       &decode);
 }

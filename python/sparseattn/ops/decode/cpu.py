@@ -1,10 +1,10 @@
 """The CPU path of decode attention (CPU tensors).
 
-Float32 caches read in place (not paged) run the C++ CPU kernel's ``decode`` op
-(:mod:`..attention.cpu_kernel`, where it is built): one call for every sequence and KV head, the
-listed key blocks (or each sequence's first ``seqlen`` keys) read where they are, length, causal
-rule and softcap in the kernel, the other options as one additive mask by slot (the rules of
-:func:`_mask`). Otherwise (fp16/bf16/fp64, paged caches, no kernel, or a mask over 64 MB) a
+Where the C++ CPU kernel is built (:mod:`..attention.cpu_kernel`), its ``decode`` op runs: one
+call for every sequence and KV head, the listed key blocks (or each sequence's first ``seqlen``
+keys) read where they are (paged caches through the table; fp16 / bf16 rows converted to float32
+as they are read), length, causal rule and softcap in the kernel, the other options as one
+additive mask by slot (the rules of :func:`_mask`). Otherwise (no kernel, or a mask over 64 MB) a
 PyTorch path:
 
 all sequences and KV heads at once: each (sequence, KV head) gathers the key blocks it reads
@@ -45,19 +45,14 @@ def decode_attention_cpu(q, k, v, seqlens: Optional[Tensor], blocks, block_k: in
     ``head_mask`` ``[B|1, Hq, nK]``, ``key_padding_mask`` ``[B, Lmax]`` and ``elem_mask``
     ``[B|1, Hl|1, Lq, Lmax]`` (the exact paths' token-level mask). Returns (out ``[B, Hq, Lq, D]``
     in q's dtype, lse ``[B, Hq, Lq]`` float32; 0 and -inf on a row that sees no key)."""
-    kern = kernel_ops(q, block_table)
+    kern = cpu_kernel.ops()
     if kern is not None:
-        got = _decode_kernel(kern, q, k, v, seqlens, blocks, block_k, head_mask, scale, softcap, alibi_slopes,
-                             key_padding_mask, key_bias, elem_mask)
+        got = _decode_kernel(kern, q, k, v, seqlens, blocks, block_k, head_mask, scale, block_table, softcap,
+                             alibi_slopes, key_padding_mask, key_bias, elem_mask)
         if got is not None:
             return got
     return _decode(q, k, v, seqlens, blocks, block_k, head_mask, scale, block_table, softcap, alibi_slopes,
                    key_padding_mask, key_bias, elem_mask)
-
-
-def kernel_ops(q: Tensor, block_table: Optional[Tensor]):
-    """The C++ kernel's ops where decode runs them (float32, cache read in place), else None."""
-    return cpu_kernel.ops() if q.dtype == torch.float32 and block_table is None else None
 
 
 def _keys(n: Tensor, blocks, block_k: int, B: int, Hkv: int):
@@ -76,12 +71,15 @@ def _keys(n: Tensor, blocks, block_k: int, B: int, Hkv: int):
     return tok, valid, ids
 
 
-def _decode_kernel(kern, q, k, v, seqlens, blocks, block_k, head_mask, scale, softcap, alibi_slopes,
+def _decode_kernel(kern, q, k, v, seqlens, blocks, block_k, head_mask, scale, block_table, softcap, alibi_slopes,
                    key_padding_mask, key_bias, elem_mask):
     """Decode by the C++ kernel: (out, lse) as :func:`decode_attention_cpu`, or None when the mask of
     the options would exceed ``_CHUNK_ELEMS`` (the PyTorch path then walks it in chunks)."""
     B, Hq, Lq, D = q.shape
-    Hkv, Lmax = k.shape[1], k.shape[2]
+    if block_table is None:
+        Hkv, Lmax = k.shape[1], k.shape[2]
+    else:
+        Hkv, Lmax = k.shape[2], block_table.shape[1] * k.shape[1]
     G, M = Hq // Hkv, (Hq // Hkv) * Lq
     mask = None
     if any(t is not None for t in (head_mask, key_padding_mask, elem_mask, alibi_slopes, key_bias)):
@@ -95,7 +93,7 @@ def _decode_kernel(kern, q, k, v, seqlens, blocks, block_k, head_mask, scale, so
         if blocks is not None:
             blocks = (blocks[0], blocks[1][:, :, :ids.shape[-1]])
     return kern.decode(q, k, v, seqlens, None if blocks is None else blocks[0], None if blocks is None else blocks[1],
-                       block_k, mask, scale, 0.0 if softcap is None else float(softcap))
+                       block_k, mask, scale, 0.0 if softcap is None else float(softcap), block_table)
 
 
 def _decode(q, k, v, seqlens, blocks, block_k, head_mask, scale, block_table, softcap, alibi_slopes,

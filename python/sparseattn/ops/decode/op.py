@@ -6,8 +6,8 @@ Backends (:func:`sparseattn.last_backend` says which ran):
   (CUDA tensors, float16/bfloat16, D in {64, 128, 256}, extension built and usable);
 * ``"triton"``: otherwise on CUDA tensors, the fused Triton ``sparse_attention`` with a
   bottom-right causal layout (and an element mask for ragged ``cache_seqlens``);
-* ``"cpu"``: CPU tensors: the C++ CPU kernel reading only the needed key blocks (float32, cache
-  not paged), else a PyTorch path that gathers them (:mod:`.cpu`).
+* ``"cpu"``: CPU tensors: the C++ CPU kernel reading only the needed key blocks, or without it a
+  PyTorch path that gathers them (:mod:`.cpu`).
 
 Layouts in decode: a :class:`BlockLayout` built for ``seq_lens=(Lq, Lmax)``. Its key-block set
 (full and partial tiles of its single query block) says which key blocks of the cache the decode
@@ -20,8 +20,9 @@ layouts with an element mask are rejected.
 Paged caches (``block_table``): ``k_cache``/``v_cache`` are ``[num_pages, page_size, Hkv, D]`` and
 logical key t of sequence b is row ``t % page_size`` of page ``block_table[b, t // page_size]``.
 Layouts, patterns, ``key_padding_mask``, ``key_bias`` and ALiBi positions are all logical. Every
-path reads the pages through the table (the CUDA kernel computes each row's address, the CPU path
-indexes each chunk of keys, the Triton path calls ``paged_sparse_attention``): no gathered copy.
+path reads the pages through the table (the CUDA kernel computes each row's address, the C++ CPU
+kernel reads each row through it, the CPU gather path indexes each chunk of keys, the Triton path
+calls ``paged_sparse_attention``): no gathered copy of the cache.
 """
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ from ..attention.op import sparse_attention
 from ..attention.sdpa import mask_layout
 from ..common import check_dtype_and_dim, check_inputs, check_score_options
 from ..library import custom_op
+from ..attention import cpu_kernel
 from .cpu import decode_attention_cpu
-from .cpu import kernel_ops as cpu_kernel_ops
 
 MAX_LQ = 16
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
@@ -472,7 +473,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, layout_or_patt
         block_k = layout.block_size[1]
         # the C++ CPU kernel cuts each list at its sequence's length itself: lists of every block,
         # kept on the layout across decode steps (whose lengths change every step)
-        kernel = backend == "cpu" and cpu_kernel_ops(q, block_table) is not None
+        kernel = backend == "cpu" and cpu_kernel.ops() is not None
         blk_num, blk_idx, head_mask = _cached_block_sets(layout, B, Hq, Hkv, None if kernel else cache_seqlens)
         if exact == "layout":  # CPU: the listed blocks, and the layout's in-block kinds as a mask
             elem = layout.to_dense_mask()
