@@ -1,11 +1,12 @@
 // The CPU kernel of sparse attention: listed key blocks read where they are (no gather into
 // tensors), an entry's blocks in chunks of up to 512 keys (copied into a thread-local panel unless
 // they follow each other in memory), online softmax, BLAS for the products of a chunk; the backward
-// recomputes the probabilities from the saved LSE.
+// recomputes the probabilities from the saved LSE. A third op, `decode`, runs decode attention
+// (ops/decode/cpu.py) on a KV cache with the same pieces (see its section below).
 // Built on first use by cpu_kernel.py (torch.utils.cpp_extension, the machine's C++ compiler);
-// without it the CPU path gathers the blocks and calls torch's fused CPU attention (cpu.py).
+// without it the CPU paths gather the blocks and call torch's fused CPU attention (cpu.py).
 //
-// Shapes are those of cpu.py's plan: q/out/do [X, E, M, C] (X planes sharing one list, E entries =
+// fwd / bwd: shapes are those of cpu.py's plan: q/out/do [X, E, M, C] (X planes sharing one list, E entries =
 // query blocks, M rows), k/v [X, N, BLOCK_K, C] (N key blocks of every plane), one call = the
 // entries `ent` [R] with `counts` [R] key blocks each, listed in `blocks` [R, W] as rows of k's
 // dim 1. Optional additive float mask [X|1, R, M|1, W * BLOCK_K] (-inf: dropped pair); `causal`:
@@ -22,12 +23,12 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <tuple>
-#include <utility>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 extern "C" {
@@ -601,7 +602,8 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q_in, const at::Tens
   check_like(v, k, 3, "v");
   if (paged) {
     const at::Tensor& t = *block_table;
-    TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 2 && t.size(0) == B && page >= 1 && (k.size(0) >= 1 || Lmax == 0),
+    TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 2 && t.size(0) == B && page >= 1 &&
+                    (k.size(0) >= 1 || Lmax == 0),
                 "sparseattn cpu decode: block_table int32 [B, max_pages] over a paged cache of pages");
   } else {
     check_like(k, q, 2, "k");
@@ -735,8 +737,12 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q_in, const at::Tens
           }
           pieces.assign(1, {0, Wc});
         }
-        auto krow = [&](int j) { return in_place ? reinterpret_cast<const float*>(kr[j]) : Kp.data() + (int64_t)j * Dq; };
-        auto vrow = [&](int j) { return in_place ? reinterpret_cast<const float*>(vr[j]) : Vp.data() + (int64_t)j * Dv; };
+        auto krow = [&](int j) {
+          return in_place ? reinterpret_cast<const float*>(kr[j]) : Kp.data() + (int64_t)j * Dq;
+        };
+        auto vrow = [&](int j) {
+          return in_place ? reinterpret_cast<const float*>(vr[j]) : Vp.data() + (int64_t)j * Dv;
+        };
         const int ldk = in_place ? (int)ks : Dq, ldv = in_place ? (int)vs : Dv;
         for (const auto& pc : pieces)
           gemm('T', 'N', pc.second, M, Dq, (float)scale, krow(pc.first), ldk, Q, (int)qs2, 0.0f, S.data() + pc.first,

@@ -2,7 +2,8 @@
 
 The CPU path (:mod:`.cpu`) runs each kind of listed tiles through this kernel when it is there:
 it reads the listed key blocks in place and writes (or merges into) the output rows, where the
-gather path copies the blocks and calls torch's fused CPU attention. The kernel is compiled once
+gather path copies the blocks and calls torch's fused CPU attention; decode's CPU path
+(:mod:`..decode.cpu`) runs its ``decode`` op on the KV cache. The kernel is compiled once
 per machine and torch by ``torch.utils.cpp_extension.load`` with the machine's C++ compiler (``-O3
 -march=native``; ~20 s on 2 cores, cached under ``TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``) and needs ninja (a dependency of the package) and a torch that exports
@@ -49,7 +50,8 @@ def _build():
 
 
 def ops():
-    """``torch.ops.sparseattn_cpu`` (``fwd``, ``bwd``) once built, or None (see :func:`unavailable_reason`)."""
+    """``torch.ops.sparseattn_cpu`` (``fwd``, ``bwd``, ``decode``) once built, or None (see
+    :func:`unavailable_reason`)."""
     if not _config.flag("SPARSEATTN_CPU_KERNEL"):
         return None
     if "ok" not in _STATE:
