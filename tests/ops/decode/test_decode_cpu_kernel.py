@@ -179,3 +179,37 @@ def test_empty_batch_and_empty_cache(B, Lmax):
     out, lse = sa.decode_attention(q, k, v, layout, return_lse=True)
     ref, ref_lse = sa.reference.decode_attention(q, k, v, layout, return_lse=True)
     assert out.shape == (B, 4, 2, 16) and torch.equal(out, ref.float()) and torch.equal(lse, ref_lse.float())
+
+
+def test_torch_compile(cpu_route):
+    """decode_attention on CPU tensors under torch.compile equals eager: on the kernel route the
+    op has a fake (shape) implementation and the whole call is one graph (fullgraph, a plain layout
+    with ragged lengths: no host read); the gather route reads lengths on the host (graph breaks)."""
+    B, Hq, Hkv, Lq, Lmax, D = 2, 4, 2, 2, 200, 16
+    q, k, v = _inputs(B, Hq, Hkv, Lq, Lmax, D, torch.float32)
+    bm = torch.rand(1, Hq, 1, math.ceil(Lmax / 32)) < 0.6
+    bm[..., 0] = True
+    layout = sa.BlockLayout.from_block_mask(bm, (16, 32), (Lq, Lmax))
+    lens = torch.tensor([200, 77], dtype=torch.int32)
+
+    def f(q, k, v):
+        return sa.decode_attention(q, k, v, layout, cache_seqlens=lens, return_lse=True)
+    torch._dynamo.reset()
+    out, lse = torch.compile(f, backend="aot_eager", fullgraph=cpu_route == "kernel")(q, k, v)
+    torch._dynamo.reset()
+    eager = f(q, k, v)
+    assert torch.equal(out, eager[0]) and torch.equal(lse, eager[1])
+    _check("compiled decode", q, k, v, layout, lens, out, lse)
+
+
+def test_backward_raises_on_the_kernel_route(cpu_route):
+    """decode_attention is inference only: through the kernel's op a backward raises (as through
+    the CUDA decode op), never torch's default of a warning and no gradient."""
+    q, k, v = _inputs(1, 2, 1, 1, 64, 16, torch.float32)
+    out = sa.decode_attention(q.requires_grad_(), k, v)
+    if cpu_route == "kernel":
+        with pytest.raises(RuntimeError, match="not differentiable"):
+            out.sum().backward()
+    else:   # the gather path is made of differentiable torch ops
+        out.sum().backward()
+        assert q.grad is not None

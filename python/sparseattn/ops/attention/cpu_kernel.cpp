@@ -826,8 +826,11 @@ TORCH_LIBRARY(sparseattn_cpu, m) {
       "Tensor counts, Tensor blocks, Tensor kplane, Tensor? mask, bool causal, float scale, float softcap, "
       "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()",
       &bwd);
+  // decode returns new tensors and may be traced by torch.compile (ops/decode is not behind a
+  // custom op): a CPU kernel, so that cpu_kernel.py can register its fake (shape) implementation.
   m.def(
       "decode(Tensor q, Tensor k, Tensor v, Tensor? seqlens, Tensor? blk_num, Tensor? blk_idx, int block_k, "
-      "Tensor? mask, float scale, float softcap, Tensor? block_table=None) -> (Tensor, Tensor)",
-      &decode);
+      "Tensor? mask, float scale, float softcap, Tensor? block_table=None) -> (Tensor, Tensor)");
 }
+
+TORCH_LIBRARY_IMPL(sparseattn_cpu, CPU, m) { m.impl("decode", &decode); }

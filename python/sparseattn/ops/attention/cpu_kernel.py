@@ -47,6 +47,21 @@ def _build():
                        extra_cflags=_flags(), extra_ldflags=["-fopenmp"])
     if not torch.ops.sparseattn_cpu.available():
         raise RuntimeError("this torch does not export the BLAS sgemm_ the kernel calls")
+    torch.library.register_fake("sparseattn_cpu::decode")(_decode_fake)
+    torch.library.register_autograd("sparseattn_cpu::decode", _decode_no_backward)
+
+
+def _decode_no_backward(ctx, *grads):
+    """decode_attention is inference only: a backward through it raises (as through the CUDA decode
+    op) instead of torch's default for ops without a formula, a warning and no gradient."""
+    raise RuntimeError("sparseattn_cpu::decode: not differentiable (decode_attention is inference only)")
+
+
+def _decode_fake(q, k, v, seqlens, blk_num, blk_idx, block_k, mask, scale, softcap, block_table=None):
+    """The decode op's outputs for torch.compile's tracing: out ``[B, Hq, Lq, Dv]`` in q's dtype,
+    lse ``[B, Hq, Lq]`` float32 (fwd and bwd run inside sparse_attention's custom op, never traced)."""
+    B, Hq, Lq, _ = q.shape
+    return q.new_empty(B, Hq, Lq, v.shape[-1]), q.new_empty(B, Hq, Lq, dtype=torch.float32)
 
 
 def ops():
