@@ -74,7 +74,7 @@ def draw_case(rng: random.Random, max_len: int = 300) -> Dict:
                     window=rng.randint(1, 120), sinks=rng.choice((0, 4)), ragged=rng.random() < 0.6,
                     page=rng.choice((0, 0, 16, 32)))
     if p in LAYOUT_PATTERNS or p in ("varlen", "decode") or p in SDPA_PATTERNS[:3]:
-        pool = OPTIONS if p in LAYOUT_PATTERNS else SDPA_OPTIONS
+        pool = OPTIONS if p in LAYOUT_PATTERNS or p == "decode" else SDPA_OPTIONS
         if rng.random() < 0.5:
             case["options"] = sorted(rng.sample(pool, rng.randint(1, len(pool))))
             if "softcap" in case["options"]:
